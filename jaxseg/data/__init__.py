@@ -1,0 +1,3 @@
+"""Data sources, splits, preprocessing, augmentation and two-stream batches."""
+
+from jaxseg.data.base import Case, DataError, check_case

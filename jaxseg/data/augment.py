@@ -1,0 +1,75 @@
+"""Host-side augmentation of the LA family (METHODS.md §1.4), in numpy, per sample.
+
+1. rotate by k*90 degrees in the (x, y) plane, k ~ U{0..3}, then flip one of the axes 0 or 1 (a flip
+   is always applied), exactly like the reference `RandomRotFlip`. Because the flip is never skipped,
+   the outputs are the 4 reflections of the square, never the identity or a pure rotation; we keep
+   this for parity with the published LA numbers;
+2. crop a patch at a uniform offset, after zero-padding with the reference rule when the volume is
+   not larger than the patch (`RandomCrop`).
+Images are (*spatial, C), labels (*spatial,); both get the same geometric transform.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+from jaxseg.data.base import DataError
+
+
+def random_rot_flip(image: np.ndarray, label: Optional[np.ndarray], rng: np.random.Generator):
+  """Rotates by k*90 degrees in the plane of axes (0, 1), then flips along axis 0 or 1.
+
+  The draws follow the reference order: k ~ U{0..3} first, then the flip axis ~ U{0, 1}.
+  Returns (image, label) (label None if given None); the arrays are contiguous copies.
+  """
+  k = int(rng.integers(0, 4))
+  axis = int(rng.integers(0, 2))
+  image = np.flip(np.rot90(image, k, axes=(0, 1)), axis=axis)
+  if label is not None:
+    label = np.ascontiguousarray(np.flip(np.rot90(label, k, axes=(0, 1)), axis=axis))
+  return np.ascontiguousarray(image), label
+
+
+def crop_padding(spatial_shape: Sequence[int], patch: Sequence[int]) -> tuple[int, ...]:
+  """Per-axis zero padding (both sides) of the reference crop.
+
+  If any axis has size <= patch (equality included), every axis is padded on both sides by
+  max((P_i - S_i) // 2 + 3, 0) (floor division toward -inf, so S = P + 3 gives 1). Otherwise none.
+  """
+  if len(spatial_shape) != len(patch):
+    raise ValueError(f"patch {tuple(patch)} and volume {tuple(spatial_shape)} differ in rank")
+  if all(s > p for s, p in zip(spatial_shape, patch)):
+    return (0,) * len(patch)
+  return tuple(max((p - s) // 2 + 3, 0) for s, p in zip(spatial_shape, patch))
+
+
+def random_crop(image: np.ndarray, label: Optional[np.ndarray], patch: Sequence[int],
+                rng: np.random.Generator, *, pad: bool = True, source: str = "<memory>"):
+  """Crops `patch` at offset o_i ~ U{0, ..., S_i - P_i - 1} (exclusive upper bound, as the reference).
+
+  With `pad=True` the volume is first zero-padded by `crop_padding`. With `pad=False` a volume
+  smaller than the patch is an error; an axis equal to the patch gets offset 0.
+
+  Raises:
+    DataError: naming `source`, if the patch does not fit and padding is off.
+  """
+  patch = tuple(int(p) for p in patch)
+  spatial = image.shape[:len(patch)]
+  if pad:
+    widths = crop_padding(spatial, patch)
+    if any(widths):
+      image = np.pad(image, [(w, w) for w in widths] + [(0, 0)] * (image.ndim - len(patch)))
+      if label is not None:
+        label = np.pad(label, [(w, w) for w in widths])
+      spatial = image.shape[:len(patch)]
+  elif any(s < p for s, p in zip(spatial, patch)):
+    raise DataError(f"{source}: patch {patch} is larger than the volume {tuple(spatial)} and "
+                    "padding is off (config data.pad_to_patch)")
+  offsets = [int(rng.integers(0, s - p)) if s > p else 0 for s, p in zip(spatial, patch)]
+  window = tuple(slice(o, o + p) for o, p in zip(offsets, patch))
+  image = np.ascontiguousarray(image[window])
+  if label is not None:
+    label = np.ascontiguousarray(label[window])
+  return image, label

@@ -1,0 +1,87 @@
+"""What every data source yields: a `Case`, and the one error type for bad input.
+
+Arrays are channels-last. A 3D case has image (X, Y, Z, C) and label (X, Y, Z); a 2D case has image
+(H, W, C) and label (H, W). The channel axis holds modalities (1 for LA, 4 for BraTS, 3 for RGB).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import numpy as np
+
+
+class DataError(ValueError):
+  """Bad input data. The message always names the offending file or config key."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Case:
+  """One image (2D) or volume (3D) with its label map.
+
+  Attributes:
+    case_id: identifier (LA: the folder name; MSD: the file stem; 2D folders: the file stem).
+    image: float32 array (*spatial, C), channels-last, C = number of modalities.
+    label: integer array (*spatial,) of class indices, or None for unlabeled data.
+    spacing: voxel size per spatial axis, in mm (1.0 when the format has none, e.g. LA h5).
+    affine: 4x4 voxel-to-world matrix for NIfTI sources (kept to write predictions back), else None.
+    source: path of the file the case came from; named in every error about it.
+  """
+
+  case_id: str
+  image: np.ndarray
+  label: Optional[np.ndarray]
+  spacing: tuple[float, ...]
+  affine: Optional[np.ndarray] = None
+  source: str = "<memory>"
+
+  @property
+  def spatial_shape(self) -> tuple[int, ...]:
+    return tuple(self.image.shape[:-1])
+
+  @property
+  def ndim(self) -> int:
+    """Number of spatial dimensions (2 or 3)."""
+    return self.image.ndim - 1
+
+  @property
+  def num_modalities(self) -> int:
+    return self.image.shape[-1]
+
+  def replace(self, **changes) -> "Case":
+    return dataclasses.replace(self, **changes)
+
+
+def check_case(case: Case, num_classes: Optional[int] = None) -> Case:
+  """Checks a case at the loading boundary; raises one `DataError` naming `case.source`.
+
+  Checks: image is (*spatial, C) with 2 or 3 spatial axes; intensities are finite; the label (if any)
+  has the image's spatial shape and integer values in [0, num_classes).
+  """
+  where = f"{case.source} (case {case.case_id!r})"
+  if case.image.ndim not in (3, 4):
+    raise DataError(
+        f"{where}: image must be (H, W, C) or (X, Y, Z, C), got shape {case.image.shape}")
+  if not np.issubdtype(case.image.dtype, np.floating):
+    raise DataError(f"{where}: image must be floating point, got {case.image.dtype}")
+  if not np.all(np.isfinite(case.image)):
+    bad = int(np.size(case.image) - np.count_nonzero(np.isfinite(case.image)))
+    raise DataError(f"{where}: image has {bad} NaN/inf intensities")
+  if len(case.spacing) != case.ndim:
+    raise DataError(f"{where}: spacing {case.spacing} does not have {case.ndim} entries")
+  if case.label is not None:
+    if tuple(case.label.shape) != case.spatial_shape:
+      raise DataError(f"{where}: image shape {case.spatial_shape} and label shape "
+                      f"{tuple(case.label.shape)} differ")
+    if np.issubdtype(case.label.dtype, np.floating):
+      if not np.all(np.isfinite(case.label)) or np.any(case.label != np.round(case.label)):
+        raise DataError(f"{where}: label has non-integer values")
+    if num_classes is not None:
+      lo, hi = (int(case.label.min()), int(case.label.max())) if case.label.size else (0, 0)
+      if lo < 0 or hi >= num_classes:
+        found = np.unique(case.label)
+        outside = found[(found < 0) | (found >= num_classes)]
+        raise DataError(f"{where}: label values {outside.tolist()} are outside the declared "
+                        f"classes 0..{num_classes - 1}")
+  return case

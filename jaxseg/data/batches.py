@@ -1,0 +1,163 @@
+"""Two-stream batches (METHODS.md §1.3): labeled samples first, then unlabeled ones.
+
+- Labeled stream: each "epoch" is a fresh random permutation of the labeled cases cut into groups of
+  `batch_labeled`; an odd leftover is dropped.
+- Unlabeled stream: an endless chain of independent permutations of the unlabeled cases, read
+  `batch_unlabeled` at a time (a batch may straddle two permutations).
+- Labels of unlabeled cases are never read: the batch has no field for them.
+
+Every batch is a pure function of (seed, step): the iterator's whole state is its step, so saving
+`get_state()` with a checkpoint and calling `set_state()` on resume continues the exact sequence.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional, Sequence
+
+import flax.struct
+import numpy as np
+
+from jaxseg.data import augment
+from jaxseg.data.base import Case, DataError
+
+# Stream tags mixed into the seed so that the streams draw independent numbers.
+_LABELED, _UNLABELED, _AUGMENT = 0, 1, 2
+
+
+@flax.struct.dataclass
+class Batch:
+  """One training batch (a pytree).
+
+  Attributes:
+    image_l: (B_l, *patch, C) float32 labeled images.
+    label_l: (B_l, *patch) int32 class maps of the labeled images.
+    image_u: (B_u, *patch, C) float32 unlabeled images (B_u may be 0).
+  """
+
+  image_l: np.ndarray
+  label_l: np.ndarray
+  image_u: np.ndarray
+
+
+def _check_stream(cases: Sequence[Case], name: str, ndim: int, channels: int,
+                  need_labels: bool) -> None:
+  for case in cases:
+    if case.ndim != ndim or case.num_modalities != channels:
+      raise DataError(f"{case.source}: case {case.case_id!r} in the {name} set has shape "
+                      f"{case.image.shape}, the others have {ndim} spatial axes and "
+                      f"{channels} channel(s)")
+    if need_labels and case.label is None:
+      raise DataError(f"{case.source}: case {case.case_id!r} is in the labeled set but has no label")
+
+
+class TwoStreamBatches(Iterator[Batch]):
+  """Endless deterministic iterator of augmented two-stream batches.
+
+  Args:
+    labeled: labeled cases (each with a label).
+    unlabeled: unlabeled cases (their labels, if any, are ignored).
+    batch_labeled: labeled samples per batch (B_l).
+    batch_unlabeled: unlabeled samples per batch (B_u, may be 0).
+    patch_size: spatial size of the crops.
+    seed: the data seed; batch t depends only on (seed, t).
+    augment: rotate/flip before cropping (METHODS.md §1.4); crops are always taken.
+    pad_to_patch: zero-pad volumes not larger than the patch (reference rule), else raise.
+  """
+
+  def __init__(self, labeled: Sequence[Case], unlabeled: Sequence[Case], *, batch_labeled: int,
+               batch_unlabeled: int, patch_size: Sequence[int], seed: int, augment: bool = True,
+               pad_to_patch: bool = True):
+    if not labeled:
+      raise DataError("config data.num_labeled: the labeled set is empty")
+    if batch_labeled < 1:
+      raise DataError(f"config data.batch_labeled must be >= 1, got {batch_labeled}")
+    if batch_labeled > len(labeled):
+      raise DataError(f"config data.batch_labeled = {batch_labeled} exceeds the {len(labeled)} "
+                      "labeled cases")
+    if batch_unlabeled < 0:
+      raise DataError(f"config data.batch_unlabeled must be >= 0, got {batch_unlabeled}")
+    if batch_unlabeled > 0 and not unlabeled:
+      raise DataError(f"config data.batch_unlabeled = {batch_unlabeled} but the unlabeled set is "
+                      "empty")
+    ndim, channels = labeled[0].ndim, labeled[0].num_modalities
+    if len(patch_size) != ndim:
+      raise DataError(f"config data.patch_size {tuple(patch_size)} has {len(patch_size)} axes, "
+                      f"the data have {ndim}")
+    _check_stream(labeled, "labeled", ndim, channels, need_labels=True)
+    _check_stream(unlabeled, "unlabeled", ndim, channels, need_labels=False)
+    self.labeled = tuple(labeled)
+    self.unlabeled = tuple(unlabeled) if batch_unlabeled else ()
+    self.batch_labeled = batch_labeled
+    self.batch_unlabeled = batch_unlabeled
+    self.patch_size = tuple(int(p) for p in patch_size)
+    self.seed = int(seed)
+    self.augment = augment
+    self.pad_to_patch = pad_to_patch
+    self.channels = channels
+    self.step = 0
+
+  # --- which cases go into batch `step` -------------------------------------------------------
+
+  def labeled_indices(self, step: int) -> np.ndarray:
+    """Indices into `labeled` of batch `step`: a slice of that epoch's permutation."""
+    per_epoch = len(self.labeled) // self.batch_labeled
+    epoch, slot = divmod(step, per_epoch)
+    order = np.random.default_rng([self.seed, _LABELED, epoch]).permutation(len(self.labeled))
+    return order[slot * self.batch_labeled:(slot + 1) * self.batch_labeled]
+
+  def unlabeled_indices(self, step: int) -> np.ndarray:
+    """Indices into `unlabeled` of batch `step`: positions in the endless permutation chain."""
+    n = len(self.unlabeled)
+    positions = step * self.batch_unlabeled + np.arange(self.batch_unlabeled)
+    out = np.empty(self.batch_unlabeled, np.int64)
+    for block in np.unique(positions // n) if n else ():
+      order = np.random.default_rng([self.seed, _UNLABELED, int(block)]).permutation(n)
+      here = positions // n == block
+      out[here] = order[positions[here] % n]
+    return out
+
+  # --- sample preparation ---------------------------------------------------------------------
+
+  def _sample(self, case: Case, step: int, slot: int, with_label: bool):
+    rng = np.random.default_rng([self.seed, _AUGMENT, step, slot])
+    label = case.label if with_label else None
+    image = case.image
+    if self.augment:
+      image, label = augment.random_rot_flip(image, label, rng)
+    image, label = augment.random_crop(image, label, self.patch_size, rng,
+                                       pad=self.pad_to_patch, source=case.source)
+    return image.astype(np.float32, copy=False), label
+
+  def batch_at(self, step: int) -> Batch:
+    """The batch number `step` (0-based); a pure function of (seed, step)."""
+    images_l, labels_l = [], []
+    for slot, i in enumerate(self.labeled_indices(step)):
+      image, label = self._sample(self.labeled[i], step, slot, with_label=True)
+      images_l.append(image)
+      labels_l.append(label.astype(np.int32, copy=False))
+    images_u = [self._sample(self.unlabeled[i], step, self.batch_labeled + slot, False)[0]
+                for slot, i in enumerate(self.unlabeled_indices(step))]
+    empty_u = np.zeros((0, *self.patch_size, self.channels), np.float32)
+    return Batch(image_l=np.stack(images_l), label_l=np.stack(labels_l),
+                 image_u=np.stack(images_u) if images_u else empty_u)
+
+  # --- iterator protocol and exact resume -----------------------------------------------------
+
+  def __next__(self) -> Batch:
+    batch = self.batch_at(self.step)
+    self.step += 1
+    return batch
+
+  def __iter__(self) -> "TwoStreamBatches":
+    return self
+
+  def get_state(self) -> dict:
+    """The iterator position, to store with a checkpoint."""
+    return {"step": self.step, "seed": self.seed}
+
+  def set_state(self, state: dict) -> None:
+    """Continues from a position saved by `get_state` (same data and seed)."""
+    if int(state["seed"]) != self.seed:
+      raise DataError(f"data iterator state was saved with seed {state['seed']}, this run uses "
+                      f"seed {self.seed} (config data.seed)")
+    self.step = int(state["step"])

@@ -1,0 +1,105 @@
+"""Intensity preprocessing per modality: percentile clipping and z-scoring.
+
+Statistics are taken per channel (modality) over the whole image or volume, background included:
+no foreground mask is used. LA is already z-scored by its preprocessing (METHODS.md §1.1) and does
+not need this; it is meant for MSD / BraTS-like NIfTI sources.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+from jaxseg.data.base import Case, DataError
+
+
+def clip_percentiles(image: np.ndarray, lower: float = 0.5, upper: float = 99.5,
+                     source: str = "<memory>") -> np.ndarray:
+  """Clips each channel to its own [lower, upper] percentiles.
+
+  Percentiles are computed over all voxels of the whole volume of that channel (numpy's default
+  linear interpolation), background included.
+
+  Args:
+    image: (*spatial, C) intensities.
+    lower: lower percentile, in [0, 100].
+    upper: upper percentile, in [lower, 100].
+    source: named in error messages (the file the image came from).
+
+  Returns:
+    A new float32 array of the same shape; the input is not modified.
+
+  Raises:
+    DataError: the percentiles are out of order or range (naming `clip`), or the image has NaN/inf.
+  """
+  if not 0.0 <= lower <= upper <= 100.0:
+    raise DataError(f"clip: percentiles must satisfy 0 <= lower <= upper <= 100, "
+                    f"got ({lower}, {upper})")
+  flat = _channels_flat(image, source)
+  low, high = np.percentile(flat, [lower, upper], axis=0)  # Each (C,).
+  return np.clip(image, low, high).astype(np.float32)
+
+
+def zscore(image: np.ndarray, source: str = "<memory>") -> np.ndarray:
+  """Standardises each channel to mean 0 and standard deviation 1 (population std, ddof=0).
+
+  Args:
+    image: (*spatial, C) intensities.
+    source: named in error messages (the file the image came from).
+
+  Returns:
+    A new float32 array of the same shape; statistics in float64.
+
+  Raises:
+    DataError: naming `source` and the channel when a channel is constant (its z-score would divide
+      by zero), or when the image has NaN/inf.
+  """
+  flat = _channels_flat(image, source).astype(np.float64)
+  constant = np.flatnonzero(flat.max(axis=0) == flat.min(axis=0))
+  if constant.size:
+    channel = int(constant[0])
+    raise DataError(f"{source}: channel {channel} is constant (value {flat[0, channel]:g}); "
+                    "a z-score would divide by zero")
+  mean, std = flat.mean(axis=0), flat.std(axis=0)
+  return ((image - mean) / std).astype(np.float32)
+
+
+# preprocess_case's `zscore` flag shadows the function inside it.
+_zscore = zscore
+
+
+def preprocess_case(case: Case, clip: Optional[Sequence[float]] = (0.5, 99.5),
+                    zscore: bool = True) -> Case:
+  """Clips (optional) then z-scores (optional) a case's image, per modality.
+
+  Args:
+    case: the case; its label, spacing and affine are kept.
+    clip: (lower, upper) percentiles, or None for no clipping.
+    zscore: whether to z-score each channel after clipping.
+
+  Returns:
+    A new `Case` with a float32 image; `case` is not modified.
+
+  Raises:
+    DataError: naming `clip` for a malformed clip, or naming `case.source` for NaN/inf or a
+      constant channel (which clipping can create when a percentile range is empty).
+  """
+  image = np.asarray(case.image, dtype=np.float32)
+  if clip is not None:
+    if len(clip) != 2:
+      raise DataError(f"clip: must be (lower, upper) percentiles or None, got {clip!r}")
+    image = clip_percentiles(image, clip[0], clip[1], source=case.source)
+  if zscore:
+    where = case.source if clip is None else f"{case.source} (after clipping to {tuple(clip)})"
+    image = _zscore(image, source=where)
+  return case.replace(image=image)
+
+
+def _channels_flat(image: np.ndarray, source: str) -> np.ndarray:
+  """(*spatial, C) -> (N, C); raises naming `source` for an empty or non-finite image."""
+  if image.ndim < 2 or image.size == 0:
+    raise DataError(f"{source}: image must be (*spatial, C) and non-empty, got {image.shape}")
+  if not np.all(np.isfinite(image)):
+    raise DataError(f"{source}: image has NaN/inf intensities")
+  return image.reshape(-1, image.shape[-1])

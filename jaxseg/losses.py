@@ -1,0 +1,582 @@
+"""The loss-function zoo (METHODS §4, §10, §13.4), ported from the reference PyTorch code.
+
+Every loss is a pure, jittable and differentiable function of JAX arrays. Conventions:
+
+* Channels-last: class scores / probabilities are (N, *spatial, C) — (N, X, Y, Z, C) in 3D, (N, H, W, C) in
+  2D. Integer label maps have no channel axis: (N, *spatial), values in [0, C). Labels outside [0, C) are
+  not checked (they cannot be inside `jit`); they count as "no class" in the Dice losses.
+* "Pooled" sums run over every sample and voxel passed in (the reference's batch Dice), unless stated.
+* The ε / smoothing constants are the reference's, exactly.
+* Only static properties are validated (shapes, class counts): a mismatch raises `ValueError` at trace time.
+  Values (ranges of probabilities or labels) are never checked.
+
+Which reference each function reproduces is named in its docstring; `tests/test_losses.py` pins each one to
+the golden outputs of the original code in `tests/golden/`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.special import xlogy
+
+# Re-exported: the issue lists the ramps among the losses; they live in `jaxseg.schedules`.
+from jaxseg.schedules import cosine_rampdown, linear_rampup, sigmoid_rampup
+
+__all__ = [
+    "binary_cross_entropy",
+    "binary_cross_entropy_map",
+    "binary_cross_entropy_with_logits",
+    "cosine_rampdown",
+    "cross_entropy",
+    "dice_loss",
+    "entropy_loss",
+    "generalized_dice_loss",
+    "generalized_dice_loss_per_sample",
+    "linear_rampup",
+    "mse",
+    "multiclass_dice_loss",
+    "multiclass_dice_loss_per_class",
+    "per_sample_foreground_dice",
+    "sample_attention_generalized_dice_loss",
+    "sigmoid_rampup",
+    "soft_dice_ce_loss",
+    "soft_dice_loss",
+    "softmax_dice_loss",
+    "softmax_kl_loss",
+    "softmax_mse_loss",
+    "symmetric_mse_loss",
+    "tp_fp_fn",
+]
+
+# Smoothing of every LA-family / SSL4MIS Dice (numerator and denominator).
+DICE_SMOOTH = 1e-5
+# nnU-Net adds this to the Dice denominator on top of `smooth`.
+NNUNET_DENOMINATOR_EPS = 1e-8
+# ASDNet GDL: class weight 1 / ((Σt)² + ε) and ε' added per class to the denominator.
+GDL_WEIGHT_EPS = 1e-6
+GDL_DENOMINATOR_EPS = 2e-6
+# SSL4MIS entropy: log(p + ε).
+ENTROPY_EPS = 1e-6
+# PyTorch BCELoss clamps log(p) and log(1 - p) from below at -100 ...
+BCE_LOG_CLAMP = -100.0
+# ... and its backward divides by max(p (1 - p), 1e-12).
+BCE_GRAD_EPS = 1e-12
+
+
+# --------------------------------------------------------------------------------------------------------
+# Shape checks (static, at trace time).
+
+
+def _check_same_shape(a: jax.Array, b: jax.Array, what: str) -> None:
+  if a.shape != b.shape:
+    raise ValueError(f"{what}: the two inputs must have the same shape, got {a.shape} and {b.shape}.")
+
+
+def _check_scores_and_labels(scores: jax.Array, labels: jax.Array, what: str,
+                             num_classes: Optional[int] = None) -> None:
+  """Scores (N, *spatial, C) against integer labels (N, *spatial) and, if given, the class count."""
+  if scores.ndim < 2 or scores.shape[:-1] != labels.shape:
+    raise ValueError(
+        f"{what}: expected channels-last scores (N, *spatial, C) and labels (N, *spatial) without a channel "
+        f"axis, got {scores.shape} and {labels.shape}.")
+  if num_classes is not None and scores.shape[-1] != num_classes:
+    raise ValueError(f"{what}: num_classes={num_classes} but the scores have {scores.shape[-1]} channels.")
+
+
+def _one_hot(labels: jax.Array, num_classes: int, dtype: jnp.dtype) -> jax.Array:
+  """(N, *spatial) integer labels -> (N, *spatial, C); labels outside [0, C) become all-zero rows."""
+  return jax.nn.one_hot(labels, num_classes, dtype=dtype)
+
+
+def _sum_all_but_classes(x: jax.Array) -> jax.Array:
+  """(..., C) -> (C,): pooled over batch and space."""
+  return jnp.sum(x, axis=tuple(range(x.ndim - 1)))
+
+
+def _sum_space(x: jax.Array) -> jax.Array:
+  """(N, *spatial, C) -> (N, C): per sample, pooled over space."""
+  return jnp.sum(x, axis=tuple(range(1, x.ndim - 1)))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Dice family.
+
+
+def dice_loss(probs: jax.Array, target: jax.Array, squared: bool = True,
+              smooth: float = DICE_SMOOTH) -> jax.Array:
+  """Binary batch-pooled Dice loss (DTC / UA-MT / SSL4MIS `dice_loss` and `dice_loss1`).
+
+  squared:  1 − (2Σpt + s) / (Σp² + Σt² + s)   (`dice_loss`, the LA family's supervised Dice)
+  linear:   1 − (2Σpt + s) / (Σp + Σt + s)     (`dice_loss1`; 1 − Duo-SegNet's `dice_coef`)
+
+  Sums run over all elements. An all-zero prediction against an all-zero target gives exactly 0 (the smooth
+  term makes 0/0 = s/s).
+
+  Args:
+    probs: foreground probabilities, any shape, e.g. (N, X, Y, Z) for `softmax[..., 1]`.
+    target: binary target of the same shape (bool, integer or float; soft targets are allowed).
+    squared: squared (True) or linear (False) denominator.
+    smooth: added to numerator and denominator.
+
+  Returns:
+    Scalar loss in [0, 1] for probabilities and binary targets.
+  """
+  _check_same_shape(probs, target, "dice_loss")
+  target = target.astype(probs.dtype)
+  intersection = jnp.sum(probs * target)
+  if squared:
+    denominator = jnp.sum(probs * probs) + jnp.sum(target * target)
+  else:
+    denominator = jnp.sum(probs) + jnp.sum(target)
+  return 1.0 - (2.0 * intersection + smooth) / (denominator + smooth)
+
+
+def multiclass_dice_loss_per_class(probs: jax.Array, labels: jax.Array, num_classes: int,
+                                   softmax: bool = False) -> jax.Array:
+  """Per-class squared Dice loss d_c of SSL4MIS `DiceLoss` (its `_dice_loss` for each class).
+
+  d_c = 1 − (2Σ p_c t_c + 1e-5) / (Σ p_c² + Σ t_c² + 1e-5), pooled over batch and space, t = one-hot(labels).
+  A class absent from the labels gives d_c = 1 − 1e-5 / (Σ p_c² + 1e-5).
+
+  Args:
+    probs: (N, *spatial, C) class probabilities (logits when `softmax=True`).
+    labels: (N, *spatial) integer labels.
+    num_classes: C.
+    softmax: apply a softmax over the class axis first.
+
+  Returns:
+    (C,) per-class losses, background included.
+  """
+  _check_scores_and_labels(probs, labels, "multiclass_dice_loss", num_classes)
+  if softmax:
+    probs = jax.nn.softmax(probs, axis=-1)
+  target = _one_hot(labels, num_classes, probs.dtype)
+  intersection = _sum_all_but_classes(probs * target)
+  denominator = _sum_all_but_classes(probs * probs) + _sum_all_but_classes(target * target)
+  return 1.0 - (2.0 * intersection + DICE_SMOOTH) / (denominator + DICE_SMOOTH)
+
+
+def multiclass_dice_loss(probs: jax.Array, labels: jax.Array, num_classes: int,
+                         weight: Optional[Sequence[float] | jax.Array] = None,
+                         softmax: bool = False) -> jax.Array:
+  """SSL4MIS `DiceLoss(C)(probs, labels, weight, softmax)`: Σ_c w_c d_c / C.
+
+  Background included, and divided by C even when weighted (as released). d_c as in
+  `multiclass_dice_loss_per_class`.
+
+  Args:
+    probs: (N, *spatial, C) class probabilities (logits when `softmax=True`).
+    labels: (N, *spatial) integer labels.
+    num_classes: C.
+    weight: optional (C,) class weights (default all 1).
+    softmax: apply a softmax over the class axis first.
+
+  Returns:
+    Scalar loss.
+  """
+  per_class = multiclass_dice_loss_per_class(probs, labels, num_classes, softmax=softmax)
+  if weight is None:
+    return jnp.mean(per_class)
+  weight = jnp.asarray(weight, per_class.dtype)
+  if weight.shape != (num_classes,):
+    raise ValueError(f"multiclass_dice_loss: weight must have shape ({num_classes},), got {weight.shape}.")
+  return jnp.sum(weight * per_class) / num_classes
+
+
+def softmax_dice_loss(input_logits: jax.Array, target_logits: jax.Array) -> jax.Array:
+  """SSL4MIS `softmax_dice_loss`: mean over classes of the linear Dice loss between two softmax maps.
+
+  mean_c [1 − (2Σ a_c b_c + 1e-5) / (Σ a_c + Σ b_c + 1e-5)], a = softmax(input), b = softmax(target), sums
+  pooled over batch and space. No stop-gradient on the target: the caller decides.
+
+  Args:
+    input_logits: (N, *spatial, C).
+    target_logits: (N, *spatial, C).
+
+  Returns:
+    Scalar loss.
+  """
+  _check_same_shape(input_logits, target_logits, "softmax_dice_loss")
+  a = jax.nn.softmax(input_logits, axis=-1)
+  b = jax.nn.softmax(target_logits, axis=-1)
+  intersection = _sum_all_but_classes(a * b)
+  denominator = _sum_all_but_classes(a) + _sum_all_but_classes(b)
+  return jnp.mean(1.0 - (2.0 * intersection + DICE_SMOOTH) / (denominator + DICE_SMOOTH))
+
+
+def tp_fp_fn(probs: jax.Array, labels: jax.Array,
+             batch_dice: bool = True) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Soft true/false positives and false negatives per class (nnU-Net `get_tp_fp_fn_tn`).
+
+  tp = Σ p·y, fp = Σ p·(1 − y), fn = Σ (1 − p)·y with y = one-hot(labels).
+
+  Args:
+    probs: (N, *spatial, C) probabilities.
+    labels: (N, *spatial) integer labels.
+    batch_dice: sum over batch and space (True) or over space only (False).
+
+  Returns:
+    (tp, fp, fn), each (C,) if `batch_dice` else (N, C); background included.
+  """
+  _check_scores_and_labels(probs, labels, "tp_fp_fn")
+  target = _one_hot(labels, probs.shape[-1], probs.dtype)
+  reduce = _sum_all_but_classes if batch_dice else _sum_space
+  return (reduce(probs * target), reduce(probs * (1.0 - target)), reduce((1.0 - probs) * target))
+
+
+def soft_dice_loss(logits: jax.Array, labels: jax.Array, batch_dice: bool = True,
+                   include_background: bool = False, smooth: float = DICE_SMOOTH) -> jax.Array:
+  """nnU-Net `SoftDiceLoss` with softmax inside: the **negative** mean soft Dice.
+
+  dc_c = (2tp_c + s) / (2tp_c + fp_c + fn_c + s + 1e-8); loss = −mean(dc) over the foreground classes (and
+  over samples when `batch_dice=False`). It lies in [−1, 0]; an absent class gives dc ≈ 0.
+
+  Args:
+    logits: (N, *spatial, C).
+    labels: (N, *spatial) integer labels.
+    batch_dice: tp/fp/fn pooled over the batch (MAML's setting) or per sample.
+    include_background: keep class 0 (nnU-Net `do_bg`).
+    smooth: nnU-Net `smooth` (1e-5 in MAMLTrainerV2).
+
+  Returns:
+    Scalar loss (≤ 0).
+  """
+  tp, fp, fn = tp_fp_fn(jax.nn.softmax(logits, axis=-1), labels, batch_dice=batch_dice)
+  dice = (2.0 * tp + smooth) / (2.0 * tp + fp + fn + smooth + NNUNET_DENOMINATOR_EPS)
+  if not include_background:
+    dice = dice[..., 1:]
+  return -jnp.mean(dice)
+
+
+def soft_dice_ce_loss(logits: jax.Array, labels: jax.Array, batch_dice: bool = True,
+                      include_background: bool = False, smooth: float = DICE_SMOOTH) -> jax.Array:
+  """nnU-Net `DC_and_CE_loss` as MAMLTrainerV2 configures it: CE mean + `soft_dice_loss` (weights 1, 1).
+
+  Usually negative, because the Dice part is the negative Dice.
+
+  Args:
+    logits: (N, *spatial, C).
+    labels: (N, *spatial) integer labels.
+    batch_dice, include_background, smooth: as in `soft_dice_loss`.
+
+  Returns:
+    Scalar loss.
+  """
+  return cross_entropy(logits, labels) + soft_dice_loss(
+      logits, labels, batch_dice=batch_dice, include_background=include_background, smooth=smooth)
+
+
+# --------------------------------------------------------------------------------------------------------
+# ASDNet generalized Dice and sample attention (METHODS §10).
+
+
+def _generalized_dice_from_sums(intersection: jax.Array, prob_sum: jax.Array,
+                                target_sum: jax.Array) -> jax.Array:
+  """GDL from per-class sums (..., C) -> (...).
+
+  w_c = 0 for a class absent from the target (else 1 / ((Σt_c)² + 1e-6)); 2e-6 is added per class to the
+  denominator even when w_c = 0, as released.
+  """
+  weight = jnp.where(target_sum > 0, 1.0 / (target_sum * target_sum + GDL_WEIGHT_EPS), 0.0)
+  numerator = jnp.sum(weight * intersection, axis=-1)
+  denominator = jnp.sum(weight * (prob_sum + target_sum) + GDL_DENOMINATOR_EPS, axis=-1)
+  return 1.0 - 2.0 * numerator / denominator
+
+
+def generalized_dice_loss(logits: jax.Array, labels: jax.Array, num_classes: int) -> jax.Array:
+  """ASDNet `GeneralizedDiceLoss4Organs` (Eq. 1): generalized Dice over the whole batch, softmax inside.
+
+  loss = 1 − 2 Σ_c w_c Σ p_c t_c / Σ_c [w_c (Σ p_c + Σ t_c) + 2e-6], w_c = 1 / ((Σ t_c)² + 1e-6), or 0 when
+  class c is absent from the batch; background included; sums pooled over batch and space.
+
+  Args:
+    logits: (N, *spatial, C).
+    labels: (N, *spatial) integer labels.
+    num_classes: C.
+
+  Returns:
+    Scalar loss in [0, 1].
+  """
+  _check_scores_and_labels(logits, labels, "generalized_dice_loss", num_classes)
+  probs = jax.nn.softmax(logits, axis=-1)
+  target = _one_hot(labels, num_classes, probs.dtype)
+  return _generalized_dice_from_sums(_sum_all_but_classes(probs * target), _sum_all_but_classes(probs),
+                                     _sum_all_but_classes(target))
+
+
+def generalized_dice_loss_per_sample(logits: jax.Array, labels: jax.Array, num_classes: int) -> jax.Array:
+  """`generalized_dice_loss` of each sample on its own (class weights from that sample's counts).
+
+  Args:
+    logits: (N, *spatial, C).
+    labels: (N, *spatial) integer labels.
+    num_classes: C.
+
+  Returns:
+    (N,) losses.
+  """
+  _check_scores_and_labels(logits, labels, "generalized_dice_loss_per_sample", num_classes)
+  probs = jax.nn.softmax(logits, axis=-1)
+  target = _one_hot(labels, num_classes, probs.dtype)
+  return _generalized_dice_from_sums(_sum_space(probs * target), _sum_space(probs), _sum_space(target))
+
+
+def per_sample_foreground_dice(logits: jax.Array, labels: jax.Array, num_classes: int) -> jax.Array:
+  """Hard Dice of argmax(logits) per sample, averaged over the foreground classes (METHODS §10.3 dsc).
+
+  dsc_n = mean_{c ≥ 1} 2|P_c ∩ Y_c| / (|P_c| + |Y_c|), with 1 for a class absent from both prediction and
+  label. Piecewise constant, so it has zero gradient.
+
+  Args:
+    logits: (N, *spatial, C) with C ≥ 2.
+    labels: (N, *spatial) integer labels.
+    num_classes: C.
+
+  Returns:
+    (N,) Dice scores in [0, 1].
+  """
+  _check_scores_and_labels(logits, labels, "per_sample_foreground_dice", num_classes)
+  if num_classes < 2:
+    raise ValueError(f"per_sample_foreground_dice needs at least 2 classes, got {num_classes}.")
+  dtype = jnp.result_type(logits.dtype, jnp.float32)
+  predicted = _one_hot(jnp.argmax(logits, axis=-1), num_classes, dtype)[..., 1:]
+  target = _one_hot(labels, num_classes, dtype)[..., 1:]
+  overlap = _sum_space(predicted * target)
+  size_sum = _sum_space(predicted) + _sum_space(target)
+  dice = jnp.where(size_sum > 0, 2.0 * overlap / jnp.maximum(size_sum, 1.0), 1.0)
+  return jnp.mean(dice, axis=-1)
+
+
+def sample_attention_generalized_dice_loss(logits: jax.Array, labels: jax.Array, num_classes: int,
+                                           beta: float = 2.0) -> jax.Array:
+  """ASDNet sample-attention Dice (Eq. 2), per sample as jaxseg implements it (METHODS §10.3).
+
+  loss = mean_n (1 − sg(dsc_n))^β · gdl_n, where gdl_n is the generalized Dice loss of sample n alone and
+  dsc_n its hard foreground Dice (`per_sample_foreground_dice`) under stop-gradient. Well-segmented samples
+  are down-weighted; the gradient of sample n is (1 − dsc_n)^β / N times the gradient of gdl_n. (The paper's
+  dsc is "the sample's mean Dice over categories"; the released code's own sample attention is a different,
+  off-by-default factor from D's output, METHODS §10.2.)
+
+  Args:
+    logits: (N, *spatial, C).
+    labels: (N, *spatial) integer labels.
+    num_classes: C ≥ 2.
+    beta: attention exponent β (2 in the paper).
+
+  Returns:
+    Scalar loss in [0, 1].
+  """
+  dice = jax.lax.stop_gradient(per_sample_foreground_dice(logits, labels, num_classes))
+  attention = (1.0 - dice) ** beta
+  return jnp.mean(attention * generalized_dice_loss_per_sample(logits, labels, num_classes))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Cross-entropy family.
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array,
+                  weight: Optional[Sequence[float] | jax.Array] = None) -> jax.Array:
+  """PyTorch `CrossEntropyLoss` (mean): −Σ_v w_{y_v} log softmax(s_v)_{y_v} / Σ_v w_{y_v}.
+
+  Unweighted it is the plain mean over batch and voxels. Labels must lie in [0, C) (no `ignore_index`).
+
+  Args:
+    logits: (N, *spatial, C).
+    labels: (N, *spatial) integer labels.
+    weight: optional (C,) class weights.
+
+  Returns:
+    Scalar loss.
+  """
+  _check_scores_and_labels(logits, labels, "cross_entropy")
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  labels = labels.astype(jnp.int32)
+  nll = -jnp.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]
+  if weight is None:
+    return jnp.mean(nll)
+  weight = jnp.asarray(weight, log_probs.dtype)
+  if weight.shape != (logits.shape[-1],):
+    raise ValueError(f"cross_entropy: weight must have shape ({logits.shape[-1]},), got {weight.shape}.")
+  voxel_weight = weight[labels]
+  return jnp.sum(voxel_weight * nll) / jnp.sum(voxel_weight)
+
+
+@jax.custom_jvp
+def _bce_map(probs: jax.Array, target: jax.Array) -> jax.Array:
+  """Elementwise PyTorch BCE with the log clamp; derivatives as PyTorch's backward (see below)."""
+  log_p = jnp.maximum(jnp.log(probs), BCE_LOG_CLAMP)
+  log_not_p = jnp.maximum(jnp.log1p(-probs), BCE_LOG_CLAMP)
+  return -(target * log_p + (1.0 - target) * log_not_p)
+
+
+@_bce_map.defjvp
+def _bce_map_jvp(primals, tangents):
+  probs, target = primals
+  probs_dot, target_dot = tangents
+  log_p = jnp.maximum(jnp.log(probs), BCE_LOG_CLAMP)
+  log_not_p = jnp.maximum(jnp.log1p(-probs), BCE_LOG_CLAMP)
+  loss = -(target * log_p + (1.0 - target) * log_not_p)
+  # PyTorch's BCELoss backward: (p − t) / max(p (1 − p), 1e-12). It equals the analytic derivative wherever
+  # p (1 − p) > 1e-12 and stays finite at p = 0 or 1 (±1e12 for a wrong target, 0 for the right one), where
+  # the derivative of the clamped forward would be 0 · ∞.
+  d_probs = (probs - target) / jnp.maximum(probs * (1.0 - probs), BCE_GRAD_EPS)
+  # Target derivative of the clamped forward: finite everywhere.
+  d_target = log_not_p - log_p
+  return loss, d_probs * probs_dot + d_target * target_dot
+
+
+def binary_cross_entropy_map(probs: jax.Array, target: jax.Array) -> jax.Array:
+  """Elementwise PyTorch `BCELoss(reduction='none')` on probabilities (Duo-SegNet `CE`).
+
+  l = −(t · max(log p, −100) + (1 − t) · max(log(1 − p), −100)). There is no ε: exact p = 0 or 1 with the
+  opposite target give exactly 100.
+
+  Gradient (a documented choice): PyTorch's, dl/dp = (p − t) / max(p (1 − p), 1e-12). It is the analytic
+  derivative away from 0 and 1, and finite at exact 0/1: ±1e12 per element for a wrong hard target and 0 for
+  the right one (a preceding sigmoid that saturated to exactly 0/1 then contributes a zero factor, as in
+  PyTorch). dl/dt = max(log(1 − p), −100) − max(log p, −100).
+
+  Args:
+    probs: probabilities in [0, 1], any shape.
+    target: targets in [0, 1] (soft targets allowed), same shape.
+
+  Returns:
+    Elementwise losses, same shape.
+  """
+  _check_same_shape(probs, target, "binary_cross_entropy")
+  return _bce_map(probs, target.astype(probs.dtype))
+
+
+def binary_cross_entropy(probs: jax.Array, target: jax.Array) -> jax.Array:
+  """PyTorch `BCELoss()` (mean) on probabilities; see `binary_cross_entropy_map` for the clamp and gradient.
+
+  Args:
+    probs: probabilities in [0, 1], any shape, e.g. (N, H, W, 1).
+    target: targets in [0, 1], same shape.
+
+  Returns:
+    Scalar loss.
+  """
+  return jnp.mean(binary_cross_entropy_map(probs, target))
+
+
+def binary_cross_entropy_with_logits(logits: jax.Array, target: jax.Array) -> jax.Array:
+  """PyTorch `BCEWithLogitsLoss()` (mean): mean[max(s, 0) − s·t + log(1 + e^{−|s|})].
+
+  Computed as mean[softplus(s) − s·t]: stable for any logit (no clamp needed); the gradient is σ(s) − t.
+
+  Args:
+    logits: any shape.
+    target: targets in [0, 1], same shape.
+
+  Returns:
+    Scalar loss.
+  """
+  _check_same_shape(logits, target, "binary_cross_entropy_with_logits")
+  return jnp.mean(jax.nn.softplus(logits) - logits * target.astype(logits.dtype))
+
+
+def entropy_loss(probs: jax.Array) -> jax.Array:
+  """SSL4MIS `entropy_loss(p, C)` with C = the channel count: mean_v[−Σ_c p_c log(p_c + 1e-6)] / log C.
+
+  The ε inside the log makes a one-hot map slightly negative: −log(1 + 1e-6) / log C per voxel (≈ −1.44e-6 for
+  C = 2), as released.
+
+  Args:
+    probs: (N, *spatial, C) probabilities, C ≥ 2.
+
+  Returns:
+    Scalar mean normalised entropy (≤ 1).
+  """
+  num_classes = probs.shape[-1]
+  if num_classes < 2:
+    raise ValueError(
+        f"entropy_loss needs at least 2 channels (it divides by log C), got shape {probs.shape}.")
+  entropy = -jnp.sum(probs * jnp.log(probs + ENTROPY_EPS), axis=-1)
+  return jnp.mean(entropy) / jnp.log(jnp.asarray(num_classes, probs.dtype))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Consistency / regression losses.
+
+
+def _probabilities(logits: jax.Array, sigmoid: bool) -> jax.Array:
+  return jax.nn.sigmoid(logits) if sigmoid else jax.nn.softmax(logits, axis=-1)
+
+
+def softmax_mse_loss(input_logits: jax.Array, target_logits: jax.Array, sigmoid: bool = False) -> jax.Array:
+  """SSL4MIS / UA-MT `softmax_mse_loss`: elementwise (softmax(a) − softmax(b))², **not reduced**.
+
+  The reference feeds the teacher's output as the target under `no_grad`; this function does not stop the
+  target's gradient — the caller does.
+
+  Args:
+    input_logits: (N, *spatial, C).
+    target_logits: same shape.
+    sigmoid: use a sigmoid per channel instead of the softmax (1-channel heads).
+
+  Returns:
+    (N, *spatial, C) squared differences.
+  """
+  _check_same_shape(input_logits, target_logits, "softmax_mse_loss")
+  return (_probabilities(input_logits, sigmoid) - _probabilities(target_logits, sigmoid)) ** 2
+
+
+def softmax_kl_loss(input_logits: jax.Array, target_logits: jax.Array, sigmoid: bool = False) -> jax.Array:
+  """SSL4MIS `softmax_kl_loss`: `F.kl_div(log_softmax(a), softmax(b), reduction='mean')`.
+
+  mean over **all** elements (N · voxels · C, not per sample) of q (log q − log p), with q log q = 0 at q = 0.
+  With `sigmoid=True` it is, as released, log σ(a) against σ(b): only the positive-class term, not a Bernoulli
+  KL, so it can be negative.
+
+  Args:
+    input_logits: (N, *spatial, C).
+    target_logits: same shape.
+    sigmoid: the sigmoid variant.
+
+  Returns:
+    Scalar loss.
+  """
+  _check_same_shape(input_logits, target_logits, "softmax_kl_loss")
+  if sigmoid:
+    log_p = jax.nn.log_sigmoid(input_logits)
+    q = jax.nn.sigmoid(target_logits)
+  else:
+    log_p = jax.nn.log_softmax(input_logits, axis=-1)
+    q = jax.nn.softmax(target_logits, axis=-1)
+  return jnp.mean(xlogy(q, q) - q * log_p)
+
+
+def mse(a: jax.Array, b: jax.Array) -> jax.Array:
+  """Mean squared error over all elements (e.g. SDF regression).
+
+  Args:
+    a: any shape.
+    b: same shape.
+
+  Returns:
+    Scalar mean (a − b)².
+  """
+  _check_same_shape(a, b, "mse")
+  return jnp.mean((a - b) ** 2)
+
+
+def symmetric_mse_loss(input1: jax.Array, input2: jax.Array) -> jax.Array:
+  """SSL4MIS `symmetric_mse_loss`: mean (x₁ − x₂)² of two probability maps, gradients to both.
+
+  As released in SSL4MIS this is a plain mean (the Mean-Teacher original divided a sum by C); it equals
+  `mse`, kept under its reference name.
+
+  Args:
+    input1: any shape.
+    input2: same shape.
+
+  Returns:
+    Scalar loss, symmetric in its arguments.
+  """
+  _check_same_shape(input1, input2, "symmetric_mse_loss")
+  return jnp.mean((input1 - input2) ** 2)

@@ -2,14 +2,20 @@
 
   python -m jaxseg.main --config configs/data_demo.py --workdir runs/demo
   python -m jaxseg.main --config configs/data_demo.py:synthetic2d --config.data.seed 3
+
+Bad input (an unknown preset, a typo in a `--config.x` override, a missing data root, a bad file)
+ends the run with one line `error: ...` naming the key or file, and exit status 2.
 """
 
 from __future__ import annotations
+
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
 from jaxseg import demo
+from jaxseg.data.base import DataError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with a preset: configs/<name>.py[:preset].",
@@ -20,18 +26,46 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default: runs/<c
 _JOBS = {"data_demo": demo.run}
 
 
+def _fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """Parses flags; turns config and override errors into one line instead of a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    # config_flags embeds the config file's traceback in the message: keep its last line.
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    _fail(f"{lines[0].split(':')[0]}: {lines[-1]}")
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    # A `--config.x` override naming a key the config lacks, or a value of the wrong type.
+    overrides = [a for a in argv[1:] if a.startswith("--config.")]
+    # ml_collections nests a KeyError's repr in the message: undo its escapes.
+    message = str(e.args[0] if e.args else e).replace("\\n", " ").replace("\\'", "'")
+    _fail(f"bad config override {' '.join(overrides)}: {message}")
+
+
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    _fail(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
   if config is None:
-    raise app.UsageError("--config is required, e.g. --config configs/data_demo.py")
+    _fail("--config is required, e.g. --config configs/data_demo.py")
+  try:
+    config.job  # config_flags loads lazily: a missing or broken file surfaces here.
+  except OSError as e:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    _fail(f"cannot load --config: {lines[-1]}")
   if config.job not in _JOBS:
-    raise app.UsageError(f"config.job = {config.job!r} is not one of {sorted(_JOBS)}")
+    _fail(f"config.job = {config.job!r} is not one of {sorted(_JOBS)}")
   workdir = _WORKDIR.value or f"runs/{config.name}"
-  _JOBS[config.job](config, workdir)
+  try:
+    _JOBS[config.job](config, workdir)
+  except DataError as e:
+    _fail(str(e))
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("config")
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,41 @@
+"""Data and metrics demo on the embedded synthetic data (the trainer's configs come next).
+
+  python -m jaxseg.main --config configs/data_demo.py
+  python -m jaxseg.main --config configs/data_demo.py:synthetic2d
+  python -m jaxseg.main --config configs/data_demo.py:la --config.data.root /path/to/la2018
+
+Generates 24 synthetic 64x64x48 volumes (labeled = first 4, validation = last 4), draws 20 two-stream
+batches of 2+2 crops, and scores a global intensity threshold fitted on the labeled cases on the
+validation cases. Takes about 5 s on a 2-core CPU (`:la` about 1 min, most of it reading the 80 h5
+files). Expected result (default): validation Dice of the threshold baseline around 35 %, showing
+that intensity alone does not segment the data.
+"""
+
+import ml_collections
+
+from jaxseg.data.sources import data_config
+
+PRESETS = ("", "synthetic2d", "la")
+
+
+def get_config(preset: str = "") -> ml_collections.ConfigDict:
+  if preset not in PRESETS:
+    raise ValueError(f"configs/data_demo.py: unknown preset {preset!r}, expected one of "
+                     f"{[p for p in PRESETS if p]}")
+  c = ml_collections.ConfigDict()
+  c.name = "data_demo" + (f"_{preset}" if preset else "")
+  c.job = "data_demo"
+  c.num_batches = 20
+  c.empty_policy = "worst"  # metrics.py: empty prediction = worst value, never the best.
+  c.data = data_config()
+  if preset == "synthetic2d":
+    c.data.synthetic.shape = (128, 128)
+    c.data.synthetic.num_cases = 100
+    c.data.num_labeled, c.data.num_validation = 10, 20
+    c.data.patch_size = (96, 96)
+  elif preset == "la":
+    # LA protocol (METHODS.md §1): labeled = first 8 of train.list, validation = last 8.
+    c.data.source = "la"
+    c.data.num_labeled, c.data.num_validation = 8, 8
+    c.data.patch_size = (112, 112, 80)
+  return c

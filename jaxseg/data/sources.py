@@ -1,0 +1,123 @@
+"""From `config.data` to checked cases, a split and batches: the one boundary between configs and data.
+
+Every config holds a `data` block made by `data_config()`; `load_dataset(config.data)` reads the
+named source, preprocesses, splits (labeled = first N, validation = last K, unlabeled = the rest,
+METHODS.md §1.2) and drops the labels of the unlabeled cases; `make_batches` builds the two-stream
+iterator. Errors name the config key (`data.root`, `data.source`, ...) or the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import ml_collections
+
+from jaxseg.data import folders2d, la, msd, preprocess, synthetic
+from jaxseg.data.base import Case, DataError
+from jaxseg.data.batches import TwoStreamBatches
+from jaxseg.data.splits import Split, make_split
+
+SOURCES = ("synthetic", "la", "msd", "folders2d")
+
+
+def data_config(source: str = "synthetic") -> ml_collections.ConfigDict:
+  """The `data` block of every config, with the defaults of the embedded synthetic data."""
+  c = ml_collections.ConfigDict()
+  c.source = source  # One of SOURCES.
+  c.root = ""  # Data folder of la / msd / folders2d (a flag: never hard-coded).
+  c.list_name = "train.list"  # la: the list to split (file order matters).
+  c.num_classes = 2  # Including background.
+  c.num_labeled = 4  # Labeled = the first N cases of the list...
+  c.labeled_fraction = 0.0  # ...or, when > 0, this fraction of the training pool.
+  c.num_validation = 4  # Validation = the last K cases of the list.
+  c.batch_labeled = 2
+  c.batch_unlabeled = 2
+  c.patch_size = (48, 48, 32)
+  c.seed = 0  # Order of batches and augmentation draws.
+  c.augment = True  # Rotate/flip before cropping (METHODS.md §1.4).
+  c.pad_to_patch = True  # Zero-pad volumes not larger than the patch (reference rule).
+  c.clip_percentiles = ()  # (lower, upper) percentiles per modality, () for no clipping.
+  c.zscore = False  # z-score per modality after clipping.
+  # The synthetic data's own seed: changing the run's `seed` keeps the same data.
+  c.synthetic = ml_collections.ConfigDict(dict(
+      seed=0, num_cases=24, shape=(64, 64, 48), num_modalities=1, layout="adjacent", noise=0.1, bias=0.2,
+      num_distractors=3))
+  c.image_size = ()  # folders2d: (H, W) to resize to, () keeps the file size.
+  c.channels = 0  # folders2d: 1 or 3 to force, 0 keeps the file's channels.
+  return c
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """The cases of one run, by role. Unlabeled cases carry no label."""
+
+  split: Split
+  labeled: tuple[Case, ...]
+  unlabeled: tuple[Case, ...]
+  validation: tuple[Case, ...]
+  num_classes: int
+
+
+def _root(cfg: ml_collections.ConfigDict) -> pathlib.Path:
+  if not cfg.root:
+    raise DataError(f"config data.root is empty: data.source = {cfg.source!r} needs the data "
+                    "folder, e.g. --config.data.root=/path/to/data")
+  root = pathlib.Path(cfg.root).expanduser()
+  if not root.is_dir():
+    raise DataError(f"config data.root: {root} is not a folder")
+  return root
+
+
+def load_cases(cfg: ml_collections.ConfigDict) -> list[Case]:
+  """All cases of the configured source, in list order, checked and preprocessed."""
+  if cfg.source not in SOURCES:
+    raise DataError(f"config data.source = {cfg.source!r} is not one of {SOURCES}")
+  if cfg.source == "synthetic":
+    options = cfg.synthetic.to_dict()
+    num_cases, seed = options.pop("num_cases"), options.pop("seed")
+    spec = synthetic.SyntheticSpec(num_classes=cfg.num_classes, **options)
+    cases = synthetic.make_cases(spec, num_cases, seed=seed)
+  elif cfg.source == "la":
+    if cfg.num_classes != la.NUM_CLASSES:
+      raise DataError(f"config data.num_classes = {cfg.num_classes}, LA has {la.NUM_CLASSES}")
+    cases = la.load_la(_root(cfg), cfg.list_name)
+  elif cfg.source == "msd":
+    root = _root(cfg)
+    manifest = msd.read_msd_manifest(root)
+    if cfg.num_classes != manifest.num_classes:
+      raise DataError(f"config data.num_classes = {cfg.num_classes}, but {root}/dataset.json "
+                      f"declares {manifest.num_classes} labels")
+    cases = msd.load_msd(root)
+  else:
+    cases = folders2d.load_folder2d(_root(cfg), size=cfg.image_size or None,
+                                    num_classes=cfg.num_classes, channels=cfg.channels or None)
+  if cfg.clip_percentiles or cfg.zscore:
+    clip = tuple(cfg.clip_percentiles) or None
+    cases = [preprocess.preprocess_case(c, clip=clip, zscore=cfg.zscore) for c in cases]
+  return cases
+
+
+def load_dataset(cfg: ml_collections.ConfigDict) -> Dataset:
+  """Loads, splits and returns the cases of `cfg` (the config's `data` block)."""
+  cases = load_cases(cfg)
+  if cfg.labeled_fraction:
+    num_labeled, key = float(cfg.labeled_fraction), "data.labeled_fraction"
+  else:
+    num_labeled, key = int(cfg.num_labeled), "data.num_labeled"
+  split = make_split([c.case_id for c in cases], num_labeled, cfg.num_validation, key=key)
+  by_id = {c.case_id: c for c in cases}
+  return Dataset(
+      split=split,
+      labeled=tuple(by_id[i] for i in split.labeled),
+      # Labels of unlabeled cases are dropped here, so no loss can ever see them.
+      unlabeled=tuple(by_id[i].replace(label=None) for i in split.unlabeled),
+      validation=tuple(by_id[i] for i in split.validation),
+      num_classes=cfg.num_classes)
+
+
+def make_batches(dataset: Dataset, cfg: ml_collections.ConfigDict) -> TwoStreamBatches:
+  """The two-stream training iterator of `dataset` as configured by `cfg` (the `data` block)."""
+  return TwoStreamBatches(dataset.labeled, dataset.unlabeled, batch_labeled=cfg.batch_labeled,
+                          batch_unlabeled=cfg.batch_unlabeled, patch_size=tuple(cfg.patch_size),
+                          seed=cfg.seed, augment=cfg.augment, pad_to_patch=cfg.pad_to_patch)

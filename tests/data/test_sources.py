@@ -1,0 +1,75 @@
+import os
+
+import numpy as np
+import pytest
+
+from conftest import LA_ROOT
+from jaxseg.data import la, sources
+from jaxseg.data.base import DataError
+
+
+def tiny_synthetic(**changes):
+  cfg = sources.data_config()
+  cfg.synthetic.num_cases = 8
+  cfg.synthetic.shape = (24, 24, 16)
+  cfg.num_labeled, cfg.num_validation = 2, 2
+  cfg.patch_size = (16, 16, 12)
+  cfg.update(changes)
+  return cfg
+
+
+def test_synthetic_dataset_split_and_batches():
+  cfg = tiny_synthetic()
+  ds = sources.load_dataset(cfg)
+  assert ds.split.labeled == ("synth_0000", "synth_0001")
+  assert ds.split.validation == ("synth_0006", "synth_0007")
+  assert len(ds.unlabeled) == 4 and all(c.label is None for c in ds.unlabeled)
+  assert all(c.label is not None for c in ds.labeled + ds.validation)
+  batch = next(sources.make_batches(ds, cfg))
+  assert batch.image_l.shape == (2, 16, 16, 12, 1) and batch.image_u.shape == (2, 16, 16, 12, 1)
+
+
+def test_run_seed_does_not_change_the_synthetic_data():
+  a = sources.load_dataset(tiny_synthetic(seed=0))
+  b = sources.load_dataset(tiny_synthetic(seed=1))
+  np.testing.assert_array_equal(a.labeled[0].image, b.labeled[0].image)
+
+
+def test_labeled_fraction_and_preprocessing():
+  cfg = tiny_synthetic(labeled_fraction=0.5, zscore=True, clip_percentiles=(1.0, 99.0))
+  ds = sources.load_dataset(cfg)
+  assert len(ds.labeled) == 3  # half of the 6 cases left after validation
+  image = ds.labeled[0].image[..., 0]
+  assert abs(image.mean()) < 1e-4 and abs(image.std() - 1) < 1e-3
+
+
+@pytest.mark.parametrize("changes, words", [
+    (dict(source="nifti"), "data.source"),
+    (dict(source="la"), "data.root"),
+    (dict(source="msd", root="/nonexistent/msd"), "data.root"),
+    (dict(num_labeled=7), "data.num_labeled"),
+    (dict(labeled_fraction=2.0), "data.labeled_fraction"),
+])
+def test_bad_data_config(changes, words):
+  with pytest.raises(DataError, match=words):
+    sources.load_dataset(tiny_synthetic(**changes))
+
+
+@pytest.mark.skipif(not (LA_ROOT / "train.list").exists(), reason="LA 2018 data not present")
+def test_la_protocol_split_on_real_data(tmp_path):
+  # A 6-case copy of the layout (links to the real files) keeps this test light.
+  ids = la.read_case_list(LA_ROOT / "train.list")[:6]
+  (tmp_path / "train.list").write_text("\n".join(ids) + "\n")
+  (tmp_path / la.CASES_DIR).mkdir()
+  for i in ids:
+    os.symlink(LA_ROOT / la.CASES_DIR / i, tmp_path / la.CASES_DIR / i)
+  cfg = sources.data_config("la")
+  cfg.update(dict(root=str(tmp_path), num_labeled=2, num_validation=2, patch_size=(112, 112, 80)))
+  ds = sources.load_dataset(cfg)
+  assert ds.split.labeled == tuple(ids[:2]) and ds.split.validation == tuple(ids[-2:])
+  batch = next(sources.make_batches(ds, cfg))
+  assert batch.image_l.shape == (2, 112, 112, 80, 1)
+  assert set(np.unique(batch.label_l)) <= {0, 1}
+  with pytest.raises(DataError, match="data.num_classes"):
+    cfg.num_classes = 3
+    sources.load_dataset(cfg)

@@ -1,0 +1,262 @@
+"""Sliding-window inference over whole volumes (METHODS §1.6), jitted end to end.
+
+The reference (`test_single_case` in DTC / UA-MT / SASSNet / SSL4MIS) zero-pads any axis that is smaller
+than the patch, visits a regular grid of windows (x outer, ..., z inner), sums the per-window foreground
+probabilities into a score map, divides by the per-voxel window count (so it *averages probabilities*),
+crops the padding off and thresholds (one channel: `> 0.5`) or takes the argmax (several channels).
+
+Here the window grid is computed on the host from static shapes (`window_starts`), and everything else runs
+in one jitted function (`sliding_window_predict`): the windows are cut with `lax.dynamic_slice`, evaluated
+in fixed-size batches (the last batch is padded, so there is one compilation per volume shape), and their
+probabilities and weights are accumulated on the device with `lax.dynamic_update_slice` inside a
+`lax.fori_loop`. Windows are added one at a time in the reference's visiting order, so with uniform
+weights the result equals the reference's sequential sum for every batch size (up to the predict
+function's own numerics).
+
+Conventions: channels-last. A volume is (*spatial, C): (X, Y, Z, C) in 3D, (H, W, C) in 2D. Window
+batches are (B, *patch, C); probabilities are (B, *patch, K).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+__all__ = [
+    "gaussian_importance_map",
+    "probabilities_to_labels",
+    "sliding_window_predict",
+    "window_starts",
+]
+
+# Gaussian weights are floored here (relative to a peak of 1) so that no weight underflows to zero.
+_MIN_GAUSSIAN_WEIGHT = 1e-30
+
+PredictFn = Callable[[jax.Array], jax.Array]
+
+
+def window_starts(
+    volume_shape: Sequence[int],
+    patch_size: Sequence[int],
+    strides: Sequence[int],
+) -> tuple[np.ndarray, tuple[tuple[int, int], ...]]:
+  """The reference window grid: where each window starts in the padded volume, and the padding.
+
+  Rule (DTC `test_single_case`, per axis i, with S_i the volume size, P_i the patch, s_i the stride):
+
+  * if S_i < P_i (strict), zero-pad by P_i − S_i, ⌊(P_i − S_i)/2⌋ on the left and the rest on the right;
+    S_i is then the padded size;
+  * n_i = ⌈(S_i − P_i)/s_i⌉ + 1 windows, window j starting at min(s_i·j, S_i − P_i);
+  * visiting order: the first axis outermost, the last innermost (x, y, z nested loops).
+
+  Args:
+    volume_shape: spatial shape of the volume, (X, Y, Z) or (H, W) (no channel axis).
+    patch_size: window size, one entry per spatial axis.
+    strides: window step, one positive entry per spatial axis; the reference uses
+      (stride_xy, stride_xy, stride_z), e.g. (18, 18, 4).
+
+  Returns:
+    starts: (K, d) int64, the start of every window in the *padded* volume, in visiting order.
+    pad_width: ((left, right), ...) one pair per spatial axis, as for `np.pad` ((0, 0) where unpadded).
+
+  Raises:
+    ValueError: mismatched lengths, or a non-positive patch size or stride.
+  """
+  volume_shape = tuple(int(s) for s in volume_shape)
+  patch_size = tuple(int(p) for p in patch_size)
+  strides = tuple(int(s) for s in strides)
+  if not len(volume_shape) == len(patch_size) == len(strides):
+    raise ValueError(f"volume_shape {volume_shape}, patch_size {patch_size} and strides {strides} must have "
+                     "one entry per spatial axis.")
+  if min(patch_size) < 1 or min(strides) < 1:
+    raise ValueError(f"patch_size {patch_size} and strides {strides} must be positive.")
+
+  pad_width = []
+  starts_per_axis = []
+  for size, patch, stride in zip(volume_shape, patch_size, strides):
+    shortfall = max(patch - size, 0)
+    pad_width.append((shortfall // 2, shortfall - shortfall // 2))
+    span = size + shortfall - patch  # >= 0: the last admissible start.
+    num_windows = -(-span // stride) + 1  # ceil(span / stride) + 1
+    starts_per_axis.append([min(stride * j, span) for j in range(num_windows)])
+
+  grid = np.meshgrid(*starts_per_axis, indexing="ij")
+  starts = np.stack([g.reshape(-1) for g in grid], axis=-1).astype(np.int64)
+  return starts, tuple(pad_width)
+
+
+def gaussian_importance_map(patch_size: Sequence[int], sigma_scale: float = 0.125) -> jax.Array:
+  """nnU-Net-style importance weights for one window: a Gaussian centred on the patch, peak 1.
+
+  σ_i = sigma_scale · P_i per axis, centred at (P_i − 1)/2 (the exact centre; nnU-Net centres on P_i//2 and
+  truncates its Gaussian filter at 4σ, which differs by at most a half-voxel shift). Each 1-D profile is
+  normalised to a maximum of 1, so the map peaks at 1 (exactly, for odd sizes). Weights are floored at
+  1e-30 so that every voxel of a window keeps a positive weight (nnU-Net raises zeros to the smallest
+  positive weight for the same reason).
+
+  Args:
+    patch_size: window size, one entry per spatial axis.
+    sigma_scale: σ as a fraction of the patch size.
+
+  Returns:
+    (*patch_size,) float32 weights in (0, 1]. Built from 1-D profiles, so it is cheap inside `jit`.
+  """
+  if sigma_scale <= 0:
+    raise ValueError(f"sigma_scale must be positive, got {sigma_scale}.")
+  weights = jnp.ones((), jnp.float32)
+  for axis, size in enumerate(patch_size):
+    offsets = np.arange(size, dtype=np.float64) - (size - 1) / 2
+    profile = np.exp(-0.5 * (offsets / (sigma_scale * size))**2)
+    profile = (profile / profile.max()).astype(np.float32)
+    shape = [1] * len(patch_size)
+    shape[axis] = size
+    weights = weights * jnp.asarray(profile).reshape(shape)
+  return jnp.maximum(weights, _MIN_GAUSSIAN_WEIGHT)
+
+
+def sliding_window_predict(
+    predict_fn: PredictFn,
+    volume: jax.Array,
+    patch_size: Sequence[int],
+    strides: Sequence[int],
+    *,
+    batch_size: int = 8,
+    gaussian: bool = False,
+    sigma_scale: float = 0.125,
+) -> jax.Array:
+  """Averaged per-voxel probabilities of a whole volume from overlapping windows (METHODS §1.6).
+
+  Pads like the reference (`window_starts`), evaluates every window with `predict_fn` in batches of
+  `batch_size` (the last batch padded with copies of a valid window whose results are discarded), sums
+  weight·probability and the weights per voxel on the device, divides, and crops the padding off. With
+  `gaussian=False` (the reference) all weights are 1, i.e. the result is Σ_windows p / count.
+
+  Everything runs in one jitted function, compiled once per (volume shape, dtype, patch, strides,
+  batch_size, gaussian, sigma_scale, predict_fn); there is no host round trip per window. `predict_fn` is
+  passed to `jit` as a pytree: a plain function is cached by identity, and a `jax.tree_util.Partial` has
+  its bound arguments traced. For a model, pass
+  `jax.tree_util.Partial(apply_probs, variables)` with a fixed (e.g. module-level) `apply_probs(variables,
+  windows)`, so new weights reuse the compiled function instead of recompiling.
+
+  Args:
+    predict_fn: jittable `windows (B, *patch, C) -> probabilities (B, *patch, K)`; it must already apply
+      the sigmoid / softmax (eval mode: no dropout, BN running averages). Called with B = batch_size.
+    volume: (*spatial, C) image, e.g. (X, Y, Z, 1); any float dtype (windows keep it).
+    patch_size: window size per spatial axis, e.g. (112, 112, 80).
+    strides: window step per spatial axis, e.g. (18, 18, 4) for the LA scripts.
+    batch_size: windows per `predict_fn` call.
+    gaussian: weight each window by `gaussian_importance_map` (nnU-Net) instead of uniformly.
+    sigma_scale: σ / patch size of the Gaussian weights.
+
+  Returns:
+    (*spatial, K) float32 averaged probabilities, same spatial shape as `volume`.
+
+  Raises:
+    ValueError: `volume` is not (*spatial, C) with one spatial axis per patch entry, batch_size < 1, or
+      `predict_fn` does not return (B, *patch, K).
+  """
+  volume = jnp.asarray(volume)
+  patch_size = tuple(int(p) for p in patch_size)
+  strides = tuple(int(s) for s in strides)
+  if volume.ndim != len(patch_size) + 1:
+    raise ValueError(f"volume must be (*spatial, C) with {len(patch_size)} spatial axes to match patch_size "
+                     f"{patch_size}; got shape {volume.shape}.")
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+  if not isinstance(predict_fn, jax.tree_util.Partial):
+    predict_fn = jax.tree_util.Partial(predict_fn)
+  return _sliding_window_predict(predict_fn, volume, patch_size=patch_size, strides=strides,
+                                 batch_size=int(batch_size), gaussian=bool(gaussian),
+                                 sigma_scale=float(sigma_scale))
+
+
+@functools.partial(jax.jit, static_argnames=("patch_size", "strides", "batch_size", "gaussian", "sigma_scale"))
+def _sliding_window_predict(
+    predict_fn: jax.tree_util.Partial,
+    volume: jax.Array,
+    *,
+    patch_size: tuple[int, ...],
+    strides: tuple[int, ...],
+    batch_size: int,
+    gaussian: bool,
+    sigma_scale: float,
+) -> jax.Array:
+  """Jitted body of `sliding_window_predict` (same arguments, already validated)."""
+  spatial_shape, num_channels = volume.shape[:-1], volume.shape[-1]
+  ndim = len(spatial_shape)
+  starts, pad_width = window_starts(spatial_shape, patch_size, strides)
+  padded = jnp.pad(volume, (*pad_width, (0, 0)))
+  padded_shape = padded.shape[:-1]
+
+  # Pad the window list to whole batches; the extra entries reuse window 0 and are never accumulated.
+  num_windows = starts.shape[0]
+  num_batches = math.ceil(num_windows / batch_size)
+  batch_starts_table = np.zeros((num_batches * batch_size, ndim), np.int32)
+  batch_starts_table[:num_windows] = starts
+  batch_starts_table = jnp.asarray(batch_starts_table)
+
+  window_shape = (*patch_size, num_channels)
+  probs_spec = jax.eval_shape(predict_fn, jax.ShapeDtypeStruct((batch_size, *window_shape), volume.dtype))
+  if probs_spec.ndim != ndim + 2 or probs_spec.shape[:-1] != (batch_size, *patch_size):
+    raise ValueError(f"predict_fn must map windows {(batch_size, *window_shape)} to probabilities "
+                     f"{(batch_size, *patch_size)} + (K,); got {probs_spec.shape}.")
+  num_classes = probs_spec.shape[-1]
+
+  if gaussian:
+    weight = gaussian_importance_map(patch_size, sigma_scale)[..., None]  # (*patch, 1)
+  else:
+    weight = jnp.ones((*patch_size, 1), jnp.float32)
+
+  def cut_window(start):
+    return lax.dynamic_slice(padded, (*(start[a] for a in range(ndim)), 0), window_shape)
+
+  def accumulate_batch(batch_index, totals):
+    """Adds one batch of windows to `totals` (*padded, K + 1): Σ weight·p in [..., :K], Σ weight in [..., K]."""
+    first = batch_index * batch_size
+    batch_starts = lax.dynamic_slice_in_dim(batch_starts_table, first, batch_size)  # (B, d)
+    probs = predict_fn(jax.vmap(cut_window)(batch_starts)).astype(jnp.float32)  # (B, *patch, K)
+    contributions = jnp.concatenate(
+        [probs * weight, jnp.broadcast_to(weight, (batch_size, *patch_size, 1))], axis=-1)
+
+    def add_window(i, totals):
+      corner = (*(batch_starts[i, a] for a in range(ndim)), 0)
+      region = lax.dynamic_slice(totals, corner, (*patch_size, num_classes + 1))
+      return lax.dynamic_update_slice(totals, region + contributions[i], corner)
+
+    num_valid = jnp.minimum(batch_size, num_windows - first)
+    return lax.fori_loop(0, num_valid, add_window, totals)
+
+  totals = jnp.zeros((*padded_shape, num_classes + 1), jnp.float32)
+  totals = lax.fori_loop(0, num_batches, accumulate_batch, totals)
+  averaged = totals[..., :num_classes] / totals[..., num_classes:]
+  crop = tuple(slice(left, left + size) for (left, _), size in zip(pad_width, spatial_shape))
+  return averaged[crop]
+
+
+def probabilities_to_labels(probs: jax.Array, threshold: float = 0.5) -> jax.Array:
+  """The references' decision rule (METHODS §1.6) on (..., K) probabilities.
+
+  * K = 1 (one sigmoid foreground channel): label = probs[..., 0] > threshold (strict, so exactly 0.5 is
+    background).
+  * K >= 2 (softmax): label = argmax over K, ties to the first (lowest) class; for K = 2 this is
+    p₁ > p₀, i.e. p₁ > 0.5 with ties to background. `threshold` is ignored.
+
+  Args:
+    probs: (..., K) probabilities, e.g. the (X, Y, Z, K) output of `sliding_window_predict`.
+    threshold: foreground threshold for K = 1.
+
+  Returns:
+    (...) int32 label map.
+  """
+  probs = jnp.asarray(probs)
+  if probs.ndim < 1 or probs.shape[-1] < 1:
+    raise ValueError(f"probs must be (..., K) with K >= 1; got shape {probs.shape}.")
+  if probs.shape[-1] == 1:
+    return (probs[..., 0] > threshold).astype(jnp.int32)
+  return jnp.argmax(probs, axis=-1).astype(jnp.int32)

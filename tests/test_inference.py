@@ -1,0 +1,260 @@
+"""Tests of jaxseg.inference: the reference window grid, the fake-network outputs of DTC and SSL4MIS
+`test_single_case` (golden files), batch-size invariance, Gaussian weighting, 2D, and compilation reuse.
+
+Tolerances: averaged probabilities atol 1e-6 (float32; jnp vs torch sigmoid/softmax differ by an ulp);
+label maps and window grids exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import load_golden
+from jaxseg import inference
+
+WINDOW_CASES = [
+    "v100x120x70_p112x112x80_s18_4",
+    "v112x112x80_p112x112x80_s18_4",
+    "v15x40x9_p16x16x12_s16_12",
+    "v183x140x88_p112x112x80_s18_4",
+    "v40x33x25_p16x16x12_s7_5",
+]
+
+# ---------------------------------------------------------------------------------------------------
+# Fake networks of the golden files (tests/golden/README: "Sliding-window inference"), jittable.
+
+
+def _patch_cosines(patch_size, frequencies=(1, 1, 1)):
+  """cos(π f_a n_a / (P_a − 1)) per axis, float32, broadcastable to (*patch)."""
+  factors = []
+  for axis, (size, freq) in enumerate(zip(patch_size, frequencies)):
+    index = jnp.arange(size, dtype=jnp.float32)
+    shape = [1] * len(patch_size)
+    shape[axis] = size
+    factors.append(jnp.cos(np.float32(math.pi * freq) * index / (size - 1)).reshape(shape))
+  return factors
+
+
+def dtc_fake_probs(windows):
+  """(B, px, py, pz, 1) -> σ(4·tanh(x) + 2·cos·cos·cos − 0.5), (B, px, py, pz, 1)."""
+  x = windows[..., 0]
+  cos_i, cos_j, cos_k = _patch_cosines(x.shape[1:])
+  logit = 4 * jnp.tanh(x) + 2 * cos_i * cos_j * cos_k - 0.5
+  return jax.nn.sigmoid(logit)[..., None]
+
+
+def ssl4mis_fake_probs(windows, num_classes):
+  """(B, px, py, pz, 1) -> (B, px, py, pz, C) softmax over c of the logits
+
+  (c − 1)·2·tanh(x) + cos(π(c+1)i/(px−1))·cos(πj/(py−1))·cos(π(c+1)k/(pz−1)).
+  """
+  x = windows[..., 0]
+  logits = []
+  for c in range(num_classes):
+    cos_i, cos_j, cos_k = _patch_cosines(x.shape[1:], (c + 1, 1, c + 1))
+    logits.append((c - 1) * 2 * jnp.tanh(x) + cos_i * cos_j * cos_k)
+  return jax.nn.softmax(jnp.stack(logits, axis=-1), axis=-1)
+
+
+def _golden_strides(case):
+  stride_xy, stride_z = int(case["in_stride_xy"]), int(case["in_stride_z"])
+  return (stride_xy, stride_xy, stride_z)
+
+
+def _naive_sliding_window(predict_fn, volume, patch_size, strides, weight=None):
+  """Loop-over-windows NumPy reference: pad, add weight·p and weight window by window, divide, crop."""
+  starts, pad_width = inference.window_starts(volume.shape[:-1], patch_size, strides)
+  padded = np.pad(volume, (*pad_width, (0, 0)))
+  weight = np.ones(patch_size, np.float32) if weight is None else np.asarray(weight)
+  totals, counts = None, np.zeros(padded.shape[:-1], np.float32)
+  for start in starts:
+    region = tuple(slice(s, s + p) for s, p in zip(start, patch_size))
+    probs = np.asarray(predict_fn(jnp.asarray(padded[region][None])))[0]
+    if totals is None:
+      totals = np.zeros((*padded.shape[:-1], probs.shape[-1]), np.float32)
+    totals[region] += weight[..., None] * probs
+    counts[region] += weight
+  crop = tuple(slice(left, left + size) for (left, _), size in zip(pad_width, volume.shape[:-1]))
+  return (totals / counts[..., None])[crop]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Window grid.
+
+
+@pytest.mark.parametrize("name", WINDOW_CASES)
+def test_window_starts_matches_reference(name):
+  case = load_golden(f"dtc_sliding_window_windows__{name}")
+  volume_shape = tuple(case["in_volume_shape"])
+  patch_size = tuple(case["in_patch_size"])
+  strides = (int(case["in_stride_xy"]),) * 2 + (int(case["in_stride_z"]),)
+  starts, pad_width = inference.window_starts(volume_shape, patch_size, strides)
+
+  np.testing.assert_array_equal(starts, case["out_window_starts"])
+  np.testing.assert_array_equal(np.array(pad_width), case["out_pad_width"])
+  padded_shape = [s + left + right for s, (left, right) in zip(volume_shape, pad_width)]
+  np.testing.assert_array_equal(padded_shape, case["out_padded_shape"])
+  windows_per_axis = [len(np.unique(starts[:, a])) for a in range(3)]
+  np.testing.assert_array_equal(windows_per_axis, case["out_n_windows_per_axis"])
+  assert len(starts) == np.prod(case["out_n_windows_per_axis"])
+
+
+def test_window_starts_la_size_gives_45_windows():
+  starts, pad_width = inference.window_starts((183, 140, 88), (112, 112, 80), (18, 18, 4))
+  assert starts.shape == (45, 3) and pad_width == ((0, 0),) * 3
+
+
+def test_window_starts_2d():
+  starts, pad_width = inference.window_starts((10, 5), (4, 8), (3, 2))
+  # Axis 0: n = ceil(6/3) + 1 = 3 starts 0, 3, 6; axis 1 padded 5 -> 8 by (1, 2): one start.
+  np.testing.assert_array_equal(starts, [[0, 0], [3, 0], [6, 0]])
+  assert pad_width == ((0, 0), (1, 2))
+
+
+def test_window_starts_rejects_bad_arguments():
+  with pytest.raises(ValueError):
+    inference.window_starts((10, 10, 10), (4, 4), (2, 2, 2))
+  with pytest.raises(ValueError):
+    inference.window_starts((10, 10), (4, 4), (0, 2))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Golden outputs of the reference test_single_case with fake networks.
+
+
+@pytest.mark.parametrize("name", ["small", "padded"])
+def test_dtc_test_single_case(name):
+  case = load_golden(f"dtc_test_single_case__{name}")
+  image = case["in_image"][..., None]
+  scores = inference.sliding_window_predict(dtc_fake_probs, image, tuple(case["in_patch_size"]),
+                                            _golden_strides(case), batch_size=8)
+  assert scores.shape == (*image.shape[:-1], 1) and scores.dtype == jnp.float32
+  # Reference quirk: num_classes = 2 with a one-channel net broadcasts the same sigmoid into both channels.
+  for channel in range(2):
+    np.testing.assert_allclose(np.asarray(scores[..., 0]), case["out_score_map"][..., channel], rtol=0,
+                               atol=1e-6)
+  labels = inference.probabilities_to_labels(scores)
+  np.testing.assert_array_equal(np.asarray(labels), case["out_label_map"])
+
+
+@pytest.mark.parametrize("name", ["c3", "c2_padded"])
+def test_ssl4mis_test_single_case(name):
+  case = load_golden(f"ssl4mis_test_single_case__{name}")
+  num_classes = int(case["in_num_classes"])
+  image = case["in_image"][..., None]
+  scores = inference.sliding_window_predict(lambda w: ssl4mis_fake_probs(w, num_classes), image,
+                                            tuple(case["in_patch_size"]), _golden_strides(case),
+                                            batch_size=8)
+  assert scores.shape == (*image.shape[:-1], num_classes)
+  np.testing.assert_allclose(np.asarray(scores.sum(-1)), 1.0, atol=1e-6)
+  labels = inference.probabilities_to_labels(scores)
+  np.testing.assert_array_equal(np.asarray(labels), case["out_label_map"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Properties.
+
+
+def test_batch_size_invariance_and_naive_loop():
+  case = load_golden("dtc_test_single_case__padded")
+  image = case["in_image"][..., None]
+  patch, strides = tuple(case["in_patch_size"]), _golden_strides(case)
+  expected = _naive_sliding_window(dtc_fake_probs, image, patch, strides)
+  for batch_size in (1, 3, 8):
+    scores = inference.sliding_window_predict(dtc_fake_probs, image, patch, strides, batch_size=batch_size)
+    np.testing.assert_allclose(np.asarray(scores), expected, rtol=0, atol=1e-6, err_msg=f"B={batch_size}")
+
+
+def test_gaussian_weighting_of_constant_prediction_is_constant():
+  volume = np.random.default_rng(0).normal(size=(21, 18, 13, 1)).astype(np.float32)
+  constant = jnp.array([0.3, 0.7], jnp.float32)
+
+  def predict_constant(windows):
+    return jnp.broadcast_to(constant, (*windows.shape[:-1], 2))
+
+  scores = inference.sliding_window_predict(predict_constant, volume, (8, 8, 6), (5, 5, 4), batch_size=4,
+                                            gaussian=True)
+  np.testing.assert_allclose(np.asarray(scores), np.broadcast_to(constant, scores.shape), atol=1e-6)
+
+
+def test_gaussian_weighting_matches_naive_loop():
+  volume = np.random.default_rng(1).normal(size=(17, 15, 1)).astype(np.float32)
+  patch, strides = (8, 6), (3, 4)
+
+  def predict(windows):
+    return jax.nn.sigmoid(windows * jnp.arange(windows.shape[2], dtype=jnp.float32)[:, None])
+
+  weight = inference.gaussian_importance_map(patch, 0.125)
+  assert weight.shape == patch and float(weight.max()) <= 1.0 and float(weight.min()) > 0
+  expected = _naive_sliding_window(predict, volume, patch, strides, weight)
+  scores = inference.sliding_window_predict(predict, volume, patch, strides, batch_size=4, gaussian=True)
+  np.testing.assert_allclose(np.asarray(scores), expected, rtol=1e-6, atol=1e-6)
+  uniform = inference.sliding_window_predict(predict, volume, patch, strides, batch_size=4)
+  assert not np.allclose(np.asarray(scores), np.asarray(uniform), atol=1e-4)
+
+
+def test_2d_with_padding_matches_naive_loop():
+  image = np.random.default_rng(2).normal(size=(11, 30, 2)).astype(np.float32)  # axis 0 padded to 16.
+  patch, strides = (16, 12), (4, 5)
+
+  def predict(windows):  # position-dependent, 3 classes.
+    rows = jnp.arange(patch[0], dtype=jnp.float32)[:, None, None] / patch[0]
+    logits = jnp.stack([windows[..., 0], windows[..., 1] * rows[..., 0], rows[..., 0] + 0 * windows[..., 0]],
+                       axis=-1)
+    return jax.nn.softmax(logits, axis=-1)
+
+  expected = _naive_sliding_window(predict, image, patch, strides)
+  scores = inference.sliding_window_predict(predict, image, patch, strides, batch_size=3)
+  assert scores.shape == (11, 30, 3)
+  np.testing.assert_allclose(np.asarray(scores), expected, rtol=0, atol=1e-6)
+
+
+def test_one_compilation_per_shape_and_weights_are_traced():
+  """New volumes or new weights (bound via Partial) of the same shape reuse the compiled function."""
+
+  def apply_probs(params, windows):
+    return jax.nn.sigmoid(params["scale"] * windows + params["bias"])
+
+  rng = np.random.default_rng(3)
+  volumes = [rng.normal(size=(9, 10, 7, 1)).astype(np.float32) for _ in range(3)]
+  params = [{"scale": jnp.float32(s), "bias": jnp.float32(-0.1 * s)} for s in (1.0, 2.0, 3.0)]
+  compiled_before = inference._sliding_window_predict._cache_size()
+  for volume, p in zip(volumes, params):
+    scores = inference.sliding_window_predict(jax.tree_util.Partial(apply_probs, p), volume, (6, 6, 4),
+                                              (3, 3, 2), batch_size=4)
+    expected = _naive_sliding_window(lambda w: apply_probs(p, w), volume, (6, 6, 4), (3, 3, 2))
+    np.testing.assert_allclose(np.asarray(scores), expected, atol=1e-6)
+  assert inference._sliding_window_predict._cache_size() == compiled_before + 1
+
+
+def test_sliding_window_rejects_bad_shapes():
+  volume = np.zeros((8, 8, 8, 1), np.float32)
+  with pytest.raises(ValueError):
+    inference.sliding_window_predict(dtc_fake_probs, volume[..., 0], (4, 4, 4), (2, 2, 2))
+  with pytest.raises(ValueError):  # Wrong output spatial shape.
+    inference.sliding_window_predict(lambda w: w[:, :2], volume, (4, 4, 4), (2, 2, 2))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decisions.
+
+
+def test_probabilities_to_labels_threshold_is_strict():
+  probs = jnp.array([[0.5], [0.5000001], [0.2], [0.9]], jnp.float32)
+  np.testing.assert_array_equal(np.asarray(inference.probabilities_to_labels(probs)), [0, 1, 0, 1])
+  np.testing.assert_array_equal(np.asarray(inference.probabilities_to_labels(probs, threshold=0.8)),
+                                [0, 0, 0, 1])
+
+
+def test_probabilities_to_labels_argmax_ties_go_to_first_class():
+  probs = jnp.array([[0.5, 0.5], [0.4, 0.6]], jnp.float32)
+  np.testing.assert_array_equal(np.asarray(inference.probabilities_to_labels(probs)), [0, 1])
+  probs3 = jnp.array([[0.3, 0.35, 0.35], [0.2, 0.2, 0.6], [1 / 3, 1 / 3, 1 / 3]], jnp.float32)
+  labels = inference.probabilities_to_labels(probs3)
+  assert labels.dtype == jnp.int32
+  np.testing.assert_array_equal(np.asarray(labels), [1, 2, 0])

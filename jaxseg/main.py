@@ -1,7 +1,9 @@
-"""Command line: parses flags and hands the config to the job it names.
+"""Command line: parses flags and hands the config to the trainer (or the job it names).
 
-  python -m jaxseg.main --config configs/data_demo.py --workdir runs/demo
-  python -m jaxseg.main --config configs/data_demo.py:synthetic2d --config.data.seed 3
+  python -m jaxseg.main --config configs/duo.py                      # train, then evaluate
+  python -m jaxseg.main --config configs/duo.py --mode eval           # evaluate the workdir's run
+  python -m jaxseg.main --config configs/duo.py --mode predict --input scans/ --output masks/
+  python -m jaxseg.main --config configs/data_demo.py                # data and metrics demo
 
 Bad input (an unknown preset, a typo in a `--config.x` override, a missing data root, a bad file)
 ends the run with one line `error: ...` naming the key or file, and exit status 2.
@@ -11,19 +13,34 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxseg import demo
+from jaxseg import demo, train
 from jaxseg.data.base import DataError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with a preset: configs/<name>.py[:preset].",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default: runs/<config name>).")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"],
+                          "train (resumes an existing workdir), eval, or predict.")
+_INPUT = flags.DEFINE_string("input", None, "--mode predict: a scan file or a folder of scans.")
+_OUTPUT = flags.DEFINE_string("output", None, "--mode predict: folder for the predicted masks.")
 
-# Jobs by `config.job`. The trainer (`train`) joins with the first method.
-_JOBS = {"data_demo": demo.run}
+
+def _train_job(config, workdir):
+  if _MODE.value == "train":
+    return train.train_and_evaluate(config, workdir)
+  if _MODE.value == "eval":
+    return train.evaluate_workdir(config, workdir)
+  if not _INPUT.value or not _OUTPUT.value:
+    _fail("--mode predict needs --input (a file or folder) and --output (a folder)")
+  return train.predict_workdir(config, workdir, _INPUT.value, _OUTPUT.value)
+
+
+# Jobs by `config.job`.
+_JOBS = {"train": _train_job, "data_demo": demo.run}
 
 
 def _fail(message: str) -> None:
@@ -48,6 +65,9 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def main(argv):
+  # orbax logs every checkpoint step at INFO; the progress line is what a user wants to see.
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
   if len(argv) > 1:
     _fail(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value

@@ -1,7 +1,9 @@
 """Two-stream batches (METHODS.md §1.3): labeled samples first, then unlabeled ones.
 
 - Labeled stream: each "epoch" is a fresh random permutation of the labeled cases cut into groups of
-  `batch_labeled`; an odd leftover is dropped.
+  `batch_labeled`; an odd leftover is dropped. With `labeled_groups = g` (Duo-SegNet's views
+  X^1, X^2), the labeled list is cut into g contiguous parts and each batch takes
+  `batch_labeled / g` samples from each part, in part order, every part with its own epochs.
 - Unlabeled stream: an endless chain of independent permutations of the unlabeled cases, read
   `batch_unlabeled` at a time (a batch may straddle two permutations).
 - Labels of unlabeled cases are never read: the batch has no field for them.
@@ -62,11 +64,12 @@ class TwoStreamBatches(Iterator[Batch]):
     seed: the data seed; batch t depends only on (seed, t).
     augment: rotate/flip before cropping (METHODS.md §1.4); crops are always taken.
     pad_to_patch: zero-pad volumes not larger than the patch (reference rule), else raise.
+    labeled_groups: number of contiguous parts of the labeled list, sampled side by side.
   """
 
   def __init__(self, labeled: Sequence[Case], unlabeled: Sequence[Case], *, batch_labeled: int,
                batch_unlabeled: int, patch_size: Sequence[int], seed: int, augment: bool = True,
-               pad_to_patch: bool = True):
+               pad_to_patch: bool = True, labeled_groups: int = 1):
     if not labeled:
       raise DataError("config data.num_labeled: the labeled set is empty")
     if batch_labeled < 1:
@@ -74,6 +77,14 @@ class TwoStreamBatches(Iterator[Batch]):
     if batch_labeled > len(labeled):
       raise DataError(f"config data.batch_labeled = {batch_labeled} exceeds the {len(labeled)} "
                       "labeled cases")
+    if labeled_groups < 1 or batch_labeled % labeled_groups:
+      raise DataError(f"config data.labeled_groups = {labeled_groups} must be >= 1 and divide "
+                      f"data.batch_labeled = {batch_labeled}")
+    per_group = batch_labeled // labeled_groups
+    self.groups = [g for g in np.array_split(np.arange(len(labeled)), labeled_groups)]
+    if min(len(g) for g in self.groups) < per_group:
+      raise DataError(f"config data.labeled_groups = {labeled_groups}: {len(labeled)} labeled "
+                      f"cases give a part smaller than {per_group} samples per batch")
     if batch_unlabeled < 0:
       raise DataError(f"config data.batch_unlabeled must be >= 0, got {batch_unlabeled}")
     if batch_unlabeled > 0 and not unlabeled:
@@ -99,11 +110,14 @@ class TwoStreamBatches(Iterator[Batch]):
   # --- which cases go into batch `step` -------------------------------------------------------
 
   def labeled_indices(self, step: int) -> np.ndarray:
-    """Indices into `labeled` of batch `step`: a slice of that epoch's permutation."""
-    per_epoch = len(self.labeled) // self.batch_labeled
-    epoch, slot = divmod(step, per_epoch)
-    order = np.random.default_rng([self.seed, _LABELED, epoch]).permutation(len(self.labeled))
-    return order[slot * self.batch_labeled:(slot + 1) * self.batch_labeled]
+    """Indices into `labeled` of batch `step`: per part, a slice of that part's epoch permutation."""
+    per_group = self.batch_labeled // len(self.groups)
+    picked = []
+    for part, members in enumerate(self.groups):
+      epoch, slot = divmod(step, len(members) // per_group)
+      order = np.random.default_rng([self.seed, _LABELED, part, epoch]).permutation(len(members))
+      picked.append(members[order[slot * per_group:(slot + 1) * per_group]])
+    return np.concatenate(picked)
 
   def unlabeled_indices(self, step: int) -> np.ndarray:
     """Indices into `unlabeled` of batch `step`: positions in the endless permutation chain."""

@@ -32,6 +32,7 @@ def data_config(source: str = "synthetic") -> ml_collections.ConfigDict:
   c.labeled_fraction = 0.0  # ...or, when > 0, this fraction of the training pool.
   c.num_validation = 4  # Validation = the last K cases of the list.
   c.batch_labeled = 2
+  c.labeled_groups = 1  # Contiguous parts of the labeled list sampled side by side (Duo: 2 views).
   c.batch_unlabeled = 2
   c.patch_size = (48, 48, 32)
   c.seed = 0  # Order of batches and augmentation draws.
@@ -120,4 +121,5 @@ def make_batches(dataset: Dataset, cfg: ml_collections.ConfigDict) -> TwoStreamB
   """The two-stream training iterator of `dataset` as configured by `cfg` (the `data` block)."""
   return TwoStreamBatches(dataset.labeled, dataset.unlabeled, batch_labeled=cfg.batch_labeled,
                           batch_unlabeled=cfg.batch_unlabeled, patch_size=tuple(cfg.patch_size),
-                          seed=cfg.seed, augment=cfg.augment, pad_to_patch=cfg.pad_to_patch)
+                          seed=cfg.seed, augment=cfg.augment, pad_to_patch=cfg.pad_to_patch,
+                          labeled_groups=cfg.labeled_groups)

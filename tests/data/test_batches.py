@@ -123,3 +123,17 @@ def test_mismatched_channels_name_the_file():
   labeled = [make_case(0), make_case(1, channels=2)]
   with pytest.raises(DataError, match="/fake/c1.h5"):
     TwoStreamBatches(labeled, [], batch_labeled=1, batch_unlabeled=0, patch_size=(8, 8, 6), seed=0)
+
+
+def test_labeled_groups_draw_each_view_from_its_own_part():
+  batches = make_batches(n_labeled=6, batch_labeled=2, labeled_groups=2)
+  for t in range(12):
+    first, second = batches.labeled_indices(t)
+    assert first in (0, 1, 2) and second in (3, 4, 5)
+  for epoch in range(3):  # each part runs through its own permutations
+    assert sorted(batches.labeled_indices(3 * epoch + j)[0] for j in range(3)) == [0, 1, 2]
+
+
+def test_labeled_groups_must_divide_the_labeled_batch():
+  with pytest.raises(DataError, match="data.labeled_groups"):
+    make_batches(batch_labeled=3, n_labeled=6, labeled_groups=2)

@@ -1,0 +1,55 @@
+"""Supervised baseline: the segmenter trained on the labeled cases only.
+
+  python -m jaxseg.main --config configs/supervised.py
+  python -m jaxseg.main --config configs/supervised.py:synthetic2d
+  python -m jaxseg.main --config configs/supervised.py:la --config.data.root /path/to/la2018
+
+Default: the embedded synthetic 3D data (labeled = first 4 of 24 volumes, validation = last 4), the
+same small 3D UNet and labeled cases as `configs/duo.py`, so the two compare directly.
+Measured time and result: see the table in README.md (filled in from the runs of record).
+"""
+
+import ml_collections
+
+from jaxseg import evaluate, train
+from jaxseg.data.sources import data_config
+from jaxseg.methods import supervised
+
+PRESETS = ("", "synthetic2d", "la")
+
+
+def get_config(preset: str = "") -> ml_collections.ConfigDict:
+  if preset not in PRESETS:
+    raise ValueError(f"configs/supervised.py: unknown preset {preset!r}, expected one of "
+                     f"{[p for p in PRESETS if p]}")
+  c = ml_collections.ConfigDict()
+  c.name = "supervised" + (f"_{preset}" if preset else "")
+  c.job = "train"
+  c.seed = 0
+  c.data = data_config()
+  c.method = supervised.default_config()
+  c.train = train.train_config()
+  c.eval = evaluate.eval_config()
+  c.data.patch_size = (32, 32, 32)
+  c.data.batch_unlabeled = 0  # Labeled data only.
+  c.train.num_steps = 600
+  if preset == "synthetic2d":
+    c.data.synthetic.shape = (128, 128)
+    c.data.synthetic.num_cases = 100
+    c.data.num_labeled, c.data.num_validation = 10, 20
+    c.data.patch_size = (96, 96)
+    c.method.model.features = (16, 32, 64, 128)
+  elif preset == "la":
+    # LA protocol (METHODS.md §1): V-Net, labeled = first 8 of train.list, validation = last 8.
+    c.data.source = "la"
+    c.data.num_labeled, c.data.num_validation = 8, 8
+    c.data.batch_labeled = 4  # UA-MT train_LA.py: batches of 4 labeled samples.
+    c.data.patch_size = (112, 112, 80)
+    c.method.loss = "ce_dice"
+    c.method.model = ml_collections.ConfigDict(dict(name="vnet"))
+    c.method.optimizer = supervised.base.optimizer_config(
+        "sgd", 0.01, momentum=0.9, weight_decay=1e-4, decay_every=2500, decay_factor=0.1)
+    c.train.num_steps = 6000
+    c.train.checkpoint_every = 1000
+    c.eval.strides = (18, 18, 4)
+  return c

@@ -1,0 +1,125 @@
+"""The contract between the trainer and a method, and the pieces every method shares.
+
+A method is a module `jaxseg/methods/<name>.py` providing:
+
+  default_config() -> ConfigDict
+      The `config.method` block: `name` (= the module name) and the method's hyperparameters.
+  init(rng, config, example_batch) -> State
+      Builds the networks and optimisers. `State` is a `flax.struct.dataclass` holding one
+      `TrainState` per trained network (segmenters, critic; a teacher's parameters for EMA methods)
+      and a static `hparams` field (a `FrozenConfigDict`, the method block of the config).
+  train_step(state, batch, rng) -> (state, metrics)
+      Pure; jitted and sharded by the trainer. `batch` is a `jaxseg.data.batches.Batch`;
+      `metrics` is a flat dict of scalars (losses, weights) for logging.
+  predict(state, images) -> dict[str, probabilities]
+      Eval-mode probabilities of `images` (B, *spatial, C), one entry per view (e.g. Duo-SegNet's
+      "f1" and "f2"; a single-network method returns {"model": ...}). An entry is (B, *spatial, 1)
+      foreground probabilities (one-logit heads: thresholded at 0.5) or (B, *spatial, K) class
+      probabilities (argmax).
+
+The trainer never looks inside `State`: it jits `train_step`, shards the batch, replicates the
+state, saves and restores it with orbax. Adding a method does not touch the trainer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import ml_collections
+import optax
+from flax.training import train_state
+
+
+class TrainState(train_state.TrainState):
+  """A network's parameters, optimiser state and BatchNorm running statistics ({} if none)."""
+
+  batch_stats: Any = None
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
+                       example_input: jax.Array) -> TrainState:
+  """Initialises `model` on `example_input` (B, *spatial, C) and wraps it with optimiser `tx`."""
+  variables = model.init({"params": rng, "dropout": rng}, example_input, train=False)
+  return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                           batch_stats=variables.get("batch_stats", {}))
+
+
+def forward_train(state: TrainState, params: Any, x: jax.Array, rng: Optional[jax.Array] = None,
+                  batch_stats: Any = None):
+  """Train-mode forward pass: returns (outputs, updated batch_stats).
+
+  `params` is passed separately so that it can be differentiated; `batch_stats` defaults to the
+  state's and lets a method thread BN statistics through several forward calls of one step.
+  """
+  stats = state.batch_stats if batch_stats is None else batch_stats
+  variables = {"params": params}
+  if stats:
+    variables["batch_stats"] = stats
+  rngs = {"dropout": rng} if rng is not None else {}
+  if not stats:
+    return state.apply_fn(variables, x, train=True, rngs=rngs), stats
+  out, updates = state.apply_fn(variables, x, train=True, rngs=rngs, mutable=["batch_stats"])
+  return out, updates["batch_stats"]
+
+
+def forward_eval(state: TrainState, x: jax.Array, params: Any = None):
+  """Eval-mode forward pass (BN running averages, no dropout)."""
+  variables = {"params": state.params if params is None else params}
+  if state.batch_stats:
+    variables["batch_stats"] = state.batch_stats
+  return state.apply_fn(variables, x, train=False)
+
+
+def learning_rate_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
+  """lr(t) = lr * decay_factor ** floor(t / decay_every) (constant when decay_every = 0)."""
+  if cfg.decay_every:
+    return optax.exponential_decay(cfg.learning_rate, transition_steps=cfg.decay_every,
+                                   decay_rate=cfg.decay_factor, staircase=True)
+  return optax.constant_schedule(cfg.learning_rate)
+
+
+def optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """The PyTorch optimiser named by `cfg.name`, with PyTorch's semantics (METHODS.md §13.4).
+
+  - sgd: coupled L2 weight decay (added to the gradient), heavy-ball momentum, optional nesterov.
+  - adam: coupled weight decay (torch.optim.Adam), betas and eps as given.
+  - rmsprop: alpha = decay, eps outside the square root (torch.optim.RMSprop).
+  """
+  lr = learning_rate_schedule(cfg)
+  decay = [optax.add_decayed_weights(cfg.weight_decay)] if cfg.weight_decay else []
+  if cfg.name == "sgd":
+    base = optax.sgd(lr, momentum=cfg.momentum or None, nesterov=cfg.nesterov)
+  elif cfg.name == "adam":
+    base = optax.adam(lr, b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps)
+  elif cfg.name == "rmsprop":
+    base = optax.rmsprop(lr, decay=cfg.alpha, eps=cfg.eps, eps_in_sqrt=False)
+  else:
+    raise ValueError(f"config optimizer name {cfg.name!r} is not one of sgd, adam, rmsprop")
+  return optax.chain(*decay, base)
+
+
+def optimizer_config(name: str = "sgd", learning_rate: float = 0.01, **changes
+                     ) -> ml_collections.ConfigDict:
+  """An optimiser block with every field `optimizer` reads (PyTorch defaults)."""
+  c = ml_collections.ConfigDict(dict(
+      name=name, learning_rate=learning_rate, momentum=0.9, nesterov=False, weight_decay=0.0,
+      decay_every=0, decay_factor=0.1, beta1=0.9, beta2=0.999, alpha=0.99, eps=1e-8))
+  c.update(changes)
+  return c
+
+
+def model_kwargs(cfg: ml_collections.ConfigDict) -> dict:
+  """The model block minus its name, as keyword arguments of `jaxseg.models.get_model`."""
+  kwargs = cfg.to_dict()
+  kwargs.pop("name")
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+
+
+def scalar_metrics(**values: jax.Array) -> dict[str, jax.Array]:
+  """Metrics dict of float32 scalars (what train_step returns for logging)."""
+  return {k: jax.numpy.asarray(v, jax.numpy.float32) for k, v in values.items()}
+
+
+PredictFn = Callable[[Any, jax.Array], dict]

@@ -1,0 +1,88 @@
+"""Supervised baseline: one segmenter trained on the labeled samples only (METHODS.md §6.1).
+
+The baseline of every comparison: same backbone and labeled data as the semi-supervised method it
+is compared with, unlabeled samples ignored. Two loss forms:
+- "bce": one-logit head, binary cross-entropy on probabilities (Duo-SegNet's supervised term);
+- "ce_dice": K-logit head, 0.5 * (CE + Dice) -- the LA family's supervised loss
+  (`dice_loss` of class 1 for K = 2, the class-averaged `multiclass_dice_loss` for K > 2).
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from jaxseg import losses, models
+from jaxseg.data.batches import Batch
+from jaxseg.methods import base
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = "supervised"
+  c.loss = "bce"  # "bce" (one logit) or "ce_dice" (num_classes logits).
+  c.model = ml_collections.ConfigDict(dict(
+      name="unet", features=(8, 16, 32, 64), norm="batch", upsample="linear_align_corners"))
+  c.optimizer = base.optimizer_config("sgd", 0.01, momentum=0.9)
+  return c
+
+
+@flax.struct.dataclass
+class State:
+  seg: base.TrainState
+  hparams: ml_collections.FrozenConfigDict = flax.struct.field(pytree_node=False)
+
+
+def output_channels(loss: str, num_classes: int) -> int:
+  if loss == "bce":
+    if num_classes != 2:
+      raise ValueError(f"config method.loss = 'bce' is binary, data.num_classes = {num_classes}")
+    return 1
+  if loss == "ce_dice":
+    return num_classes
+  raise ValueError(f"config method.loss = {loss!r} is not one of 'bce', 'ce_dice'")
+
+
+def init(rng: jax.Array, config: ml_collections.ConfigDict, example_batch: Batch) -> State:
+  cfg = config.method
+  model = models.get_model(cfg.model.name, num_classes=output_channels(cfg.loss,
+                                                                       config.data.num_classes),
+                           **base.model_kwargs(cfg.model))
+  seg = base.create_train_state(model, base.optimizer(cfg.optimizer), rng,
+                                jnp.asarray(example_batch.image_l[:1]))
+  hparams = ml_collections.FrozenConfigDict(
+      dict(loss=cfg.loss, num_classes=config.data.num_classes))
+  return State(seg=seg, hparams=hparams)
+
+
+def supervised_loss(logits: jax.Array, labels: jax.Array, loss: str, num_classes: int):
+  """The supervised loss of `logits` (B, *spatial, K) against class maps `labels` (B, *spatial)."""
+  if loss == "bce":
+    return losses.binary_cross_entropy(jax.nn.sigmoid(logits[..., 0]), labels.astype(jnp.float32))
+  probs = jax.nn.softmax(logits, axis=-1)
+  if num_classes == 2:
+    dice = losses.dice_loss(probs[..., 1], (labels == 1).astype(jnp.float32))
+  else:
+    dice = losses.multiclass_dice_loss(probs, labels, num_classes)
+  return 0.5 * (losses.cross_entropy(logits, labels) + dice)
+
+
+def train_step(state: State, batch: Batch, rng: jax.Array):
+  hp = state.hparams
+
+  def loss_fn(params):
+    logits, stats = base.forward_train(state.seg, params, batch.image_l, rng)
+    return supervised_loss(logits, batch.label_l, hp.loss, hp.num_classes), stats
+
+  (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.seg.params)
+  seg = state.seg.apply_gradients(grads=grads).replace(batch_stats=stats)
+  return state.replace(seg=seg), base.scalar_metrics(loss=loss)
+
+
+def predict(state: State, images: jax.Array) -> dict:
+  logits = base.forward_eval(state.seg, images)
+  if state.hparams.loss == "bce":
+    return {"model": jax.nn.sigmoid(logits)}
+  return {"model": jax.nn.softmax(logits, axis=-1)}

@@ -1,0 +1,251 @@
+"""The one training loop: data, mesh, jitted step, checkpoints, logging, evaluation.
+
+  train_and_evaluate(config, workdir)   # train (resuming from workdir), then evaluate
+  evaluate_workdir(config, workdir)     # --mode eval: the latest checkpoint on the validation split
+  predict_workdir(config, workdir, input, output)   # --mode predict
+
+The method is the module `jaxseg.methods.<config.method.name>` (see `jaxseg/methods/base.py`); the
+trainer never looks inside its state. Every step t uses the key fold_in(train_key, t) and the
+data batch t of the deterministic iterator, so a resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import pathlib
+import time
+from types import ModuleType
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxseg import checkpoint, evaluate, parallel
+from jaxseg.data import sources
+from jaxseg.data.base import DataError
+from jaxseg.data.batches import Batch
+
+
+def train_config() -> ml_collections.ConfigDict:
+  """The `config.train` block."""
+  return ml_collections.ConfigDict(dict(
+      num_steps=1000,
+      log_every=50,  # Console progress line and TensorBoard scalars.
+      checkpoint_every=200,  # And at the end.
+      eval_every=0,  # Validation during training (0: only at the end).
+      keep_checkpoints=2,
+  ))
+
+
+def load_method(config: ml_collections.ConfigDict) -> ModuleType:
+  name = config.method.name
+  try:
+    return importlib.import_module(f"jaxseg.methods.{name}")
+  except ModuleNotFoundError as e:
+    if e.name != f"jaxseg.methods.{name}":
+      raise
+    raise DataError(f"config method.name = {name!r}: no module jaxseg/methods/{name}.py") from None
+
+
+# Keys that may change between a run and its resumption (everything else must match).
+_RESUMABLE_CHANGES = ("train.num_steps", "train.log_every", "train.eval_every", "eval.")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def check_same_run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+  """Refuses to resume a workdir that holds a run of another config (it would mix two runs)."""
+  saved_path = workdir / "config.json"
+  if not saved_path.exists():
+    return
+  saved = _flatten(json.loads(saved_path.read_text()))
+  current = _flatten(json.loads(config.to_json_best_effort()))
+  differ = sorted(k for k in set(saved) | set(current)
+                  if saved.get(k) != current.get(k) and not k.startswith(_RESUMABLE_CHANGES))
+  if differ:
+    raise DataError(f"workdir {workdir} holds a run with another config (keys {differ[:6]}); use "
+                    "a new --workdir or the same config")
+
+
+class Progress:
+  """Console progress line: step, mean metrics since the last line, steps/s and ETA."""
+
+  def __init__(self, start_step: int, num_steps: int):
+    self.num_steps = num_steps
+    self.last_step, self.last_time = start_step, time.perf_counter()
+
+  def line(self, step: int, scalars: dict[str, float]) -> str:
+    now = time.perf_counter()
+    rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
+    self.last_step, self.last_time = step, now
+    eta = (self.num_steps - step) / max(rate, 1e-9)
+    values = " ".join(f"{k} {v:.4f}" for k, v in scalars.items())
+    return (f"step {step}/{self.num_steps} | {values} | {rate:.2f} steps/s | "
+            f"ETA {int(eta // 60)}m{int(eta % 60):02d}s")
+
+
+def _writer(workdir: pathlib.Path):
+  import tensorboardX  # Imported here: only training writes event files.
+  return tensorboardX.SummaryWriter(str(workdir / "tensorboard"))
+
+
+def _predict_fn(method: ModuleType, state: Any):
+  # A Partial makes the state a traced argument: new weights do not recompile the window loop.
+  return jax.tree_util.Partial(method.predict, state)
+
+
+def _validate(method, state, dataset, config, out_dir: Optional[pathlib.Path]) -> dict:
+  return evaluate.evaluate(_predict_fn(method, state), dataset.validation, config.eval,
+                           dataset.num_classes, out_dir,
+                           patch_size=tuple(config.eval.patch_size or config.data.patch_size),
+                           split_name="validation")
+
+
+def example_batch(config: ml_collections.ConfigDict, channels: int) -> Batch:
+  """A zero batch of the configured shapes: all `method.init` needs to build the networks."""
+  patch, d = tuple(config.data.patch_size), config.data
+  return Batch(image_l=np.zeros((d.batch_labeled, *patch, channels), np.float32),
+               label_l=np.zeros((d.batch_labeled, *patch), np.int32),
+               image_u=np.zeros((d.batch_unlabeled, *patch, channels), np.float32))
+
+
+def _initial_state(method: ModuleType, config: ml_collections.ConfigDict, channels: int, mesh):
+  init_key, train_key = jax.random.split(jax.random.PRNGKey(config.seed))
+  state = method.init(init_key, config, example_batch(config, channels))
+  return jax.device_put(state, parallel.replicated(mesh)), train_key
+
+
+def _checkpointer(config: ml_collections.ConfigDict, workdir: pathlib.Path):
+  return checkpoint.Checkpointer(workdir / "checkpoints", config.train.keep_checkpoints)
+
+
+def _restore_latest(ckpt: checkpoint.Checkpointer, state: Any, workdir: pathlib.Path,
+                    required: bool):
+  step = ckpt.latest_step()
+  if step is None:
+    if required:
+      raise DataError(f"workdir {workdir} has no checkpoint: train first "
+                      "(--mode train with the same --config and --workdir)")
+    return state, None
+  return ckpt.restore(step, state)
+
+
+def _record(step: int, batches, train_key: jax.Array) -> dict:
+  return {"step": step, "data": batches.get_state(),
+          "train_key": np.asarray(jax.random.key_data(train_key)).tolist()}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains `config` in `workdir` (resuming if it holds checkpoints), then evaluates.
+
+  Returns the final validation summary (also written to workdir/eval/summary.json).
+  """
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  check_same_run(config, workdir)
+  method = load_method(config)
+  dataset = sources.load_dataset(config.data)
+  mesh = parallel.make_mesh()
+  parallel.check_batch_fits_mesh(config.data, mesh)
+  batches = sources.make_batches(dataset, config.data)
+  channels = dataset.labeled[0].num_modalities
+  state, train_key = _initial_state(method, config, channels, mesh)
+  ckpt = _checkpointer(config, workdir)
+  (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
+  (workdir / "data_info.json").write_text(json.dumps({"channels": channels}))
+  dataset.split.write(workdir / "split.json")
+
+  state, record = _restore_latest(ckpt, state, workdir, required=False)
+  start = 0
+  if record is not None:
+    start = int(record["step"])
+    batches.set_state(record["data"])
+    print(f"resuming from the checkpoint of step {start} in {workdir}")
+  num_steps = config.train.num_steps
+  print(f"{config.method.name}: {len(dataset.labeled)} labeled / {len(dataset.unlabeled)} "
+        f"unlabeled / {len(dataset.validation)} validation cases; {num_steps} steps on "
+        f"{mesh.size} {jax.devices()[0].platform} device(s)")
+
+  batch_sharding = parallel.data_sharding(mesh)
+  step_fn = jax.jit(method.train_step, donate_argnums=(0,))
+  writer = _writer(workdir)
+  progress = Progress(start, num_steps)
+  pending: list[dict] = []
+  try:
+    for step in range(start, num_steps):
+      batch = jax.device_put(next(batches), batch_sharding)
+      state, metrics = step_fn(state, batch, jax.random.fold_in(train_key, step))
+      pending.append(metrics)
+      done = step + 1
+      if done % config.train.log_every == 0 or done == num_steps:
+        means = {k: float(np.mean([float(m[k]) for m in pending])) for k in pending[0]}
+        pending = []
+        for k, v in means.items():
+          writer.add_scalar(f"train/{k}", v, done)
+        print(progress.line(done, means), flush=True)
+      if done % config.train.checkpoint_every == 0 or done == num_steps:
+        ckpt.save(done, state, _record(done, batches, train_key))
+      if config.train.eval_every and done % config.train.eval_every == 0 and done < num_steps:
+        summary = _validate(method, state, dataset, config, None)
+        _log_validation(writer, summary, done)
+    ckpt.wait()
+    summary = _validate(method, state, dataset, config, workdir / "eval")
+    _log_validation(writer, summary, num_steps)
+  finally:
+    ckpt.close()
+    writer.close()
+  return summary
+
+
+def _log_validation(writer, summary: dict, step: int) -> None:
+  scores = evaluate.headline(summary)
+  for k, v in scores.items():
+    writer.add_scalar(f"validation/{k}", v, step)
+  print(f"validation at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()),
+        flush=True)
+
+
+def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """--mode eval: evaluates the latest checkpoint of `workdir` on the validation split."""
+  workdir = pathlib.Path(workdir)
+  method = load_method(config)
+  dataset = sources.load_dataset(config.data)
+  state, _ = _initial_state(method, config, dataset.labeled[0].num_modalities, parallel.make_mesh())
+  ckpt = _checkpointer(config, workdir)
+  state, record = _restore_latest(ckpt, state, workdir, required=True)
+  ckpt.close()
+  summary = _validate(method, state, dataset, config, workdir / f"eval_step{record['step']}")
+  print("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluate.headline(summary).items()))
+  return summary
+
+
+def predict_workdir(config: ml_collections.ConfigDict, workdir: str, input_path: str,
+                    output_dir: str) -> list:
+  """--mode predict: segments the files at `input_path` with the latest checkpoint of `workdir`."""
+  workdir = pathlib.Path(workdir)
+  info = workdir / "data_info.json"
+  if not info.exists():
+    raise DataError(f"workdir {workdir} holds no trained run ({info.name} missing): train first")
+  method = load_method(config)
+  channels = json.loads(info.read_text())["channels"]
+  state, _ = _initial_state(method, config, channels, parallel.make_mesh())
+  ckpt = _checkpointer(config, workdir)
+  state, _ = _restore_latest(ckpt, state, workdir, required=True)
+  ckpt.close()
+  written = evaluate.predict_files(
+      _predict_fn(method, state), input_path, output_dir, config.eval,
+      patch_size=tuple(config.eval.patch_size or config.data.patch_size), data_cfg=config.data,
+      num_channels=channels)
+  print(f"wrote {len(written)} prediction(s) to {output_dir}")
+  return written

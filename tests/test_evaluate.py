@@ -1,0 +1,370 @@
+"""Tests of jaxseg.evaluate on tiny synthetic cases with fake, pointwise predict functions.
+
+The fake views are sigmoids of the intensity of channel 0 (`f1`: x > 0.5, `f2`: x > 0.3), far from
+the 0.5 decision boundary on the intensities used (0, 0.4, 1), so sliding-window averaging cannot
+flip a label and the expected predictions are known exactly without running the window.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import h5py
+import jax
+import jax.numpy as jnp
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxseg import evaluate as ev
+from jaxseg import geometry, metrics
+from jaxseg.data import preprocess
+from jaxseg.data.base import Case, DataError
+from jaxseg.data.sources import data_config
+
+SHAPE = (20, 18, 12)
+PATCH = (12, 10, 8)
+SPACING = (1.0, 1.25, 2.0)
+HALO = 0.4  # Foreground for f2 only.
+
+
+def two_views(windows):
+  x = windows[..., :1]
+  return {"f1": jax.nn.sigmoid(10.0 * (x - 0.5)), "f2": jax.nn.sigmoid(10.0 * (x - 0.3))}
+
+
+def one_view(windows):
+  return {"model": jax.nn.sigmoid(10.0 * (windows[..., :1] - 0.5))}
+
+
+def three_classes(windows):
+  """Softmax over 3 classes: 0 below 0.3, 1 in (0.3, 0.7), 2 above (intensities 0, 0.5, 1)."""
+  x = windows[..., :1]
+  logits = jnp.concatenate([-20 * (x - 0.15), jnp.zeros_like(x), 20 * (x - 0.85)], axis=-1)
+  return {"model": jax.nn.softmax(logits, axis=-1)}
+
+
+def expected_labels(image, view):
+  return (image[..., 0] > {"f1": 0.5, "f2": 0.3, "model": 0.5}[view]).astype(np.int32)
+
+
+def box(shape, lo, hi):
+  mask = np.zeros(shape, bool)
+  mask[tuple(slice(a, b) for a, b in zip(lo, hi))] = True
+  return mask
+
+
+def make_case(case_id, image2d_or_3d, label, affine=None, spacing=SPACING):
+  image = image2d_or_3d.astype(np.float32)[..., None]
+  return Case(case_id=case_id, image=image, label=label.astype(np.uint8),
+              spacing=tuple(spacing), affine=affine)
+
+
+def cases3d():
+  """c0 (affine): object with a halo; c1: object plus a spurious blob; c2: empty prediction;
+  c3: empty ground truth."""
+  obj = box(SHAPE, (5, 4, 3), (13, 12, 9))
+  halo = box(SHAPE, (4, 3, 2), (14, 13, 10)) & ~obj
+  gt = box(SHAPE, (6, 4, 3), (14, 12, 9))
+  image0 = obj * 1.0 + halo * HALO
+  affine = np.array([[0, 0, -2.0, 30.0], [1.0, 0, 0, -5.0], [0, 1.25, 0, 7.5], [0, 0, 0, 1]])
+  blob = box(SHAPE, (16, 14, 1), (18, 16, 3))
+  image1 = obj * 1.0 + blob * 1.0
+  return [
+      make_case("c0", image0, gt, affine=affine),
+      make_case("c1", image1, obj),
+      make_case("c2", np.zeros(SHAPE), gt),
+      make_case("c3", image1, np.zeros(SHAPE)),
+  ]
+
+
+def read_csv(path):
+  with open(path) as f:
+    return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def evaluated3d(tmp_path_factory):
+  out = tmp_path_factory.mktemp("eval3d")
+  cfg = ev.eval_config()
+  cases = cases3d()
+  summary = ev.evaluate(jax.tree_util.Partial(two_views), cases, cfg, 2, out, patch_size=PATCH,
+                        split_name="test")
+  return cases, summary, out
+
+
+def test_eval_config_defaults():
+  cfg = ev.eval_config()
+  assert cfg.batch_size == 4 and cfg.threshold == 0.5 and cfg.lcc and cfg.empty_policy == "worst"
+  assert ev.window_geometry(cfg, PATCH) == (PATCH, (6, 5, 4))
+  cfg.patch_size, cfg.strides = (8, 8, 4), (18, 18, 4)
+  assert ev.window_geometry(cfg, PATCH) == ((8, 8, 4), (18, 18, 4))
+
+
+def test_csv_matches_case_metrics(evaluated3d):
+  cases, _, out = evaluated3d
+  rows = read_csv(out / "metrics.csv")
+  assert list(rows[0]) == list(ev.CSV_COLUMNS)
+  assert len(rows) == len(cases) * 2 * 2  # cases x views x {raw, lcc} x one class
+  by_key = {(r["case"], r["view"], r["postprocess"], r["class"]): r for r in rows}
+  for case in cases:
+    for view in ("f1", "f2"):
+      raw = expected_labels(case.image, view)
+      for post, pred in (("raw", raw), ("lcc", geometry.largest_connected_component(raw))):
+        want = metrics.case_metrics(pred.astype(np.int32), case.label, spacing=case.spacing)[1]
+        row = by_key[(case.case_id, view, post, "1")]
+        for name in ev.METRIC_NAMES:
+          np.testing.assert_equal(float(row[name]), want[name], err_msg=f"{case.case_id} {name}")
+        assert bool(int(row["pred_empty"])) == want["pred_empty"]
+        assert bool(int(row["gt_empty"])) == want["gt_empty"]
+
+
+def test_summary_means_views_and_counts(evaluated3d):
+  cases, summary, out = evaluated3d
+  assert json.loads((out / "summary.json").read_text()) == summary
+  assert summary["split"] == "test" and summary["empty_policy"] == "worst"
+  assert summary["view_names"] == ["f1", "f2"] and summary["postprocesses"] == ["raw", "lcc"]
+  assert "mm" in summary["units"]["distances"]
+  for view in ("f1", "f2"):
+    for post in ("raw", "lcc"):
+      stats = summary["views"][view][post]["1"]
+      scored = [c for c in cases if c.label.any()]  # c3 (empty gt) is excluded.
+      assert stats["num_cases"] == 3 and stats["num_empty_gt_excluded"] == 1
+      assert stats["num_empty_predictions"] == 1  # c2.
+      values = []
+      for case in scored:
+        pred = expected_labels(case.image, view)
+        if post == "lcc":
+          pred = geometry.largest_connected_component(pred).astype(np.int32)
+        values.append(metrics.case_metrics(pred, case.label, spacing=case.spacing)[1])
+      for name in ev.METRIC_NAMES:
+        v = np.array([x[name] for x in values])
+        np.testing.assert_allclose(stats[f"{name}_mean"], v.mean(), rtol=1e-12)
+        np.testing.assert_allclose(stats[f"{name}_std"], v.std(), rtol=1e-12)
+      assert "f1_pooled" not in stats  # 3D.
+  for post in ("raw", "lcc"):
+    for name in ev.METRIC_NAMES:
+      means = [summary["views"][v][post]["1"][f"{name}_mean"] for v in ("f1", "f2")]
+      np.testing.assert_allclose(summary["views_mean"][post]["1"][f"{name}_mean"], np.mean(means))
+  assert any(line.startswith("  views_mean raw") for line in ev.summary_lines(summary))
+  scores = ev.headline(summary)
+  assert scores["f2/hd95"] == summary["views"]["f2"]["raw"]["1"]["hd95_mean"]
+  assert scores["f1/lcc_dice"] == summary["views"]["f1"]["lcc"]["1"]["dice_mean"]
+  assert scores["views_mean/dice"] == summary["views_mean"]["raw"]["1"]["dice_mean"]
+
+
+def test_empty_prediction_scored_by_policy(evaluated3d):
+  _, _, out = evaluated3d
+  row = next(r for r in read_csv(out / "metrics.csv") if r["case"] == "c2" and r["view"] == "f1")
+  assert int(row["pred_empty"]) == 1 and float(row["dice"]) == 0.0
+  diagonal = metrics.image_diagonal(SHAPE, SPACING)
+  assert float(row["hd95"]) == pytest.approx(diagonal) and float(row["asd"]) == pytest.approx(diagonal)
+
+
+def test_lcc_removes_spurious_blob(evaluated3d):
+  _, _, out = evaluated3d
+  rows = {(r["view"], r["postprocess"]): r for r in read_csv(out / "metrics.csv") if r["case"] == "c1"}
+  raw, lcc = rows[("f1", "raw")], rows[("f1", "lcc")]
+  assert float(lcc["dice"]) == 1.0 and float(raw["dice"]) < 1.0
+  assert float(lcc["hd"]) == 0.0 < float(raw["hd"])
+
+
+def test_nifti_predictions_keep_affine(evaluated3d):
+  cases, _, out = evaluated3d
+  for case in cases[:2]:
+    for view in ("f1", "f2"):
+      img = nib.load(out / "predictions" / f"{case.case_id}_{view}.nii.gz")
+      want_affine = case.affine if case.affine is not None else np.diag([*SPACING, 1.0])
+      np.testing.assert_allclose(img.affine, want_affine)
+      data = np.asarray(img.dataobj)
+      assert data.dtype == np.uint8
+      np.testing.assert_array_equal(data, expected_labels(case.image, view))
+
+
+def test_figure_size_and_colours(evaluated3d):
+  _, _, out = evaluated3d
+  figure = np.asarray(Image.open(out / "figure.png").convert("RGB"))
+  # 3D tiles: slice (X, Y) transposed to (18, 20), upscaled x ceil(128 / 20) = 7.
+  scale = math.ceil(ev.FIGURE_MIN_SIDE / max(SHAPE[:2]))
+  assert figure.shape == (SHAPE[1] * scale + ev.FIGURE_CAPTION_HEIGHT, 3 * SHAPE[0] * scale, 3)
+  green = np.all(figure == (0, 255, 0), axis=-1)
+  red = np.all(figure == (255, 0, 0), axis=-1)
+  assert green.any() and red.any()
+
+
+def test_one_view_no_views_mean_and_no_outputs():
+  cfg = ev.eval_config()
+  cfg.lcc = False
+  summary = ev.evaluate(one_view, cases3d()[:1], cfg, 2, patch_size=PATCH)
+  assert summary["view_names"] == ["model"] and summary["postprocesses"] == ["raw"]
+  assert "views_mean" not in summary
+  assert summary["views"]["model"]["raw"]["1"]["num_cases"] == 1
+
+
+def test_multiclass_argmax_and_no_lcc(tmp_path):
+  shape = (10, 9, 6)
+  label = np.zeros(shape, np.uint8)
+  label[2:6, 2:6, 1:4] = 1
+  label[6:9, 3:7, 2:5] = 2
+  image = label * 0.5
+  image[1, 1, 1] = 1.0  # One wrong class-2 voxel.
+  case = Case("m0", image[..., None].astype(np.float32), label, (1.0, 1.0, 1.0))
+  summary = ev.evaluate(three_classes, [case], ev.eval_config(), 3, tmp_path, patch_size=(6, 6, 4))
+  assert summary["postprocesses"] == ["raw"] and summary["classes"] == [1, 2]
+  pred = label.astype(np.int32).copy()
+  pred[1, 1, 1] = 2
+  want = metrics.case_metrics(pred, label, classes=(1, 2))
+  for c in (1, 2):
+    assert summary["views"]["model"]["raw"][str(c)]["dice_mean"] == pytest.approx(want[c]["dice"])
+  assert summary["views"]["model"]["raw"]["1"]["dice_mean"] == 1.0
+  assert ev.headline(summary)["model/dice"] == pytest.approx((1.0 + want[2]["dice"]) / 2)
+  assert (tmp_path / "predictions" / "m0_model.nii.gz").exists()
+
+
+def test_2d_pooled_f1_and_mae(tmp_path):
+  shape = (6, 5)
+  # Case a: gt 4 pixels, f1 predicts 3 of which 2 overlap. Case b: gt 2, f1 predicts 4 covering both.
+  gt_a = box(shape, (1, 1), (3, 3))
+  pred_a = np.zeros(shape, bool)
+  pred_a[1, 1] = pred_a[1, 2] = pred_a[4, 4] = True
+  gt_b = box(shape, (0, 0), (1, 2))
+  pred_b = box(shape, (0, 0), (2, 2))
+  cases = [make_case("a", pred_a * 1.0, gt_a, spacing=(1.0, 1.0)),
+           make_case("b", pred_b * 1.0, gt_b, spacing=(1.0, 1.0))]
+  cfg = ev.eval_config()
+  cfg.lcc = False
+  summary = ev.evaluate(two_views, cases, cfg, 2, tmp_path, patch_size=(4, 4))
+  stats = summary["views"]["f1"]["raw"]["1"]
+  # Pooled: intersections 2 + 2, sizes (3 + 4) + (4 + 2); wrong pixels 3 + 2 of 2 x 30.
+  assert stats["f1_pooled"] == pytest.approx(8 / 13)
+  assert stats["mae_pooled"] == pytest.approx(5 / 60)
+  assert "f1_pooled" in summary["views_mean"]["raw"]["1"]
+  assert ev.headline(summary)["f1/f1_pooled"] == pytest.approx(8 / 13)
+  mask = np.asarray(Image.open(tmp_path / "predictions" / "a_f1.png"))
+  np.testing.assert_array_equal(mask, pred_a * 255)
+  figure = Image.open(tmp_path / "figure.png")
+  scale = math.ceil(ev.FIGURE_MIN_SIDE / max(shape))
+  assert figure.size == (2 * shape[1] * scale, shape[0] * scale + ev.FIGURE_CAPTION_HEIGHT)
+
+
+def test_case_without_label_is_an_error():
+  case = cases3d()[0].replace(label=None, source="/data/x.nii.gz")
+  with pytest.raises(DataError, match="x.nii.gz"):
+    ev.evaluate(one_view, [case], ev.eval_config(), 2, patch_size=PATCH)
+
+
+# ---------------------------------------------------------------------------------------------------
+# predict_files.
+
+
+def _data_cfg(**changes):
+  cfg = data_config()
+  cfg.update(changes)
+  return cfg
+
+
+def _volume():
+  image = np.zeros(SHAPE, np.float32)
+  image[box(SHAPE, (5, 4, 3), (13, 12, 9))] = 1.0
+  image[box(SHAPE, (2, 2, 1), (4, 4, 3))] = HALO
+  return image
+
+
+def test_predict_nifti_keeps_affine_and_zooms(tmp_path):
+  affine = np.array([[-0.8, 0, 0, 10.0], [0, 0.8, 0, -3.0], [0, 0, 2.5, 1.0], [0, 0, 0, 1]])
+  image = _volume()
+  nib.save(nib.Nifti1Image(image, affine), tmp_path / "vol.nii.gz")
+  written = ev.predict_files(two_views, tmp_path / "vol.nii.gz", tmp_path / "out", ev.eval_config(),
+                             patch_size=PATCH, data_cfg=_data_cfg(), num_channels=1)
+  assert written == [tmp_path / "out" / "vol.nii.gz"]
+  result = nib.load(written[0])
+  np.testing.assert_allclose(result.affine, affine)
+  np.testing.assert_allclose(result.header.get_zooms(), (0.8, 0.8, 2.5))
+  np.testing.assert_array_equal(np.asarray(result.dataobj), image > 0.5)
+  # The second view on request.
+  written = ev.predict_files(two_views, tmp_path / "vol.nii.gz", tmp_path / "out2",
+                             ev.eval_config(), patch_size=PATCH, data_cfg=_data_cfg(), view="f2")
+  np.testing.assert_array_equal(np.asarray(nib.load(written[0]).dataobj), image > 0.3)
+
+
+def test_predict_4d_nifti_with_zscore(tmp_path):
+  image = np.stack([_volume(), np.linspace(0, 1, np.prod(SHAPE)).reshape(SHAPE)], axis=-1)
+  nib.save(nib.Nifti1Image(image.astype(np.float32), np.eye(4)), tmp_path / "mm.nii")
+  data_cfg = _data_cfg(zscore=True)
+  written = ev.predict_files(two_views, tmp_path / "mm.nii", tmp_path / "out", ev.eval_config(),
+                             patch_size=PATCH, data_cfg=data_cfg, num_channels=2)
+  want = preprocess.zscore(image.astype(np.float32))[..., 0] > 0.5
+  result = nib.load(written[0])
+  assert result.shape == SHAPE
+  np.testing.assert_array_equal(np.asarray(result.dataobj), want)
+
+
+def test_predict_la_h5_folder(tmp_path):
+  folder = tmp_path / "2018LA_Seg_Training Set" / "CASE_A"
+  folder.mkdir(parents=True)
+  image = _volume()
+  with h5py.File(folder / "mri_norm2.h5", "w") as f:
+    f["image"] = image
+  written = ev.predict_files(one_view, tmp_path, tmp_path / "out", ev.eval_config(),
+                             patch_size=PATCH, data_cfg=_data_cfg(source="la"))
+  assert written == [tmp_path / "out" / "CASE_A.nii.gz"]
+  result = nib.load(written[0])
+  np.testing.assert_allclose(result.affine, np.eye(4))
+  np.testing.assert_array_equal(np.asarray(result.dataobj), image > 0.5)
+
+
+def test_predict_png_folder(tmp_path):
+  inputs = tmp_path / "images"
+  inputs.mkdir()
+  gray = np.zeros((7, 9), np.uint8)
+  gray[2:5, 3:8] = 255
+  Image.fromarray(gray).save(inputs / "b.png")
+  Image.fromarray(gray.T.copy()).save(inputs / "a.png")
+  (inputs / "notes.txt").write_text("not an image")
+  (inputs / "._b.png").write_bytes(b"macOS resource fork")
+  written = ev.predict_files(one_view, inputs, tmp_path / "out", ev.eval_config(), patch_size=(4, 4),
+                             data_cfg=_data_cfg(source="folders2d"))
+  assert [p.name for p in written] == ["a.png", "b.png"]
+  np.testing.assert_array_equal(np.asarray(Image.open(written[1])), gray)
+  np.testing.assert_array_equal(np.asarray(Image.open(written[0])), gray.T)
+  # Resized like the training data, labels back at the file's size.
+  written = ev.predict_files(one_view, inputs / "b.png", tmp_path / "out2", ev.eval_config(),
+                             patch_size=(4, 4), data_cfg=_data_cfg(image_size=(14, 18)))
+  np.testing.assert_array_equal(np.asarray(Image.open(written[0])), gray)
+
+
+def test_predict_errors(tmp_path):
+  kwargs = dict(patch_size=PATCH, data_cfg=_data_cfg())
+  with pytest.raises(DataError, match="missing"):
+    ev.predict_files(one_view, tmp_path / "missing", tmp_path / "out", ev.eval_config(), **kwargs)
+  (tmp_path / "empty").mkdir()
+  (tmp_path / "empty" / "readme.md").write_text("")
+  with pytest.raises(DataError, match="no supported input files"):
+    ev.predict_files(one_view, tmp_path / "empty", tmp_path / "out", ev.eval_config(), **kwargs)
+  with pytest.raises(DataError, match="readme.md"):
+    ev.predict_files(one_view, tmp_path / "empty" / "readme.md", tmp_path / "out",
+                     ev.eval_config(), **kwargs)
+  two_channel = np.zeros((*SHAPE, 2), np.float32)
+  nib.save(nib.Nifti1Image(two_channel, np.eye(4)), tmp_path / "two.nii.gz")
+  with pytest.raises(DataError, match="two.nii.gz.*2 channel"):
+    ev.predict_files(one_view, tmp_path / "two.nii.gz", tmp_path / "out", ev.eval_config(),
+                     num_channels=1, **kwargs)
+  Image.fromarray(np.zeros((6, 6, 3), np.uint8)).save(tmp_path / "rgb.png")
+  with pytest.raises(DataError, match="rgb.png.*2D"):
+    ev.predict_files(one_view, tmp_path / "rgb.png", tmp_path / "out", ev.eval_config(), **kwargs)
+
+
+def test_predict_model_rejecting_channels(tmp_path):
+  """Without num_channels, a model that cannot take the file's channels is a DataError too."""
+  weights = jnp.ones((1, 1))
+
+  def linear_model(w, windows):
+    return {"model": jax.nn.sigmoid(windows @ w)}
+
+  Image.fromarray(np.zeros((6, 6, 3), np.uint8)).save(tmp_path / "rgb.png")
+  with pytest.raises(DataError, match="rgb.png.*3-channel"):
+    ev.predict_files(jax.tree_util.Partial(linear_model, weights), tmp_path / "rgb.png",
+                     tmp_path / "out", ev.eval_config(), patch_size=(4, 4), data_cfg=_data_cfg())

@@ -1,0 +1,102 @@
+"""The trainer through the command line: train, resume after kill -9, eval and predict modes."""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import nibabel as nib
+import numpy as np
+import orbax.checkpoint as ocp
+import jax
+import pytest
+
+from conftest import _CACHE
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# A 2D run small enough to train in seconds on CPU.
+TINY = ["--config", "configs/supervised.py:synthetic2d",
+        "--config.data.synthetic.num_cases=8", "--config.data.synthetic.shape=(32,32)",
+        "--config.data.num_labeled=2", "--config.data.num_validation=2",
+        "--config.data.patch_size=(16,16)", "--config.method.model.features=(4,8)",
+        "--config.train.log_every=5", "--config.eval.num_figure_cases=1"]
+ENV = dict(os.environ, JAX_COMPILATION_CACHE_DIR=_CACHE,
+           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.2", JAX_PLATFORMS="cpu")
+
+
+def command(workdir, *extra):
+  return [sys.executable, "-m", "jaxseg.main", *TINY, "--workdir", str(workdir), *extra]
+
+
+def run(workdir, *extra):
+  return subprocess.run(command(workdir, *extra), cwd=REPO, env=ENV, capture_output=True,
+                        text=True, timeout=300)
+
+
+def final_params(workdir, step):
+  restored = ocp.StandardCheckpointer().restore(pathlib.Path(workdir) / "checkpoints" / str(step) /
+                                                "state")
+  return jax.tree_util.tree_leaves(restored)
+
+
+def test_killed_run_resumes_to_the_same_parameters(tmp_path):
+  steps = ["--config.train.num_steps=40", "--config.train.checkpoint_every=10"]
+  reference = run(tmp_path / "reference", *steps)
+  assert reference.returncode == 0, reference.stderr
+
+  workdir = tmp_path / "killed"
+  proc = subprocess.Popen(command(workdir, *steps), cwd=REPO, env=ENV,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while not (workdir / "checkpoints" / "10").is_dir() and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  assert proc.wait() == -signal.SIGKILL  # killed mid-run, not finished
+  assert not (workdir / "checkpoints" / "40").exists()
+
+  resumed = run(workdir, *steps)
+  assert resumed.returncode == 0, resumed.stderr
+  assert "resuming from the checkpoint of step" in resumed.stdout
+  want, got = final_params(tmp_path / "reference", 40), final_params(workdir, 40)
+  assert len(want) == len(got) and len(want) > 4
+  for a, b in zip(want, got):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_train_writes_logs_and_eval_outputs_then_eval_and_predict_modes(tmp_path):
+  workdir = tmp_path / "run"
+  result = run(workdir, "--config.train.num_steps=5")
+  assert result.returncode == 0, result.stderr
+  assert "steps/s" in result.stdout and "ETA" in result.stdout
+  assert "validation at step 5" in result.stdout
+  for name in ("config.json", "split.json", "data_info.json", "eval/summary.json",
+               "eval/metrics.csv", "eval/figure.png"):
+    assert (workdir / name).exists(), name
+  assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+
+  evaluated = run(workdir, "--mode", "eval")
+  assert evaluated.returncode == 0, evaluated.stderr
+  assert (workdir / "eval_step5" / "summary.json").exists()
+
+  images = tmp_path / "inputs" / "images"
+  images.mkdir(parents=True)
+  from PIL import Image
+  Image.fromarray((np.random.default_rng(0).random((40, 36)) * 255).astype(np.uint8)).save(
+      images / "scan1.png")
+  predicted = run(workdir, "--mode", "predict", "--input", str(images), "--output",
+                  str(tmp_path / "masks"))
+  assert predicted.returncode == 0, predicted.stderr
+  assert np.asarray(Image.open(tmp_path / "masks" / "scan1.png")).shape == (40, 36)
+
+
+def test_mode_errors_and_config_mismatch(tmp_path):
+  no_run = run(tmp_path / "empty", "--mode", "eval")
+  assert no_run.returncode == 2 and "no checkpoint" in no_run.stderr
+  no_input = run(tmp_path / "empty", "--mode", "predict")
+  assert no_input.returncode == 2 and "--input" in no_input.stderr
+  workdir = tmp_path / "run"
+  assert run(workdir, "--config.train.num_steps=2").returncode == 0
+  other = run(workdir, "--config.train.num_steps=2", "--config.seed=5")
+  assert other.returncode == 2 and "another config" in other.stderr and "seed" in other.stderr

@@ -30,7 +30,8 @@ def data_config(source: str = "synthetic") -> ml_collections.ConfigDict:
   c.num_classes = 2  # Including background.
   c.num_labeled = 4  # Labeled = the first N cases of the list...
   c.labeled_fraction = 0.0  # ...or, when > 0, this fraction of the training pool.
-  c.num_validation = 4  # Validation = the last K cases of the list.
+  c.num_validation = 4  # Validation = the last K cases of the list...
+  c.validation_fraction = 0.0  # ...or, when > 0, this fraction of the list (rounded).
   c.batch_labeled = 2
   c.labeled_groups = 1  # Contiguous parts of the labeled list sampled side by side (Duo: 2 views).
   c.batch_unlabeled = 2
@@ -106,7 +107,13 @@ def load_dataset(cfg: ml_collections.ConfigDict) -> Dataset:
     num_labeled, key = float(cfg.labeled_fraction), "data.labeled_fraction"
   else:
     num_labeled, key = int(cfg.num_labeled), "data.num_labeled"
-  split = make_split([c.case_id for c in cases], num_labeled, cfg.num_validation, key=key)
+  num_validation = cfg.num_validation
+  if cfg.validation_fraction:
+    if not 0.0 < cfg.validation_fraction < 1.0:
+      raise DataError(f"config data.validation_fraction must be in (0, 1), got "
+                      f"{cfg.validation_fraction}")
+    num_validation = int(round(cfg.validation_fraction * len(cases)))
+  split = make_split([c.case_id for c in cases], num_labeled, num_validation, key=key)
   by_id = {c.case_id: c for c in cases}
   return Dataset(
       split=split,

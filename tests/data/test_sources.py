@@ -73,3 +73,10 @@ def test_la_protocol_split_on_real_data(tmp_path):
   with pytest.raises(DataError, match="data.num_classes"):
     cfg.num_classes = 3
     sources.load_dataset(cfg)
+
+
+def test_validation_fraction():
+  ds = sources.load_dataset(tiny_synthetic(validation_fraction=0.25))
+  assert ds.split.validation == ("synth_0006", "synth_0007")
+  with pytest.raises(DataError, match="data.validation_fraction"):
+    sources.load_dataset(tiny_synthetic(validation_fraction=1.0))

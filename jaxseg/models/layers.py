@@ -161,6 +161,8 @@ class Conv(nn.Module):
     weight_init: one of `WEIGHT_INITS` (see `initializers`).
     dtype: the computation dtype (None: from the inputs and parameters).
     param_dtype: the parameter dtype.
+    impl: "native" (one XLA convolution), "stacked2d" (3D only, see `conv3d_as_stacked2d`), or
+      "auto": stacked2d for stride-1 3D convolutions on the CPU backend, native otherwise.
   """
   features: int
   kernel_size: int = 3
@@ -170,6 +172,7 @@ class Conv(nn.Module):
   weight_init: str = "torch"
   dtype: Optional[Dtype] = None
   param_dtype: Dtype = jnp.float32
+  impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -183,15 +186,52 @@ class Conv(nn.Module):
     kernel = self.param("kernel", kernel_init, kernel_shape, self.param_dtype)
     bias = self.param("bias", bias_init, (self.features,), self.param_dtype) if self.use_bias else None
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = lax.conv_general_dilated(
-        x,
-        kernel,
-        window_strides=(self.strides,) * d,
-        padding=_padding_pairs(self.padding, d),
-        dimension_numbers=conv_dimension_numbers(x.ndim))
+    padding = _padding_pairs(self.padding, d)
+    if self.impl not in ("auto", "native", "stacked2d"):
+      raise ValueError(f"Conv impl {self.impl!r} is not one of auto, native, stacked2d.")
+    stacked = self.impl == "stacked2d" or (
+        self.impl == "auto" and jax.default_backend() == "cpu" and self.kernel_size > 1)
+    if d == 3 and self.strides == 1 and stacked:
+      y = conv3d_as_stacked2d(x, kernel, padding)
+    else:
+      y = lax.conv_general_dilated(
+          x,
+          kernel,
+          window_strides=(self.strides,) * d,
+          padding=padding,
+          dimension_numbers=conv_dimension_numbers(x.ndim))
     if bias is not None:
       y = y + bias
     return y
+
+
+def conv3d_as_stacked2d(x: Array, kernel: Array, padding: Sequence[tuple[int, int]]) -> Array:
+  """A stride-1 3D convolution computed as one 2D convolution over (x, y).
+
+  The k shifted copies of the input along z are stacked on the channel axis (C -> k*C) and z is
+  folded into the batch, so XLA:CPU runs its fast 2D convolution instead of its generic 3D one:
+  5-7x faster forward+backward for the small-channel 3x3x3 convolutions of our models on CPU,
+  equal up to float summation order. GPU and TPU backends keep the native 3D convolution.
+
+  Args:
+    x: (N, X, Y, Z, C).
+    kernel: (kx, ky, kz, C, O).
+    padding: three (lo, hi) pairs.
+
+  Returns:
+    (N, X', Y', Z', O), as `lax.conv_general_dilated` with the same arguments.
+  """
+  n, _, _, z, c = x.shape
+  kz, out = kernel.shape[2], kernel.shape[-1]
+  (z_lo, z_hi) = padding[2]
+  x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (z_lo, z_hi), (0, 0)))
+  z_out = z + z_lo + z_hi - kz + 1
+  stacked = jnp.concatenate([x[:, :, :, dz:dz + z_out, :] for dz in range(kz)], axis=-1)
+  planes = jnp.moveaxis(stacked, 3, 1).reshape(n * z_out, *stacked.shape[1:3], kz * c)
+  y = lax.conv_general_dilated(planes, kernel.reshape(*kernel.shape[:2], kz * c, out),
+                               window_strides=(1, 1), padding=tuple(padding[:2]),
+                               dimension_numbers=conv_dimension_numbers(4))
+  return jnp.moveaxis(y.reshape(n, z_out, *y.shape[1:3], out), 1, 3)
 
 
 def depth_to_space(x: Array, block: int = 2) -> Array:
@@ -431,6 +471,7 @@ class ConvBlock(nn.Module):
     weight_init: one of `WEIGHT_INITS`.
     bn_axis_name: BatchNorm cross-device axis name.
     dtype: the computation dtype.
+    conv_impl: the `Conv.impl` of the block's convolutions.
   """
   features: int
   num_convs: int = 2
@@ -443,6 +484,7 @@ class ConvBlock(nn.Module):
   weight_init: str = "torch"
   bn_axis_name: Optional[str] = None
   dtype: Optional[Dtype] = None
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array, train: bool, dropout: Optional[bool] = None) -> Array:
@@ -451,7 +493,7 @@ class ConvBlock(nn.Module):
     use_dropout = train if dropout is None else dropout
     for i in range(self.num_convs):
       x = Conv(self.features, self.kernel_size, padding=self.kernel_size // 2,
-               weight_init=self.weight_init, dtype=self.dtype)(x)
+               weight_init=self.weight_init, dtype=self.dtype, impl=self.conv_impl)(x)
       x = norm_layer(self.norm, train=train, axis_name=self.bn_axis_name, num_groups=self.num_groups,
                      dtype=self.dtype)(x)
       x = act(x)

@@ -82,12 +82,14 @@ class UNet(nn.Module):
   weight_init: str = "torch"
   bn_axis_name: Optional[str] = None
   dtype: Optional[Any] = None
+  conv_impl: str = "auto"  # layers.Conv.impl of the 3x3(x3) convolutions.
 
   def _block(self, features: int, dropout_rate: float, name: str) -> layers.ConvBlock:
     return layers.ConvBlock(
         features, num_convs=2, kernel_size=3, norm=self.norm, activation=self.activation,
         negative_slope=self.negative_slope, dropout_rate=dropout_rate, num_groups=self.num_groups,
-        weight_init=self.weight_init, bn_axis_name=self.bn_axis_name, dtype=self.dtype, name=name)
+        weight_init=self.weight_init, bn_axis_name=self.bn_axis_name, dtype=self.dtype,
+        conv_impl=self.conv_impl, name=name)
 
   def _up(self, x: Array, features: int, level: int) -> Array:
     if self.upsample == "transpose":

@@ -104,6 +104,7 @@ class VNet(nn.Module):
   weight_init: str = "torch"
   bn_axis_name: Optional[str] = None
   dtype: Optional[Any] = None
+  conv_impl: str = "auto"  # layers.Conv.impl of the 3x3x3 convolutions.
 
   def _common(self) -> dict:
     return dict(norm=self.norm, num_groups=self.num_groups, weight_init=self.weight_init,
@@ -140,7 +141,8 @@ class VNet(nn.Module):
 
     def block(i: int, h: Array) -> Array:
       return layers.ConvBlock(widths[i], num_convs=_STAGES[i], kernel_size=3, activation="relu",
-                              name=f"block_{_NAMES[i]}", **self._common())(h, train)
+                              name=f"block_{_NAMES[i]}", conv_impl=self.conv_impl,
+                              **self._common())(h, train)
 
     def dropout_(h: Array) -> Array:
       return layers.channel_dropout(self.dropout_rate, not use_dropout, h) if use_dropout else h

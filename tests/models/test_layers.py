@@ -261,3 +261,33 @@ def test_conv_block_dropout_train_vs_eval():
   y1 = block.apply(variables, x, train=True, rngs={"dropout": rbg_key(2)})
   y2 = block.apply(variables, x, train=True, rngs={"dropout": rbg_key(3)})
   assert not np.allclose(y1, y2)
+
+
+@pytest.mark.parametrize("kernel_size, padding", [(3, ((1, 1),) * 3), (3, ((0, 0),) * 3),
+                                                  (2, ((1, 0), (0, 1), (1, 0))), (1, ((0, 0),) * 3)])
+def test_conv3d_as_stacked2d_equals_the_native_convolution(kernel_size, padding):
+  rng = np.random.default_rng(kernel_size)
+  x = jnp.asarray(rng.normal(size=(2, 7, 6, 5, 3)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(kernel_size,) * 3 + (3, 4)), jnp.float32)
+
+  def native(x, kernel):
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1, 1), padding,
+                                        dimension_numbers=layers.conv_dimension_numbers(5))
+
+  def stacked(x, kernel):
+    return layers.conv3d_as_stacked2d(x, kernel, padding)
+
+  np.testing.assert_allclose(stacked(x, kernel), native(x, kernel), rtol=1e-5, atol=1e-5)
+  grads = [jax.grad(lambda x, k: jnp.sum(jnp.sin(f(x, k))), argnums=(0, 1))(x, kernel)
+           for f in (native, stacked)]
+  for want, got in zip(*grads):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_impls_agree_inside_a_layer():
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 6, 6, 4, 2)), jnp.float32)
+  native = layers.Conv(features=3, kernel_size=3, padding=1, impl="native")
+  variables = native.init(jax.random.PRNGKey(0), x)
+  stacked = layers.Conv(features=3, kernel_size=3, padding=1, impl="stacked2d")
+  np.testing.assert_allclose(stacked.apply(variables, x), native.apply(variables, x),
+                             rtol=1e-5, atol=1e-5)

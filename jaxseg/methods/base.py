@@ -89,15 +89,29 @@ def optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """
   lr = learning_rate_schedule(cfg)
   decay = [optax.add_decayed_weights(cfg.weight_decay)] if cfg.weight_decay else []
+  # inject_hyperparams keeps the current learning rate in the optimiser state (see
+  # `learning_rate`), so that it can be logged; the updates are unchanged.
   if cfg.name == "sgd":
-    base = optax.sgd(lr, momentum=cfg.momentum or None, nesterov=cfg.nesterov)
+    base = optax.inject_hyperparams(optax.sgd)(lr, momentum=cfg.momentum or None,
+                                               nesterov=cfg.nesterov)
   elif cfg.name == "adam":
-    base = optax.adam(lr, b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps)
+    base = optax.inject_hyperparams(optax.adam)(lr, b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps)
   elif cfg.name == "rmsprop":
-    base = optax.rmsprop(lr, decay=cfg.alpha, eps=cfg.eps, eps_in_sqrt=False)
+    base = optax.inject_hyperparams(optax.rmsprop, static_args=("eps_in_sqrt",))(
+        lr, decay=cfg.alpha, eps=cfg.eps, eps_in_sqrt=False)
   else:
     raise ValueError(f"config optimizer name {cfg.name!r} is not one of sgd, adam, rmsprop")
   return optax.chain(*decay, base)
+
+
+def learning_rate(state: TrainState) -> jax.Array:
+  """The learning rate the latest update of `state` used (an `optimizer(...)` state).
+
+  Read it on the state a step returns: after the update of step t it is lr(t).
+  """
+  # The schedule's own state is also keyed "learning_rate"; the value is the array one.
+  return optax.tree_utils.tree_get(state.opt_state, "learning_rate",
+                                   filtering=lambda _, value: isinstance(value, jax.Array))
 
 
 def optimizer_config(name: str = "sgd", learning_rate: float = 0.01, **changes

@@ -341,7 +341,10 @@ def train_step(state: State, batch: Batch, rng: jax.Array):
   _, labels = split_views(batch)
   for _ in range(hp.k_c):
     critic, critic_aux = critic_step(critic, probs, labels, hp)
-  return state.replace(seg=seg, critic=critic), base.scalar_metrics(**seg_aux, **critic_aux)
+  rates = dict(learning_rate=base.learning_rate(seg),
+               learning_rate_critic=base.learning_rate(critic))
+  return state.replace(seg=seg, critic=critic), base.scalar_metrics(**seg_aux, **critic_aux,
+                                                                    **rates)
 
 
 def predict(state: State, images: jax.Array) -> dict:

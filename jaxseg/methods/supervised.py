@@ -78,7 +78,8 @@ def train_step(state: State, batch: Batch, rng: jax.Array):
 
   (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.seg.params)
   seg = state.seg.apply_gradients(grads=grads).replace(batch_stats=stats)
-  return state.replace(seg=seg), base.scalar_metrics(loss=loss)
+  return state.replace(seg=seg), base.scalar_metrics(loss=loss,
+                                                     learning_rate=base.learning_rate(seg))
 
 
 def predict(state: State, images: jax.Array) -> dict:

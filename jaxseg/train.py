@@ -90,7 +90,7 @@ class Progress:
     rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
     self.last_step, self.last_time = step, now
     eta = (self.num_steps - step) / max(rate, 1e-9)
-    values = " ".join(f"{k} {v:.4f}" for k, v in scalars.items())
+    values = " ".join(f"{k} {v:.4g}" for k, v in scalars.items())
     return (f"step {step}/{self.num_steps} | {values} | {rate:.2f} steps/s | "
             f"ETA {int(eta // 60)}m{int(eta % 60):02d}s")
 

@@ -50,7 +50,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     c.data.num_labeled, c.data.num_validation = 8, 8
     c.data.patch_size = (112, 112, 80)
     c.method.model.features = (16, 32, 64, 128, 256)
-    c.train.num_steps = 4000
+    c.train.num_steps = 6000
     c.train.checkpoint_every = 1000
     c.eval.strides = (18, 18, 4)
   elif preset in ("nuclei", "heart", "spleen"):

@@ -49,7 +49,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     c.method.model = ml_collections.ConfigDict(dict(name="vnet"))
     c.method.optimizer = supervised.base.optimizer_config(
         "sgd", 0.01, momentum=0.9, weight_decay=1e-4, decay_every=2500, decay_factor=0.1)
-    c.train.num_steps = 4000
+    c.train.num_steps = 6000
     c.train.checkpoint_every = 1000
     c.eval.strides = (18, 18, 4)
   return c

@@ -100,3 +100,29 @@ def test_mode_errors_and_config_mismatch(tmp_path):
   assert run(workdir, "--config.train.num_steps=2").returncode == 0
   other = run(workdir, "--config.train.num_steps=2", "--config.seed=5")
   assert other.returncode == 2 and "another config" in other.stderr and "seed" in other.stderr
+
+
+def test_duo_folder_preset_trains_on_an_image_folder(tmp_path):
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  for folder in ("images", "masks"):
+    (tmp_path / "data" / folder).mkdir(parents=True)
+  for i in range(10):
+    mask = np.zeros((40, 40), np.uint8)
+    mask[10 + i:25 + i, 8:30] = 255
+    image = rng.integers(0, 80, (40, 40, 3)).astype(np.uint8) + (mask[..., None] > 0) * 120
+    Image.fromarray(image.astype(np.uint8)).save(tmp_path / "data" / "images" / f"img{i:02d}.png")
+    Image.fromarray(mask).save(tmp_path / "data" / "masks" / f"img{i:02d}.png")
+  args = ["--config", "configs/duo.py:nuclei", f"--config.data.root={tmp_path / 'data'}",
+          "--config.data.image_size=(32,32)", "--config.data.patch_size=(32,32)",
+          "--config.method.model.features=(4,8)", "--config.train.num_steps=2",
+          "--workdir", str(tmp_path / "run")]
+  result = subprocess.run([sys.executable, "-m", "jaxseg.main", *args], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr
+  import json
+  split = json.loads((tmp_path / "run" / "split.json").read_text())
+  assert split["labeled"] == ["img00", "img01"] and split["validation"] == ["img08", "img09"]
+  summary = json.loads((tmp_path / "run" / "eval" / "summary.json").read_text())
+  assert set(summary["views"]) == {"f1", "f2"} and "views_mean" in summary
+  assert "f1_pooled" in summary["views"]["f1"]["raw"]["1"]

@@ -9,8 +9,9 @@
 
 Default: the embedded synthetic 3D data (labeled = first 4 of 24 volumes, halved into the views X^1
 and X^2; validation = last 4), a small 3D UNet per view. Compare with `configs/supervised.py`,
-which trains the same UNet on the same labeled volumes. Measured time and validation Dice: see the
-table in README.md (filled in from the runs of record).
+which trains the same UNet on the same labeled volumes. Measured (commit 67451fe, 2-core CPU, seed 0): 7 min 51 s for 400 steps + evaluation; validation
+Dice 18.3 % (F1) / 20.0 % (F2), 19.2 % mean of the views; 95HD 30.4 voxels. GPU: not measured yet
+(no GPU was lent to the task that built this). `:la` runs 6000 steps at 112x112x80.
 """
 
 import ml_collections

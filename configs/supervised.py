@@ -6,7 +6,8 @@
 
 Default: the embedded synthetic 3D data (labeled = first 4 of 24 volumes, validation = last 4), the
 same small 3D UNet and labeled cases as `configs/duo.py`, so the two compare directly.
-Measured time and result: see the table in README.md (filled in from the runs of record).
+Measured (commit 67451fe, 2-core CPU, seed 0): 2 min 04 s for 400 steps + evaluation; validation
+Dice 25.2 %, 95HD 31.0 voxels. GPU: not measured yet (no GPU was lent to the task that built this).
 """
 
 import ml_collections

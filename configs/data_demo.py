@@ -13,7 +13,7 @@ the threshold baseline (`:synthetic2d` 44 %, `:la` 6 %): intensity alone does no
 
 import ml_collections
 
-from jaxseg.data.sources import data_config
+from jaxseg.data.sources import protocol_data_config
 
 PRESETS = ("", "synthetic2d", "la")
 
@@ -27,15 +27,5 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   c.job = "data_demo"
   c.num_batches = 20
   c.empty_policy = "worst"  # metrics.py: empty prediction = worst value, never the best.
-  c.data = data_config()
-  if preset == "synthetic2d":
-    c.data.synthetic.shape = (128, 128)
-    c.data.synthetic.num_cases = 100
-    c.data.num_labeled, c.data.num_validation = 10, 20
-    c.data.patch_size = (96, 96)
-  elif preset == "la":
-    # LA protocol (METHODS.md §1): labeled = first 8 of train.list, validation = last 8.
-    c.data.source = "la"
-    c.data.num_labeled, c.data.num_validation = 8, 8
-    c.data.patch_size = (112, 112, 80)
+  c.data = protocol_data_config(preset or "synthetic3d")
   return c

@@ -17,7 +17,7 @@ Dice 18.3 % (F1) / 20.0 % (F2), 19.2 % mean of the views; 95HD 30.4 voxels. GPU:
 import ml_collections
 
 from jaxseg import evaluate, train
-from jaxseg.data.sources import data_config
+from jaxseg.data.sources import PROTOCOLS, protocol_data_config
 from jaxseg.methods import duo
 
 PRESETS = ("", "synthetic2d", "la", "nuclei", "heart", "spleen")
@@ -31,25 +31,16 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   c.name = "duo" + (f"_{preset}" if preset else "")
   c.job = "train"
   c.seed = 0
-  c.data = data_config()
+  c.data = protocol_data_config(preset if preset in PROTOCOLS else "synthetic3d")
   c.data.labeled_groups = 2  # X^1 = first half of the labeled cases, X^2 = second half.
   c.method = duo.default_config()
   c.train = train.train_config()
   c.eval = evaluate.eval_config()
-  c.data.patch_size = (32, 32, 32)
   c.train.num_steps = 400
   if preset == "synthetic2d":
-    c.data.synthetic.shape = (128, 128)
-    c.data.synthetic.num_cases = 100
-    c.data.num_labeled, c.data.num_validation = 10, 20
-    c.data.patch_size = (96, 96)
     c.method.model.features = (16, 32, 64, 128)
   elif preset == "la":
-    # LA protocol (METHODS.md §1): 112x112x80 patches, 2 labeled + 2 unlabeled per batch,
-    # labeled = first 8 of train.list (4 per view), validation = last 8.
-    c.data.source = "la"
-    c.data.num_labeled, c.data.num_validation = 8, 8
-    c.data.patch_size = (112, 112, 80)
+    # LA protocol: 2 labeled (one per view, 4 volumes each) + 2 unlabeled per batch.
     c.method.model.features = (16, 32, 64, 128, 256)
     c.train.num_steps = 6000
     c.train.checkpoint_every = 1000

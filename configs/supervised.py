@@ -13,7 +13,7 @@ Dice 25.2 %, 95HD 31.0 voxels. GPU: not measured yet (no GPU was lent to the tas
 import ml_collections
 
 from jaxseg import evaluate, train
-from jaxseg.data.sources import data_config
+from jaxseg.data.sources import protocol_data_config
 from jaxseg.methods import supervised
 
 PRESETS = ("", "synthetic2d", "la")
@@ -27,25 +27,17 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   c.name = "supervised" + (f"_{preset}" if preset else "")
   c.job = "train"
   c.seed = 0
-  c.data = data_config()
+  c.data = protocol_data_config(preset or "synthetic3d")
+  c.data.batch_unlabeled = 0  # Labeled data only.
   c.method = supervised.default_config()
   c.train = train.train_config()
   c.eval = evaluate.eval_config()
-  c.data.patch_size = (32, 32, 32)
-  c.data.batch_unlabeled = 0  # Labeled data only.
   c.train.num_steps = 400
   if preset == "synthetic2d":
-    c.data.synthetic.shape = (128, 128)
-    c.data.synthetic.num_cases = 100
-    c.data.num_labeled, c.data.num_validation = 10, 20
-    c.data.patch_size = (96, 96)
     c.method.model.features = (16, 32, 64, 128)
   elif preset == "la":
-    # LA protocol (METHODS.md §1): V-Net, labeled = first 8 of train.list, validation = last 8.
-    c.data.source = "la"
-    c.data.num_labeled, c.data.num_validation = 8, 8
-    c.data.batch_labeled = 4  # UA-MT train_LA.py: batches of 4 labeled samples.
-    c.data.patch_size = (112, 112, 80)
+    # LA protocol with the V-Net; UA-MT train_LA.py: batches of 4 labeled samples.
+    c.data.batch_labeled = 4
     c.method.loss = "ce_dice"
     c.method.model = ml_collections.ConfigDict(dict(name="vnet"))
     c.method.optimizer = supervised.base.optimizer_config(

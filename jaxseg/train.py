@@ -19,7 +19,6 @@ from types import ModuleType
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 

@@ -7,11 +7,9 @@ import subprocess
 import sys
 import time
 
-import nibabel as nib
 import numpy as np
 import orbax.checkpoint as ocp
 import jax
-import pytest
 
 from conftest import _CACHE
 

@@ -14,7 +14,7 @@ Every batch is a pure function of (seed, step): the iterator's whole state is it
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Sequence
 
 import flax.struct
 import numpy as np

@@ -50,6 +50,34 @@ def data_config(source: str = "synthetic") -> ml_collections.ConfigDict:
   return c
 
 
+PROTOCOLS = ("synthetic3d", "synthetic2d", "la")
+
+
+def protocol_data_config(protocol: str) -> ml_collections.ConfigDict:
+  """The `data` block of a named data protocol, shared by every method's configs.
+
+  - "synthetic3d": 24 synthetic 64x64x48 volumes, labeled = first 4, validation = last 4.
+  - "synthetic2d": 100 synthetic 128x128 images, labeled = first 10, validation = last 20, 96x96 crops.
+  - "la": LA 2018 (METHODS.md §1): labeled = first 8 of train.list, validation = last 8,
+    112x112x80 crops, 2 + 2 per batch; the data root is given with --config.data.root.
+  """
+  c = data_config()
+  if protocol == "synthetic3d":
+    c.patch_size = (32, 32, 32)
+  elif protocol == "synthetic2d":
+    c.synthetic.shape = (128, 128)
+    c.synthetic.num_cases = 100
+    c.num_labeled, c.num_validation = 10, 20
+    c.patch_size = (96, 96)
+  elif protocol == "la":
+    c.source = "la"
+    c.num_labeled, c.num_validation = 8, 8
+    c.patch_size = (112, 112, 80)
+  else:
+    raise ValueError(f"unknown data protocol {protocol!r}, expected one of {PROTOCOLS}")
+  return c
+
+
 @dataclasses.dataclass(frozen=True)
 class Dataset:
   """The cases of one run, by role. Unlabeled cases carry no label."""

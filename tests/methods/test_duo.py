@@ -228,7 +228,9 @@ def test_training_decreases_supervised_loss(state2d, batch2d, jit_train_step):
     state, metrics = jit_train_step(state, batch2d, jax.random.key(t))
     history.append({k: float(v) for k, v in metrics.items()})
   assert set(history[0]) == {"loss_s", "loss_u", "loss_c", "loss_total", "loss_critic", "d_real",
-                             "d_fake", "d_unlabeled"}
+                             "d_fake", "d_unlabeled", "learning_rate", "learning_rate_critic"}
+  assert history[0]["learning_rate"] == pytest.approx(1e-2)  # SGD, METHODS §9.5
+  assert history[0]["learning_rate_critic"] == pytest.approx(5e-5)  # RMSprop
   assert all(np.isfinite(v) for m in history for v in m.values())
   assert all(0 <= m[k] <= 1 for m in history for k in ("d_real", "d_fake", "d_unlabeled"))
   losses_s = [m["loss_s"] for m in history]

@@ -17,19 +17,10 @@ import optax
 import pytest
 
 from jaxseg import models
-from model_testing import normal, numpy_variables, rbg_key
+from model_testing import fast_compile, normal, numpy_variables, rbg_key  # noqa: F401 (fixture)
 from jaxseg.models import UNet, count_params, duo_unet, get_model, ssl4mis_unet2d, ssl4mis_unet3d
 
 TINY = (4, 8, 16)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-  """Most XLA optimisations off (as flax's examples do in tests): about half the CPU compile time."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
 
 
 def _ssl4mis_unet2d_torch_count(c_in: int, num_classes: int) -> int:

@@ -14,22 +14,13 @@ import numpy as np
 import optax
 import pytest
 
-from model_testing import normal, numpy_variables, rbg_key
+from model_testing import fast_compile, normal, numpy_variables, rbg_key  # noqa: F401 (fixture)
 from jaxseg.models import VNet, count_params, get_model, vnet, vnet_sdf
 
 VNET_PARAMS = 9_448_866
 # 2 · Σ BN channels: blocks 16·1 + 32·2 + 64·3 + 128·3 + 256·3 + 128·3 + 64·3 + 32·2 + 16·1 = 2080,
 # Down 32 + 64 + 128 + 256 = 480, Up 128 + 64 + 32 + 16 = 240.
 VNET_BN_PARAMS = 2 * (2080 + 480 + 240)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-  """Most XLA optimisations off (as flax's examples do in tests): about half the CPU compile time."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
 
 
 def _jit_apply(model):

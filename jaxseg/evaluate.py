@@ -97,6 +97,7 @@ def eval_config() -> ml_collections.ConfigDict:
   c.batch_size = 4  # Windows per network call.
   c.threshold = 0.5  # Foreground threshold of one-channel views (strict >).
   c.gaussian = False  # nnU-Net Gaussian window weights instead of the reference's uniform ones.
+  c.case_list = ""  # A list file under data.root (e.g. "test.list") evaluated instead of validation.
   c.lcc = True  # Also report largest-connected-component rows (binary tasks only).
   c.empty_policy = "worst"  # metrics.py: how empty masks are scored ("worst", "reference", "raise").
   c.num_figure_cases = 3  # Cases drawn in figure.png.

@@ -2,6 +2,7 @@
 
   train_and_evaluate(config, workdir)   # train (resuming from workdir), then evaluate
   evaluate_workdir(config, workdir)     # --mode eval: the latest checkpoint on the validation split
+                                        # (or on the list file eval.case_list, e.g. LA test.list)
   predict_workdir(config, workdir, input, output)   # --mode predict
 
 The method is the module `jaxseg.methods.<config.method.name>` (see `jaxseg/methods/base.py`); the
@@ -104,14 +105,27 @@ def _predict_fn(method: ModuleType, state: Any):
   return jax.tree_util.Partial(method.predict, state)
 
 
-def _validate(method, state, dataset, config, out_dir: Optional[pathlib.Path]) -> dict:
-  if not dataset.validation:
+def _evaluation_cases(config, dataset, final: bool) -> tuple[str, tuple]:
+  """(split name, cases) evaluated: the `eval.case_list` file's cases if set and this is the final
+  evaluation, else validation. Evaluations during training never read the list: no curve of it
+  exists from which to pick a checkpoint."""
+  case_list = config.eval.get("case_list", "")
+  if case_list and final:
+    return (pathlib.Path(case_list).stem,
+            sources.load_evaluation_cases(config.data, case_list, dataset))
+  return "validation", dataset.validation
+
+
+def _validate(method, state, dataset, config, out_dir: Optional[pathlib.Path],
+              final: bool = True) -> dict:
+  split_name, cases = _evaluation_cases(config, dataset, final)
+  if not cases:
     print("no validation cases (config data.num_validation = 0): evaluation skipped")
     return {}
-  return evaluate.evaluate(_predict_fn(method, state), dataset.validation, config.eval,
+  return evaluate.evaluate(_predict_fn(method, state), cases, config.eval,
                            dataset.num_classes, out_dir,
                            patch_size=tuple(config.eval.patch_size or config.data.patch_size),
-                           split_name="validation")
+                           split_name=split_name)
 
 
 def example_batch(config: ml_collections.ConfigDict, channels: int) -> Batch:
@@ -202,7 +216,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if done % config.train.checkpoint_every == 0 or done == num_steps:
         ckpt.save(done, state, _record(done, batches, train_key))
       if config.train.eval_every and done % config.train.eval_every == 0 and done < num_steps:
-        summary = _validate(method, state, dataset, config, None)
+        summary = _validate(method, state, dataset, config, None, final=False)
         _log_validation(writer, summary, done)
     ckpt.wait()
     summary = _validate(method, state, dataset, config, workdir / "eval")
@@ -217,14 +231,16 @@ def _log_validation(writer, summary: dict, step: int) -> None:
   if not summary:
     return
   scores = evaluate.headline(summary)
+  split = summary.get("split", "validation")
   for k, v in scores.items():
-    writer.add_scalar(f"validation/{k}", v, step)
-  print(f"validation at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()),
+    writer.add_scalar(f"{split}/{k}", v, step)
+  print(f"{split} at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()),
         flush=True)
 
 
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """--mode eval: evaluates the latest checkpoint of `workdir` on the validation split."""
+  """--mode eval: evaluates the latest checkpoint of `workdir` on the validation split (or on the
+  cases of `eval.case_list`)."""
   workdir = pathlib.Path(workdir)
   method = load_method(config)
   dataset = sources.load_dataset(config.data)
@@ -233,7 +249,7 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state, record = _restore_latest(ckpt, state, workdir, required=True)
   ckpt.close()
   summary = _validate(method, state, dataset, config, workdir / f"eval_step{record['step']}")
-  print("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluate.headline(summary).items()))
+  print(f"{summary.get('split', 'validation')}: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluate.headline(summary).items()))
   return summary
 
 

@@ -124,3 +124,21 @@ def test_duo_folder_preset_trains_on_an_image_folder(tmp_path):
   summary = json.loads((tmp_path / "run" / "eval" / "summary.json").read_text())
   assert set(summary["views"]) == {"f1", "f2"} and "views_mean" in summary
   assert "f1_pooled" in summary["views"]["f1"]["raw"]["1"]
+
+
+def test_evaluation_list_is_only_read_for_the_final_evaluation():
+  """eval.case_list (e.g. LA test.list) replaces validation in the final evaluation only: periodic
+  evaluations during training never see it, so no checkpoint can be picked on it."""
+  import pytest
+  from jaxseg import train
+  from jaxseg.data import sources
+  from jaxseg.data.base import DataError
+  config = __import__("configs.supervised", fromlist=["get_config"]).get_config("synthetic2d")
+  config.data.synthetic.num_cases, config.data.synthetic.shape = 6, (16, 16)
+  config.data.num_labeled, config.data.num_validation = 2, 2
+  dataset = sources.load_dataset(config.data)
+  config.eval.case_list = "test.list"
+  name, cases = train._evaluation_cases(config, dataset, final=False)
+  assert name == "validation" and cases == dataset.validation
+  with pytest.raises(DataError, match="eval.case_list"):  # Synthetic data has no list files.
+    train._evaluation_cases(config, dataset, final=True)

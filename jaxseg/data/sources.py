@@ -152,6 +152,31 @@ def load_dataset(cfg: ml_collections.ConfigDict) -> Dataset:
       num_classes=cfg.num_classes)
 
 
+def load_evaluation_cases(cfg: ml_collections.ConfigDict, case_list: str,
+                          dataset: Dataset) -> tuple[Case, ...]:
+  """The cases of the list file `case_list` under `cfg.root` (e.g. LA's "test.list"), preprocessed as
+  the training cases, for evaluation in place of the validation split (`eval.case_list`).
+
+  Raises:
+    DataError: the source has no case lists, the list or a case is missing, or a listed case is also
+      a training case (labeled or unlabeled) of `dataset` -- evaluating on it would leak.
+  """
+  if cfg.source != "la":
+    raise DataError(f"config eval.case_list = {case_list!r}: evaluation lists are read from the data "
+                    f"root of data.source = 'la', not {cfg.source!r} (use the validation split)")
+  root = _root(cfg)
+  cases = la.load_la(root, case_list)
+  if cfg.clip_percentiles or cfg.zscore:
+    clip = tuple(cfg.clip_percentiles) or None
+    cases = [preprocess.preprocess_case(c, clip=clip, zscore=cfg.zscore) for c in cases]
+  training = set(dataset.split.labeled) | set(dataset.split.unlabeled)
+  leaked = sorted(c.case_id for c in cases if c.case_id in training)
+  if leaked:
+    raise DataError(f"config eval.case_list: {root / case_list} lists training cases {leaked[:5]} "
+                    f"({len(leaked)} in all); an evaluation list must be disjoint from training")
+  return tuple(cases)
+
+
 def make_batches(dataset: Dataset, cfg: ml_collections.ConfigDict) -> TwoStreamBatches:
   """The two-stream training iterator of `dataset` as configured by `cfg` (the `data` block)."""
   return TwoStreamBatches(dataset.labeled, dataset.unlabeled, batch_labeled=cfg.batch_labeled,

@@ -80,3 +80,36 @@ def test_validation_fraction():
   assert ds.split.validation == ("synth_0006", "synth_0007")
   with pytest.raises(DataError, match="data.validation_fraction"):
     sources.load_dataset(tiny_synthetic(validation_fraction=1.0))
+
+
+def _fake_la_root(tmp_path, train_ids, test_ids):
+  import h5py
+  root = tmp_path / "la"
+  rng = np.random.default_rng(0)
+  for case_id in (*train_ids, *test_ids):
+    path = la.case_path(root, case_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+      f.create_dataset("image", data=rng.normal(size=(8, 8, 8)).astype(np.float32))
+      f.create_dataset("label", data=(rng.random((8, 8, 8)) > 0.7).astype(np.uint8))
+  (root / "train.list").write_text("\n".join(train_ids))
+  (root / "test.list").write_text("\n".join(test_ids))
+  return root
+
+
+def test_evaluation_list_is_read_from_the_root_and_must_not_hold_training_cases(tmp_path):
+  root = _fake_la_root(tmp_path, ["T1", "T2", "T3", "T4"], ["E1", "E2"])
+  cfg = sources.data_config("la")
+  cfg.root, cfg.num_labeled, cfg.num_validation = str(root), 1, 1
+  ds = sources.load_dataset(cfg)
+  cases = sources.load_evaluation_cases(cfg, "test.list", ds)
+  assert [c.case_id for c in cases] == ["E1", "E2"] and all(c.label is not None for c in cases)
+  # The validation case (T4) may be listed; a training case may not.
+  (root / "leaky.list").write_text("E1\nT4\nT2\n")
+  with pytest.raises(DataError, match=r"eval.case_list.*\['T2'\]"):
+    sources.load_evaluation_cases(cfg, "leaky.list", ds)
+  with pytest.raises(DataError, match="case list not found"):
+    sources.load_evaluation_cases(cfg, "nope.list", ds)
+  synthetic = tiny_synthetic()
+  with pytest.raises(DataError, match="eval.case_list"):
+    sources.load_evaluation_cases(synthetic, "test.list", sources.load_dataset(synthetic))

@@ -14,6 +14,7 @@
 | `vnet` | `VNet` | UA-MT `vnet.py` (9,448,866 params) |
 | `vnet_sdf` | `VNet` | DTC `vnet_sdf.py` (9,448,866 params) |
 | `duo_critic` | `PixelCritic` | Duo-SegNet `PixelDiscriminator` (8,704 params) |
+| `sassnet_discriminator` | `SDFDiscriminator` | SASSNet `FC3DDiscriminator` (11,020,290 params) |
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ import jax
 import jax.numpy as jnp
 
 from jaxseg.models import layers
-from jaxseg.models.critics import PixelCritic, duo_critic
+from jaxseg.models.critics import PixelCritic, SDFDiscriminator, duo_critic, sassnet_discriminator
 from jaxseg.models.unet import UNet, duo_unet, ssl4mis_unet2d, ssl4mis_unet3d
 from jaxseg.models.vnet import VNet, vnet, vnet_sdf
 
 __all__ = [
     "MODELS",
     "PixelCritic",
+    "SDFDiscriminator",
     "UNet",
     "VNet",
     "count_params",
@@ -40,6 +42,7 @@ __all__ = [
     "duo_unet",
     "get_model",
     "layers",
+    "sassnet_discriminator",
     "ssl4mis_unet2d",
     "ssl4mis_unet3d",
     "vnet",
@@ -54,6 +57,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "vnet": vnet,
     "vnet_sdf": vnet_sdf,
     "duo_critic": duo_critic,
+    "sassnet_discriminator": sassnet_discriminator,
 }
 
 

@@ -1,4 +1,5 @@
-"""Test setup: JAX's persistent compilation cache, so that re-runs skip XLA compilation."""
+"""Test setup: JAX's persistent compilation cache, so that re-runs skip XLA compilation; helpers shared by
+the model and method tests (`fast_compile`, `learnable_batch`)."""
 
 import os
 import pathlib
@@ -31,3 +32,53 @@ def load_golden(name: str) -> dict:
 @pytest.fixture
 def golden():
   return load_golden
+
+
+@pytest.fixture(scope="module")
+def fast_compile():
+  """Most XLA optimisations off (as flax's examples do in tests): about half the CPU compile time.
+
+  A module takes it with `pytestmark = pytest.mark.usefixtures("fast_compile")`.
+  """
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def learnable_batch(patch, b_l: int = 2, b_u: int = 2, seed: int = 0):
+  """A fake two-stream batch a segmenter can fit: the label is the image thresholded at 0.3."""
+  import numpy as np
+  from jaxseg.data.batches import Batch
+  rng = np.random.default_rng(seed)
+  image = rng.normal(size=(b_l + b_u, *patch, 1)).astype(np.float32)
+  label = (image[..., 0] > 0.3).astype(np.int32)
+  return Batch(image_l=image[:b_l], label_l=label[:b_l], image_u=image[b_l:])
+
+
+def small_config(method, num_classes: int = 2, **overrides):
+  """The default `config.data` and `method`'s default config with a V-Net of base width 4."""
+  import ml_collections
+  from jaxseg.data.sources import data_config
+  c = ml_collections.ConfigDict()
+  c.data = data_config()
+  c.data.num_classes = num_classes
+  c.method = method.default_config()
+  c.method.model.n_filters = 4
+  c.method.update(overrides)
+  return c
+
+
+def jit_init(method, config, batch, seed: int = 0):
+  """`method.init` under jit (one compile instead of op-by-op dispatch)."""
+  return jax.jit(lambda key: method.init(key, config, batch))(jax.random.key(seed))
+
+
+def run_steps(train_step, state, batch, num_steps: int, first_key: int = 10) -> list:
+  """[(state after step t, metrics of step t as floats)] of one jitted step, keys first_key + t."""
+  step = jax.jit(train_step)
+  out = []
+  for t in range(num_steps):
+    state, metrics = step(state, batch, jax.random.key(first_key + t))
+    out.append((state, {k: float(v) for k, v in metrics.items()}))
+  return out

@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from conftest import learnable_batch
 from jaxseg.data.batches import Batch
 from jaxseg.data.sources import data_config
 from jaxseg.methods import dtc
@@ -26,12 +27,8 @@ def _config(preset: str = "paper", **method) -> ml_collections.ConfigDict:
   return c
 
 
-def _batch(b_l: int = 2, b_u: int = 2, patch=(16, 16, 16), seed: int = 0) -> Batch:
-  """Learnable fake data: the label is the smoothed image thresholded."""
-  rng = np.random.default_rng(seed)
-  image = rng.normal(size=(b_l + b_u, *patch, 1)).astype(np.float32)
-  label = (image[..., 0] > 0.3).astype(np.int32)
-  return Batch(image_l=image[:b_l], label_l=label[:b_l], image_u=image[b_l:])
+def _batch(b_l: int = 2, b_u: int = 2, seed: int = 0) -> Batch:
+  return learnable_batch((16, 16, 16), b_l, b_u, seed)
 
 
 # ------------------------------------------------------------------------------------------------

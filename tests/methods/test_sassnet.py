@@ -12,6 +12,7 @@ import pytest
 from scipy import ndimage
 from skimage import segmentation
 
+from conftest import learnable_batch
 from jaxseg.data.batches import Batch
 from jaxseg.data.sources import data_config
 from jaxseg.methods import base, sassnet
@@ -19,13 +20,7 @@ from jaxseg.methods import base, sassnet
 PATCH = (16, 16, 16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compile():
-  """Most XLA optimisations off: about half the CPU compile time of the V-Net steps."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def _config(**method) -> ml_collections.ConfigDict:
@@ -39,11 +34,7 @@ def _config(**method) -> ml_collections.ConfigDict:
 
 
 def _batch(b_l: int = 2, b_u: int = 2, seed: int = 0) -> Batch:
-  """Learnable fake data: the label is the image thresholded."""
-  rng = np.random.default_rng(seed)
-  image = rng.normal(size=(b_l + b_u, *PATCH, 1)).astype(np.float32)
-  label = (image[..., 0] > 0.3).astype(np.int32)
-  return Batch(image_l=image[:b_l], label_l=label[:b_l], image_u=image[b_l:])
+  return learnable_batch(PATCH, b_l, b_u, seed)
 
 
 def _init(config, batch, seed: int = 0) -> sassnet.State:

@@ -22,10 +22,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import load_golden
+from conftest import jit_init, learnable_batch, load_golden, run_steps, small_config
 from jaxseg import schedules
 from jaxseg.data.batches import Batch
-from jaxseg.data.sources import data_config
 from jaxseg.methods import base, mean_teacher, uamt
 from jaxseg.models.layers import BN_MOMENTUM
 
@@ -34,30 +33,15 @@ SSL4MIS_GOLDEN = ("ssl4mis_uamt_uncertainty_consistency__2d_c4_iter1500",
                   "ssl4mis_uamt_uncertainty_consistency__3d_c2_iter1500")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compile():
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def _config(num_classes: int = 2, **method) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.data = data_config()
-  c.data.num_classes = num_classes
-  c.method = uamt.default_config()
-  c.method.model.n_filters = 4
-  c.method.update(method)
-  return c
+  return small_config(uamt, num_classes, **method)
 
 
 def _batch(b_l: int = 2, b_u: int = 2, seed: int = 0) -> Batch:
-  """Learnable fake data: the label is the image thresholded."""
-  rng = np.random.default_rng(seed)
-  image = rng.normal(size=(b_l + b_u, *PATCH, 1)).astype(np.float32)
-  label = (image[..., 0] > 0.3).astype(np.int32)
-  return Batch(image_l=image[:b_l], label_l=label[:b_l], image_u=image[b_l:])
+  return learnable_batch(PATCH, b_l, b_u, seed)
 
 
 @pytest.fixture(scope="module")
@@ -67,18 +51,13 @@ def batch():
 
 @pytest.fixture(scope="module")
 def state0(batch):
-  return jax.jit(lambda key: uamt.init(key, _config(), batch))(jax.random.key(0))
+  return jit_init(uamt, _config(), batch)
 
 
 @pytest.fixture(scope="module")
 def trajectory(state0, batch):
   """[(state after step t, metrics of step t)] for t = 0, 1 (one jitted step, keys 10 + t)."""
-  step = jax.jit(uamt.train_step)
-  out, state = [], state0
-  for t in range(2):
-    state, metrics = step(state, batch, jax.random.key(10 + t))
-    out.append((state, {k: float(v) for k, v in metrics.items()}))
-  return out
+  return run_steps(uamt.train_step, state0, batch, 2)
 
 
 def _leaves(tree):

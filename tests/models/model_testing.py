@@ -1,4 +1,4 @@
-"""Helpers shared by the model tests: fast compiles, variables without compiling init, inputs, keys."""
+"""Helpers shared by the model tests: variables without compiling init, inputs, keys."""
 
 from __future__ import annotations
 
@@ -8,19 +8,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
-
-@pytest.fixture(autouse=True, scope="module")
-def fast_compile():
-  """Most XLA optimisations off (as flax's examples do in tests): about half the CPU compile time.
-
-  Autouse in every test module that imports it.
-  """
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
 
 
 def numpy_variables(model, x, seed: int = 0) -> dict:

@@ -17,7 +17,9 @@ import optax
 import pytest
 
 from jaxseg import models
-from model_testing import fast_compile, normal, numpy_variables, rbg_key  # noqa: F401 (fixture)
+from model_testing import normal, numpy_variables, rbg_key
+
+pytestmark = pytest.mark.usefixtures("fast_compile")
 from jaxseg.models import UNet, count_params, duo_unet, get_model, ssl4mis_unet2d, ssl4mis_unet3d
 
 TINY = (4, 8, 16)

@@ -14,7 +14,9 @@ import numpy as np
 import optax
 import pytest
 
-from model_testing import fast_compile, normal, numpy_variables, rbg_key  # noqa: F401 (fixture)
+from model_testing import normal, numpy_variables, rbg_key
+
+pytestmark = pytest.mark.usefixtures("fast_compile")
 from jaxseg.models import VNet, count_params, get_model, vnet, vnet_sdf
 
 VNET_PARAMS = 9_448_866

@@ -13,6 +13,10 @@ threshold ramped over the 400 steps. `:la8` / `:la16` follow the LA 2018 protoco
 §6.3): labeled = the first 8 / 16 of train.list, 112x112x80 crops, base width 16, SGD 0.01 x0.1
 every 2500 steps, 6000 steps, T = 8 teacher passes, threshold ramp over 6000 steps, w(t) =
 0.1·sigmoid_rampup(t // 150, 40), EMA 0.99. The student is evaluated.
+
+Measured (seed 0, last iteration, raw predictions, commit b88f739): default, 2-core CPU, 8 min 44 s;
+validation (last 4 synthetic volumes) Dice 33.6 %, Jaccard 20.2 %, 95HD 29.3, ASD 13.6 voxels
+(supervised V-Net: 39.4 %). :la8 not yet run on a GPU (published: 84.25 % on the test split).
 """
 
 import ml_collections

@@ -14,6 +14,7 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 GOLDEN = pathlib.Path(__file__).parent / "golden"
+CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 LA_ROOT = pathlib.Path(os.environ.get(
     "JAXSEG_LA_ROOT", pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "la2018"))
 
@@ -82,3 +83,12 @@ def run_steps(train_step, state, batch, num_steps: int, first_key: int = 10) -> 
     state, metrics = step(state, batch, jax.random.key(first_key + t))
     out.append((state, {k: float(v) for k, v in metrics.items()}))
   return out
+
+
+def load_config_file(path):
+  """The module of a config file, loaded by path (configs/ is not a package on sys.path)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

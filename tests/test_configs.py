@@ -1,19 +1,10 @@
 """Every config and preset loads; the LA presets carry the LA protocol (METHODS.md §1)."""
 
-import importlib.util
-import pathlib
-
 import pytest
 
-CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+from conftest import CONFIGS_DIR, load_config_file as load
+
 CONFIGS = sorted(CONFIGS_DIR.glob("*.py"))
-
-
-def load(path):
-  spec = importlib.util.spec_from_file_location(path.stem, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -29,8 +20,7 @@ def test_every_preset_loads_and_the_docstring_gives_the_command(path):
 
 @pytest.mark.parametrize("name", ["duo"])
 def test_la_presets_follow_the_protocol(name):
-  config = load(pathlib.Path(__file__).resolve().parents[1] / "configs" / f"{name}.py").get_config(
-      "la")
+  config = load(CONFIGS_DIR / f"{name}.py").get_config("la")
   assert config.data.source == "la"
   assert (config.data.num_labeled, config.data.num_validation) == (8, 8)
   assert tuple(config.data.patch_size) == (112, 112, 80)

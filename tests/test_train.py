@@ -11,7 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import jax
 
-from conftest import _CACHE
+from conftest import _CACHE, CONFIGS_DIR, load_config_file
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # A 2D run small enough to train in seconds on CPU.
@@ -133,7 +133,7 @@ def test_evaluation_list_is_only_read_for_the_final_evaluation():
   from jaxseg import train
   from jaxseg.data import sources
   from jaxseg.data.base import DataError
-  config = __import__("configs.supervised", fromlist=["get_config"]).get_config("synthetic2d")
+  config = load_config_file(CONFIGS_DIR / "supervised.py").get_config("synthetic2d")
   config.data.synthetic.num_cases, config.data.synthetic.shape = 6, (16, 16)
   config.data.num_labeled, config.data.num_validation = 2, 2
   dataset = sources.load_dataset(config.data)

@@ -19,28 +19,18 @@ import argparse
 import pathlib
 import statistics
 import sys
-import time
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import numpy as np
 from medpy.metric import binary as medpy_binary
 from scipy import ndimage
 
 from jaxseg import metrics
+from timing import median_seconds  # benchmarks/timing.py, beside this script
 
 LA_SHAPE = (183, 140, 88)
 AGREEMENT_RTOL = 1e-6
 
-
-def median_seconds(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
-  """Median wall time of `repeats` calls of fn, and the last result."""
-  times = []
-  result = None
-  for _ in range(repeats):
-    start = time.perf_counter()
-    result = fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times), result
 
 
 def medpy_values(pred, gt, spacing) -> tuple[float, float, float]:

@@ -20,10 +20,9 @@ status 1 if the difference exceeds 1e-5.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
-from typing import Callable, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -32,19 +31,10 @@ from scipy import ndimage
 from skimage import segmentation
 
 from jaxseg import geometry
+from timing import median_seconds  # benchmarks/timing.py, beside this script
 
 AGREEMENT_ATOL = 1e-5
 
-
-def median_seconds(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
-  """Median wall time of `repeats` calls of fn (which must block until its result is ready)."""
-  times = []
-  result = None
-  for _ in range(repeats):
-    start = time.perf_counter()
-    result = fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times), result
 
 
 def synthetic_label(shape, foreground=0.09, seed=0) -> np.ndarray:

@@ -14,7 +14,8 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 GOLDEN = pathlib.Path(__file__).parent / "golden"
-CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS_DIR = REPO / "configs"
 LA_ROOT = pathlib.Path(os.environ.get(
     "JAXSEG_LA_ROOT", pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "la2018"))
 

@@ -1,0 +1,238 @@
+"""Benchmark harness: how fast a config's train step and evaluation run on this machine's devices.
+
+  python -m jaxseg.bench --config configs/dtc.py:la8
+  python -m jaxseg.bench --config configs/supervised_vnet.py:la8 --steps 50 --eval_volume 183,140,88
+  python -m jaxseg.bench --config configs/dtc.py --steps 5 --json bench.json
+
+No data are read: the train step runs on random batches of the configured shapes (the step's cost
+does not depend on the values), the evaluation on one random volume of --eval_volume. Prints:
+
+- compile time of the jitted train step (lowering + XLA compilation; the command turns JAX's
+  persistent compilation cache off, so that a second run measures a compile, not a cache read);
+- step time: median and spread of --steps timed steps after --warmup untimed ones, each timed to
+  `block_until_ready`, i.e. device time plus dispatch, with the batch already on the devices (the
+  host data pipeline is excluded: compare with the trainer's steps/s to see its cost);
+- samples/s and voxels/s (global batch x patch voxels per step);
+- XLA's FLOP count of one step (`cost_analysis`) and the achieved FLOP/s, against the device's
+  dense peak where it is known (PEAK_FLOPS; bf16 tensor-core peak for GPUs, which fp32 does not
+  reach: the ratio is an upper-bound utilisation);
+- evaluation: one sliding-window pass (the config's eval patch, strides, batch) over the volume:
+  seconds per volume and windows/s, after one untimed pass.
+
+Speed is a measurement, not a test: numbers from different machines or runs are not comparable;
+compare ratios taken in one run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import statistics
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+from absl import app, flags, logging
+import jax
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+
+from jaxseg import evaluate, inference, parallel, train
+from jaxseg.data.batches import Batch
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, optionally with a preset: configs/<name>.py[:preset].",
+    lock_config=True)
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed train steps (median reported).")
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed train steps after compilation.")
+_CHANNELS = flags.DEFINE_integer("channels", 1, "Image channels (modalities) of the random batches.")
+_EVAL_VOLUME = flags.DEFINE_string(
+    "eval_volume", "", "Spatial shape of the evaluation volume, comma separated (e.g. 183,140,88, "
+    "a typical LA case); empty: 1.5x the eval patch per axis; 'none': skip the evaluation.")
+_JSON = flags.DEFINE_string("json", "", "Also write the results to this JSON file.")
+
+# Dense peak FLOP/s per device kind (vendor datasheets; bf16 tensor cores for GPUs, SXM parts).
+PEAK_FLOPS = {
+    "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+}
+
+
+@dataclasses.dataclass
+class BenchResult:
+  """What `run` measured (times in seconds)."""
+  config: str
+  device: str
+  num_devices: int
+  global_batch: int
+  patch: tuple
+  compile_s: float
+  step_median_s: float
+  step_min_s: float
+  step_max_s: float
+  samples_per_s: float
+  voxels_per_s: float
+  step_flops: Optional[float]
+  achieved_flops: Optional[float]
+  peak_flops: Optional[float]
+  eval_volume: Optional[tuple] = None
+  eval_windows: Optional[int] = None
+  eval_s: Optional[float] = None
+  eval_windows_per_s: Optional[float] = None
+
+
+def random_batch(config: ml_collections.ConfigDict, channels: int, seed: int = 0) -> Batch:
+  """A batch of the configured shapes with random images and labels in [0, num_classes)."""
+  rng = np.random.default_rng(seed)
+  example = train.example_batch(config, channels)
+  return Batch(
+      image_l=rng.standard_normal(example.image_l.shape, np.float32),
+      label_l=rng.integers(0, config.data.num_classes, example.label_l.shape, dtype=np.int32),
+      image_u=rng.standard_normal(example.image_u.shape, np.float32))
+
+
+def step_flops(compiled: Any) -> Optional[float]:
+  """XLA's FLOP estimate of a compiled function, or None where the backend gives none."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # Some backends do not implement it.
+    return None
+  if isinstance(cost, (list, tuple)):  # Older JAX: one dict per device program.
+    cost = cost[0] if cost else None
+  flops = (cost or {}).get("flops")
+  return float(flops) if flops and flops > 0 else None
+
+
+def _timed(fn, repeats: int) -> list[float]:
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def _eval_volume_shape(spec: str, patch: Sequence[int]) -> Optional[tuple]:
+  if spec == "none":
+    return None
+  if not spec:
+    return tuple(int(math.ceil(1.5 * p)) for p in patch)
+  shape = tuple(int(s) for s in spec.split(","))
+  if len(shape) != len(patch):
+    raise ValueError(f"--eval_volume {spec!r} has {len(shape)} axes, the eval patch {tuple(patch)} "
+                     f"has {len(patch)}")
+  return shape
+
+
+def run(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int = 3, channels: int = 1,
+        eval_volume: str = "", name: str = "") -> BenchResult:
+  """Compiles and times `config`'s train step and one sliding-window evaluation."""
+  if steps < 1 or warmup < 0:
+    raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
+  eval_patch, strides = evaluate.window_geometry(config.eval, config.data.patch_size)
+  shape = _eval_volume_shape(eval_volume, eval_patch)  # Checked before anything compiles.
+  method = train.load_method(config)
+  mesh = parallel.make_mesh()
+  parallel.check_batch_fits_mesh(config.data, mesh)
+  state, key = train._initial_state(method, config, channels, mesh)
+  batch = jax.device_put(random_batch(config, channels), parallel.data_sharding(mesh))
+
+  jitted = jax.jit(method.train_step, donate_argnums=(0,))
+  start = time.perf_counter()
+  compiled = jitted.lower(state, batch, key).compile()
+  compile_s = time.perf_counter() - start
+  flops = step_flops(compiled)
+
+  holder = {"state": state}
+
+  def one_step():
+    holder["state"], metrics = compiled(holder["state"], batch, key)
+    return metrics
+
+  _timed(one_step, warmup)
+  times = _timed(one_step, steps)
+  median = statistics.median(times)
+  global_batch = int(config.data.batch_labeled + config.data.batch_unlabeled)
+  patch = tuple(int(p) for p in config.data.patch_size)
+  device = jax.devices()[0]
+  peak = PEAK_FLOPS.get(device.device_kind)
+  result = BenchResult(
+      config=name, device=f"{device.platform} ({device.device_kind})", num_devices=mesh.size,
+      global_batch=global_batch, patch=patch, compile_s=compile_s, step_median_s=median,
+      step_min_s=min(times), step_max_s=max(times), samples_per_s=global_batch / median,
+      voxels_per_s=global_batch * math.prod(patch) / median, step_flops=flops,
+      achieved_flops=flops / median if flops else None,
+      peak_flops=peak * mesh.size if peak else None)
+
+  if shape is not None:
+    volume = np.random.default_rng(1).standard_normal((*shape, channels)).astype(np.float32)
+    predict_fn = train._predict_fn(method, holder["state"])
+    views = evaluate.view_channels(predict_fn, (config.eval.batch_size, *eval_patch, channels))
+
+    def one_pass():
+      return evaluate.predict_views(predict_fn, volume, config.eval, eval_patch, strides, views)
+
+    one_pass()  # Compiles.
+    (seconds,) = _timed(one_pass, 1)
+    windows = len(inference.window_starts(shape, eval_patch, strides)[0])
+    result.eval_volume, result.eval_windows = shape, windows
+    result.eval_s, result.eval_windows_per_s = seconds, windows / seconds
+  return result
+
+
+def format_result(r: BenchResult) -> str:
+  """The printed report of one `run`."""
+  lines = [
+      f"config {r.config}: {r.num_devices} x {r.device}, global batch {r.global_batch} of "
+      f"{'x'.join(map(str, r.patch))}",
+      f"  compile            {r.compile_s:8.2f} s",
+      f"  train step         {1e3 * r.step_median_s:8.2f} ms median "
+      f"(min {1e3 * r.step_min_s:.2f}, max {1e3 * r.step_max_s:.2f})",
+      f"  throughput         {r.samples_per_s:8.2f} samples/s, {r.voxels_per_s / 1e6:.2f} Mvoxel/s",
+  ]
+  if r.step_flops:
+    peak = (f", {100 * r.achieved_flops / r.peak_flops:.1f} % of the {r.peak_flops / 1e12:.0f} "
+            "TFLOP/s dense peak" if r.peak_flops else ", device peak unknown")
+    lines.append(f"  FLOPs              {r.step_flops / 1e9:8.2f} GFLOP/step, "
+                 f"{r.achieved_flops / 1e12:.3f} TFLOP/s achieved{peak}")
+  else:
+    lines.append("  FLOPs              not reported by this backend")
+  if r.eval_s is not None:
+    lines.append(f"  evaluation         {r.eval_s:8.3f} s per {'x'.join(map(str, r.eval_volume))} "
+                 f"volume, {r.eval_windows} windows, {r.eval_windows_per_s:.1f} windows/s")
+  return "\n".join(lines)
+
+
+def main(argv):
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  jax.config.update("jax_enable_compilation_cache", False)
+  if len(argv) > 1:
+    print(f"error: unexpected arguments: {argv[1:]}", file=sys.stderr)
+    sys.exit(2)
+  config = _CONFIG.value
+  if config is None:
+    print("error: --config is required, e.g. --config configs/dtc.py:la8", file=sys.stderr)
+    sys.exit(2)
+  try:
+    result = run(config, steps=_STEPS.value, warmup=_WARMUP.value, channels=_CHANNELS.value,
+                 eval_volume=_EVAL_VOLUME.value, name=flags.FLAGS["config"].serialize().split("=", 1)[-1])
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(format_result(result))
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump(dataclasses.asdict(result), f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)

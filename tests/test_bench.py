@@ -1,0 +1,52 @@
+"""The benchmark harness (`python -m jaxseg.bench`) on a tiny config: it measures, it does not assert speed."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+
+from conftest import CONFIGS_DIR, REPO, load_config_file
+from jaxseg import bench
+
+
+def _tiny_config():
+  config = load_config_file(CONFIGS_DIR / "supervised_vnet.py").get_config("")
+  config.method.model.n_filters = 4
+  config.data.patch_size = (16, 16, 16)
+  config.data.batch_labeled = 2
+  return config
+
+
+def test_run_reports_finite_positive_figures():
+  result = bench.run(_tiny_config(), steps=2, warmup=1, eval_volume="20,20,20", name="tiny")
+  assert result.global_batch == 2 and result.patch == (16, 16, 16) and result.num_devices == 1
+  for value in (result.compile_s, result.step_median_s, result.samples_per_s, result.voxels_per_s,
+                result.eval_s, result.eval_windows_per_s):
+    assert math.isfinite(value) and value > 0
+  assert result.step_min_s <= result.step_median_s <= result.step_max_s
+  assert result.samples_per_s == pytest.approx(2 / result.step_median_s)
+  assert result.voxels_per_s == pytest.approx(2 * 16 ** 3 / result.step_median_s)
+  assert result.step_flops > 0  # XLA:CPU reports a cost analysis.
+  assert result.achieved_flops == pytest.approx(result.step_flops / result.step_median_s)
+  # Eval windows: half-patch strides (8) over 20 voxels give ceil((20 - 16) / 8) + 1 = 2 per axis.
+  assert result.eval_volume == (20, 20, 20) and result.eval_windows == 8
+  report = bench.format_result(result)
+  assert "train step" in report and "GFLOP/step" in report and "8 windows" in report
+
+
+def test_random_batch_has_the_configured_shapes_and_label_range():
+  config = _tiny_config()
+  config.data.num_classes = 3
+  batch = bench.random_batch(config, channels=2)
+  assert batch.image_l.shape == (2, 16, 16, 16, 2) and batch.image_u.shape == (0, 16, 16, 16, 2)
+  assert batch.label_l.min() >= 0 and batch.label_l.max() == 2
+
+
+def test_bad_eval_volume_is_one_error_line():
+  result = subprocess.run(
+      [sys.executable, "-m", "jaxseg.bench", "--config", "configs/supervised_vnet.py",
+       "--config.method.model.n_filters=4", "--config.data.patch_size=(16,16,16)", "--steps=1",
+       "--warmup=0", "--eval_volume=20,20"], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1].startswith("error: --eval_volume '20,20' has 2 axes")

@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 
 from jaxseg import checkpoint, evaluate, parallel
-from jaxseg.data import sources
+from jaxseg.data import device_crops, sources
 from jaxseg.data.base import DataError
 from jaxseg.data.batches import Batch
 
@@ -51,7 +51,8 @@ def load_method(config: ml_collections.ConfigDict) -> ModuleType:
 
 
 # Keys that may change between a run and its resumption (everything else must match).
-_RESUMABLE_CHANGES = ("train.num_steps", "train.log_every", "train.eval_every", "eval.")
+_RESUMABLE_CHANGES = ("train.num_steps", "train.log_every", "train.eval_every", "eval.",
+                      "data.on_device")  # Same batches either way.
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -197,14 +198,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         f"{mesh.size} {jax.devices()[0].platform} device(s)")
 
   batch_sharding = parallel.data_sharding(mesh)
-  step_fn = jax.jit(method.train_step, donate_argnums=(0,))
+  if config.data.get("on_device", False):
+    device_data = device_crops.DeviceData(batches, parallel.replicated(mesh))
+    print(f"training volumes on the device(s): {device_data.nbytes / 2**20:.0f} MiB")
+    patch = tuple(config.data.patch_size)
+
+    def step_on_device(state, arrays, plan, key):
+      batch = device_crops.assemble(*arrays, plan, patch)
+      batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+      return method.train_step(state, batch, key)
+
+    jitted = jax.jit(step_on_device, donate_argnums=(0,))
+    step_fn = lambda state, key: jitted(state, device_data.arrays, device_data.next_plan(), key)
+  else:
+    jitted = jax.jit(method.train_step, donate_argnums=(0,))
+    step_fn = lambda state, key: jitted(state, jax.device_put(next(batches), batch_sharding), key)
   writer = _writer(workdir)
   progress = Progress(start, num_steps)
   pending: list[dict] = []
   try:
     for step in range(start, num_steps):
-      batch = jax.device_put(next(batches), batch_sharding)
-      state, metrics = step_fn(state, batch, jax.random.fold_in(train_key, step))
+      state, metrics = step_fn(state, jax.random.fold_in(train_key, step))
       pending.append(metrics)
       done = step + 1
       if done % config.train.log_every == 0 or done == num_steps:

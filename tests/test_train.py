@@ -63,6 +63,20 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_device_resident_data_trains_like_the_host_pipeline(tmp_path):
+  """data.on_device cuts the same batches on the device: the run ends at the same parameters."""
+  steps = ["--config.train.num_steps=10", "--config.train.checkpoint_every=10"]
+  host = run(tmp_path / "host", *steps)
+  assert host.returncode == 0, host.stderr
+  device = run(tmp_path / "device", *steps, "--config.data.on_device=True")
+  assert device.returncode == 0, device.stderr
+  assert "training volumes on the device(s)" in device.stdout
+  want, got = final_params(tmp_path / "host", 10), final_params(tmp_path / "device", 10)
+  assert len(want) == len(got) and len(want) > 4
+  for a, b in zip(want, got):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_train_writes_logs_and_eval_outputs_then_eval_and_predict_modes(tmp_path):
   workdir = tmp_path / "run"
   result = run(workdir, "--config.train.num_steps=5")

@@ -39,6 +39,9 @@ def data_config(source: str = "synthetic") -> ml_collections.ConfigDict:
   c.seed = 0  # Order of batches and augmentation draws.
   c.augment = True  # Rotate/flip before cropping (METHODS.md §1.4).
   c.pad_to_patch = True  # Zero-pad volumes not larger than the patch (reference rule).
+  # Keep the training volumes on the devices and cut the crops inside the jitted step (the same
+  # batches as the host pipeline, bit for bit; data/device_crops.py). Needs them to fit in memory.
+  c.on_device = False
   c.clip_percentiles = ()  # (lower, upper) percentiles per modality, () for no clipping.
   c.zscore = False  # z-score per modality after clipping.
   # The synthetic data's own seed: changing the run's `seed` keeps the same data.

@@ -32,7 +32,7 @@ PRESETS = la_family.PRESETS
 def get_config(preset: str = "") -> ml_collections.ConfigDict:
   method = supervised.default_config()
   method.loss = "ce_dice"
-  method.model = ml_collections.ConfigDict(dict(name="vnet", n_filters=16))
+  method.model = ml_collections.ConfigDict(dict(name="vnet", n_filters=16, dtype="float32"))
   c = la_family.la_family_config("supervised_vnet", method, preset, "configs/supervised_vnet.py")
   c.data.batch_labeled, c.data.batch_unlabeled = 4, 0  # train_LA.py: 4 labeled samples per batch.
   return c

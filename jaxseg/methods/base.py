@@ -27,9 +27,12 @@ from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 from flax.training import train_state
+
+from jaxseg.data.base import DataError
 
 
 class TrainState(train_state.TrainState):
@@ -124,10 +127,25 @@ def optimizer_config(name: str = "sgd", learning_rate: float = 0.01, **changes
   return c
 
 
+# A model block's `dtype`: the compute dtype. Parameters, optimizer states, BatchNorm statistics and
+# the models' outputs (hence losses) stay float32; "bfloat16" runs convolutions and activations in
+# bf16 (mixed precision).
+COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+
+
 def model_kwargs(cfg: ml_collections.ConfigDict) -> dict:
-  """The model block minus its name, as keyword arguments of `jaxseg.models.get_model`."""
+  """The model block minus its name, as keyword arguments of `jaxseg.models.get_model`.
+
+  Raises:
+    DataError: naming the key, if `dtype` is not one of COMPUTE_DTYPES (one error line from main).
+  """
   kwargs = cfg.to_dict()
-  kwargs.pop("name")
+  name = kwargs.pop("name")
+  if "dtype" in kwargs:
+    if kwargs["dtype"] not in COMPUTE_DTYPES:
+      raise DataError(f"config method.*.dtype of model {name!r} is {kwargs['dtype']!r}, expected "
+                       f"one of {sorted(COMPUTE_DTYPES)}")
+    kwargs["dtype"] = COMPUTE_DTYPES[kwargs["dtype"]]
   return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
 
 

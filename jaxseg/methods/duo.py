@@ -77,8 +77,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.k_s = 1  # Segmenter steps per batch.
   c.k_c = 1  # Critic steps per batch.
   c.model = ml_collections.ConfigDict(dict(
-      name="unet", features=(8, 16, 32, 64), norm="batch", upsample="linear_align_corners"))
-  c.critic = ml_collections.ConfigDict(dict(name="duo_critic", ndf=64))
+      name="unet", features=(8, 16, 32, 64), norm="batch", upsample="linear_align_corners",
+      dtype="float32"))
+  c.critic = ml_collections.ConfigDict(dict(name="duo_critic", ndf=64, dtype="float32"))
   c.optimizer = base.optimizer_config("sgd", 1e-2, momentum=0.9, weight_decay=0.0)
   c.critic_optimizer = base.optimizer_config("rmsprop", 5e-5, alpha=0.99, eps=1e-8, momentum=0.0)
   return c

@@ -56,7 +56,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.consistency = 0.1  # w_max.
   c.consistency_rampup = 40.0  # Ramp length in blocks.
   c.rampup_block = 150  # Steps per block (`iter_num // 150`).
-  c.model = ml_collections.ConfigDict(dict(name="vnet", n_filters=16))
+  c.model = ml_collections.ConfigDict(dict(name="vnet", n_filters=16, dtype="float32"))
   c.optimizer = base.optimizer_config("sgd", 0.01, momentum=0.9, weight_decay=1e-4,
                                       decay_every=2500, decay_factor=0.1)
   return c

@@ -53,8 +53,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.beta_max = 0.01  # Final weight of the adversarial term (0.015 with 8 labels).
   c.consistency_rampup = 40  # Ramp length in blocks of `rampup_block` steps.
   c.rampup_block = 150
-  c.model = ml_collections.ConfigDict(dict(name="vnet_sdf", n_filters=16))
-  c.discriminator = ml_collections.ConfigDict(dict(name="sassnet_discriminator", ndf=64))
+  c.model = ml_collections.ConfigDict(dict(name="vnet_sdf", n_filters=16, dtype="float32"))
+  c.discriminator = ml_collections.ConfigDict(dict(name="sassnet_discriminator", ndf=64, dtype="float32"))
   c.optimizer = base.optimizer_config("sgd", 0.01, momentum=0.9, weight_decay=1e-4,
                                       decay_every=2500, decay_factor=0.1)
   c.discriminator_optimizer = base.optimizer_config("adam", 1e-4, beta1=0.9, beta2=0.99)

@@ -24,7 +24,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.name = "supervised"
   c.loss = "bce"  # "bce" (one logit) or "ce_dice" (num_classes logits).
   c.model = ml_collections.ConfigDict(dict(
-      name="unet", features=(8, 16, 32, 64), norm="batch", upsample="linear_align_corners"))
+      name="unet", features=(8, 16, 32, 64), norm="batch", upsample="linear_align_corners",
+      dtype="float32"))
   c.optimizer = base.optimizer_config("sgd", 0.01, momentum=0.9)
   return c
 

@@ -78,7 +78,7 @@ class PixelCritic(nn.Module):
     x = layers.norm_layer(self.norm, train=train, axis_name=self.bn_axis_name, dtype=self.dtype,
                           name="norm_1")(x)
     x = nn.leaky_relu(x, self.negative_slope)
-    return conv(1, later_bias, "conv_2")(x)
+    return layers.at_least_float32(conv(1, later_bias, "conv_2")(x))
 
 
 def duo_critic(**overrides: Any) -> PixelCritic:
@@ -137,8 +137,8 @@ class SDFDiscriminator(nn.Module):
     x = act(conv(8 * self.ndf, "conv4")(x))
     x = jnp.mean(x, axis=tuple(range(1, d + 1)))
     kernel_init, bias_init = layers.initializers(self.weight_init, x.shape[-1])
-    return nn.Dense(2, kernel_init=kernel_init, bias_init=bias_init, dtype=self.dtype,
-                    name="classifier")(x)
+    return layers.at_least_float32(nn.Dense(2, kernel_init=kernel_init, bias_init=bias_init,
+                                            dtype=self.dtype, name="classifier")(x))
 
 
 def sassnet_discriminator(**overrides: Any) -> SDFDiscriminator:

@@ -500,3 +500,9 @@ class ConvBlock(nn.Module):
       if self.dropout_rate > 0 and i < self.num_convs - 1:
         x = nn.Dropout(self.dropout_rate, deterministic=not use_dropout)(x)
     return x
+
+
+def at_least_float32(x: Array) -> Array:
+  """A network output in float32 (or float64 under x64): a bf16 compute dtype (mixed precision)
+  stops at the output, so that losses and metrics run in full precision."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))

@@ -145,8 +145,9 @@ class UNet(nn.Module):
       x = self._block(self.features[level], 0.0, f"dec_{level}")(x, train, use_dropout)
     if self.head_dropout > 0:
       x = nn.Dropout(self.head_dropout, deterministic=not use_dropout)(x)
-    return layers.Conv(self.num_classes, self.head_kernel_size, padding=self.head_kernel_size // 2,
-                       weight_init=self.weight_init, dtype=self.dtype, name="head")(x)
+    return layers.at_least_float32(
+        layers.Conv(self.num_classes, self.head_kernel_size, padding=self.head_kernel_size // 2,
+                    weight_init=self.weight_init, dtype=self.dtype, name="head")(x))
 
 
 def duo_unet(**overrides: Any) -> UNet:

@@ -163,8 +163,8 @@ class VNet(nn.Module):
 
     outputs = {}
     for name, channels, act in heads:
-      y = layers.Conv(channels, 1, weight_init=self.weight_init, dtype=self.dtype,
-                      name=f"head_{name}")(x)
+      y = layers.at_least_float32(layers.Conv(channels, 1, weight_init=self.weight_init,
+                                              dtype=self.dtype, name=f"head_{name}")(x))
       if act == "tanh":
         y = jnp.tanh(y)
       elif act == "sigmoid":

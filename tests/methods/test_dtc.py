@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import learnable_batch
+from jaxseg.data.base import DataError
 from jaxseg.data.batches import Batch
 from jaxseg.data.sources import data_config
 from jaxseg.methods import dtc
@@ -188,3 +189,25 @@ def test_predict_is_the_segmentation_head(trained):
   out = jax.jit(dtc.predict)(state, jnp.asarray(batch.image_u))
   assert set(out) == {"model"} and out["model"].shape == (2, 16, 16, 16, 1)
   assert float(out["model"].min()) >= 0 and float(out["model"].max()) <= 1
+
+
+def test_bfloat16_step_keeps_float32_state_and_close_losses():
+  """method.model.dtype = bfloat16: the same first-step losses up to bf16 rounding, float32 state."""
+  batch = _batch()
+  losses, states = {}, {}
+  for dtype in ("float32", "bfloat16"):
+    config = _config(model=dict(name="vnet_sdf", n_filters=4, dtype=dtype))
+    state = jax.jit(lambda key: dtc.init(key, config, batch))(jax.random.key(0))
+    states[dtype], metrics = jax.jit(dtc.train_step)(state, batch, jax.random.key(1))
+    losses[dtype] = float(metrics["loss"])
+  assert all(a.dtype in (jnp.float32, jnp.int32) for a in jax.tree.leaves(states["bfloat16"])
+             if hasattr(a, "dtype") and not jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key))
+  assert np.isfinite(losses["bfloat16"])
+  assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=2e-2)
+  assert losses["bfloat16"] != losses["float32"]
+
+
+def test_unknown_compute_dtype_names_the_key():
+  config = _config(model=dict(name="vnet_sdf", n_filters=4, dtype="float16"))
+  with pytest.raises(DataError, match="method.*.dtype of model 'vnet_sdf' is 'float16'"):
+    dtc.init(jax.random.key(0), config, _batch())

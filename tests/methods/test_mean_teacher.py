@@ -229,4 +229,5 @@ def test_config_errors(batch):
     mean_teacher.init(key, _config(num_classes=1), batch)
   with pytest.raises(ValueError, match="data.batch_unlabeled"):
     mean_teacher.init(key, _config(), _batch(b_u=0))
-  assert mean_teacher.default_config().model.to_dict() == dict(name="vnet", n_filters=16)
+  assert mean_teacher.default_config().model.to_dict() == dict(name="vnet", n_filters=16,
+                                                               dtype="float32")

@@ -290,8 +290,8 @@ def test_predict_is_the_eval_mode_segmentation_head(state, batch):
 
 def test_default_config_and_optimisers(state):
   c = sassnet.default_config()
-  assert c.model.to_dict() == dict(name="vnet_sdf", n_filters=16)
-  assert c.discriminator.to_dict() == dict(name="sassnet_discriminator", ndf=64)
+  assert c.model.to_dict() == dict(name="vnet_sdf", n_filters=16, dtype="float32")
+  assert c.discriminator.to_dict() == dict(name="sassnet_discriminator", ndf=64, dtype="float32")
   d = c.discriminator_optimizer
   assert (d.name, d.learning_rate, d.beta1, d.beta2, d.eps, d.weight_decay, d.decay_every) == (
       "adam", 1e-4, 0.9, 0.99, 1e-8, 0.0, 0)

@@ -137,3 +137,21 @@ def test_gradient_finite_and_sgd_step_changes_params():
     if name.endswith("['bias']") and not name.startswith("['head"):
       continue  # conv biases before a train-mode BatchNorm have zero gradient
     assert bool(jnp.any(new != old)), name
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_outputs():
+  """Mixed precision: bf16 convolutions, float32 parameters, BN statistics and head outputs."""
+  x = normal((2, 16, 16, 16, 1))
+  full, mixed = vnet_sdf(n_filters=4), vnet_sdf(n_filters=4, dtype=jnp.bfloat16)
+  variables = jax.jit(functools.partial(full.init, train=False))(jax.random.key(0), x)
+  mixed_variables = jax.jit(functools.partial(mixed.init, train=False))(jax.random.key(0), x)
+  for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(mixed_variables)):
+    assert a.dtype == b.dtype == jnp.float32
+    np.testing.assert_array_equal(a, b)  # Same initialisation: parameters are created in float32.
+  want, got = _jit_apply(full)(variables, x, train=False), _jit_apply(mixed)(variables, x, train=False)
+  for name in ("seg", "sdf"):
+    assert got[name].dtype == jnp.float32
+    # bf16 keeps 8 bits of mantissa: a few 1e-3 relative through ~20 layers.
+    scale = float(jnp.abs(want[name]).max())
+    assert float(jnp.abs(got[name] - want[name]).max()) < 5e-2 * scale
+    assert float(jnp.abs(got[name] - want[name]).max()) > 0  # It did compute in bf16.

@@ -110,7 +110,7 @@ def _evaluation_cases(config, dataset, final: bool) -> tuple[str, tuple]:
   """(split name, cases) evaluated: the `eval.case_list` file's cases if set and this is the final
   evaluation, else validation. Evaluations during training never read the list: no curve of it
   exists from which to pick a checkpoint."""
-  case_list = config.eval.get("case_list", "")
+  case_list = config.eval.case_list
   if case_list and final:
     return (pathlib.Path(case_list).stem,
             sources.load_evaluation_cases(config.data, case_list, dataset))
@@ -198,7 +198,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         f"{mesh.size} {jax.devices()[0].platform} device(s)")
 
   batch_sharding = parallel.data_sharding(mesh)
-  if config.data.get("on_device", False):
+  if config.data.on_device:
     device_data = device_crops.DeviceData(batches, parallel.replicated(mesh))
     print(f"training volumes on the device(s): {device_data.nbytes / 2**20:.0f} MiB")
     patch = tuple(config.data.patch_size)
@@ -263,7 +263,9 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state, record = _restore_latest(ckpt, state, workdir, required=True)
   ckpt.close()
   summary = _validate(method, state, dataset, config, workdir / f"eval_step{record['step']}")
-  print(f"{summary.get('split', 'validation')}: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluate.headline(summary).items()))
+  scores = evaluate.headline(summary)
+  print(f"{summary.get('split', 'validation')}: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
   return summary
 
 

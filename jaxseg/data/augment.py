@@ -18,14 +18,25 @@ import numpy as np
 from jaxseg.data.base import DataError
 
 
+def draw_rot_flip(rng: np.random.Generator) -> tuple[int, int]:
+  """(k, flip axis): k ~ U{0..3} first, then the axis ~ U{0, 1}, in the reference's order."""
+  k = int(rng.integers(0, 4))
+  return k, int(rng.integers(0, 2))
+
+
+def draw_crop_offsets(spatial: Sequence[int], patch: Sequence[int],
+                      rng: np.random.Generator) -> list[int]:
+  """o_i ~ U{0, ..., S_i - P_i - 1} (exclusive upper bound, as the reference); 0 where S_i <= P_i."""
+  return [int(rng.integers(0, s - p)) if s > p else 0 for s, p in zip(spatial, patch)]
+
+
 def random_rot_flip(image: np.ndarray, label: Optional[np.ndarray], rng: np.random.Generator):
   """Rotates by k*90 degrees in the plane of axes (0, 1), then flips along axis 0 or 1.
 
-  The draws follow the reference order: k ~ U{0..3} first, then the flip axis ~ U{0, 1}.
-  Returns (image, label) (label None if given None); the arrays are contiguous copies.
+  The draws are `draw_rot_flip`'s. Returns (image, label) (label None if given None); the arrays
+  are contiguous copies.
   """
-  k = int(rng.integers(0, 4))
-  axis = int(rng.integers(0, 2))
+  k, axis = draw_rot_flip(rng)
   image = np.flip(np.rot90(image, k, axes=(0, 1)), axis=axis)
   if label is not None:
     label = np.ascontiguousarray(np.flip(np.rot90(label, k, axes=(0, 1)), axis=axis))
@@ -67,7 +78,7 @@ def random_crop(image: np.ndarray, label: Optional[np.ndarray], patch: Sequence[
   elif any(s < p for s, p in zip(spatial, patch)):
     raise DataError(f"{source}: patch {patch} is larger than the volume {tuple(spatial)} and "
                     "padding is off (config data.pad_to_patch)")
-  offsets = [int(rng.integers(0, s - p)) if s > p else 0 for s, p in zip(spatial, patch)]
+  offsets = draw_crop_offsets(spatial, patch, rng)
   window = tuple(slice(o, o + p) for o, p in zip(offsets, patch))
   image = np.ascontiguousarray(image[window])
   if label is not None:

@@ -132,8 +132,12 @@ class TwoStreamBatches(Iterator[Batch]):
 
   # --- sample preparation ---------------------------------------------------------------------
 
+  def sample_rng(self, step: int, slot: int) -> np.random.Generator:
+    """The generator of the augmentation draws of sample `slot` (labeled first) of batch `step`."""
+    return np.random.default_rng([self.seed, _AUGMENT, step, slot])
+
   def _sample(self, case: Case, step: int, slot: int, with_label: bool):
-    rng = np.random.default_rng([self.seed, _AUGMENT, step, slot])
+    rng = self.sample_rng(step, slot)
     label = case.label if with_label else None
     image = case.image
     if self.augment:

@@ -28,7 +28,7 @@ import numpy as np
 
 from jaxseg.data import augment
 from jaxseg.data.base import Case, DataError
-from jaxseg.data.batches import _AUGMENT, Batch, TwoStreamBatches
+from jaxseg.data.batches import Batch, TwoStreamBatches
 
 IDENTITY = 8  # Branch of augmentation off; branches 0..7 are 2 * k + flip_axis.
 
@@ -128,16 +128,15 @@ def plan_batch(batches: TwoStreamBatches, shapes_l: np.ndarray, shapes_u: np.nda
   for name, indices, shapes, first_slot in streams:
     branch, start = [], []
     for slot, i in enumerate(indices):
-      rng = np.random.default_rng([batches.seed, _AUGMENT, step, first_slot + slot])
+      rng = batches.sample_rng(step, first_slot + slot)
       shape = tuple(int(s) for s in shapes[i])
       if batches.augment:
-        k, axis = int(rng.integers(0, 4)), int(rng.integers(0, 2))  # augment.random_rot_flip's order.
+        k, axis = augment.draw_rot_flip(rng)
         b = 2 * k + axis
       else:
         b = IDENTITY
       perm, reverse = _branch_transform(b, len(patch))
-      rotated = tuple(shape[p] for p in perm)
-      offset = [int(rng.integers(0, s - p)) if s > p else 0 for s, p in zip(rotated, patch)]
+      offset = augment.draw_crop_offsets(tuple(shape[p] for p in perm), patch, rng)
       branch.append(b)
       start.append(window_start(shape, perm, reverse, offset, patch))
     out[f"index_{name}"] = np.asarray(indices, np.int32)

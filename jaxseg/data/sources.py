@@ -125,10 +125,15 @@ def load_cases(cfg: ml_collections.ConfigDict) -> list[Case]:
   else:
     cases = folders2d.load_folder2d(_root(cfg), size=cfg.image_size or None,
                                     num_classes=cfg.num_classes, channels=cfg.channels or None)
-  if cfg.clip_percentiles or cfg.zscore:
-    clip = tuple(cfg.clip_percentiles) or None
-    cases = [preprocess.preprocess_case(c, clip=clip, zscore=cfg.zscore) for c in cases]
-  return cases
+  return _preprocessed(cfg, cases)
+
+
+def _preprocessed(cfg: ml_collections.ConfigDict, cases: list[Case]) -> list[Case]:
+  """`cases` clipped and z-scored as `cfg` says (unchanged when it says neither)."""
+  if not (cfg.clip_percentiles or cfg.zscore):
+    return cases
+  clip = tuple(cfg.clip_percentiles) or None
+  return [preprocess.preprocess_case(c, clip=clip, zscore=cfg.zscore) for c in cases]
 
 
 def load_dataset(cfg: ml_collections.ConfigDict) -> Dataset:
@@ -168,10 +173,7 @@ def load_evaluation_cases(cfg: ml_collections.ConfigDict, case_list: str,
     raise DataError(f"config eval.case_list = {case_list!r}: evaluation lists are read from the data "
                     f"root of data.source = 'la', not {cfg.source!r} (use the validation split)")
   root = _root(cfg)
-  cases = la.load_la(root, case_list)
-  if cfg.clip_percentiles or cfg.zscore:
-    clip = tuple(cfg.clip_percentiles) or None
-    cases = [preprocess.preprocess_case(c, clip=clip, zscore=cfg.zscore) for c in cases]
+  cases = _preprocessed(cfg, la.load_la(root, case_list))
   training = set(dataset.split.labeled) | set(dataset.split.unlabeled)
   leaked = sorted(c.case_id for c in cases if c.case_id in training)
   if leaked:

@@ -149,6 +149,11 @@ def model_kwargs(cfg: ml_collections.ConfigDict) -> dict:
   return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
 
 
+def all_images(batch) -> jax.Array:
+  """concat(x_𝓛, x_𝓤): the whole batch, labeled first, for one forward call (METHODS §1.3)."""
+  return jnp.concatenate([batch.image_l, batch.image_u])
+
+
 def scalar_metrics(**values: jax.Array) -> dict[str, jax.Array]:
   """Metrics dict of float32 scalars (what train_step returns for logging)."""
   return {k: jax.numpy.asarray(v, jax.numpy.float32) for k, v in values.items()}

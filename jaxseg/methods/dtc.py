@@ -158,7 +158,7 @@ def init(rng: jax.Array, config: ml_collections.ConfigDict, example_batch: Batch
 def train_step(state: State, batch: Batch, rng: jax.Array):
   """One SGD step on L over the whole batch (labeled then unlabeled) in one train-mode forward."""
   hp = state.hparams
-  images = jnp.concatenate([batch.image_l, batch.image_u])
+  images = base.all_images(batch)
 
   def loss_fn(params):
     outputs, stats = base.forward_train(state.seg, params, images, rng)

@@ -223,7 +223,7 @@ def student_update(state: State, batch: Batch, rng: jax.Array, consistency_fn: C
   hp = state.hparams
   num_labeled = batch.image_l.shape[0]
   weight = consistency_weight(state.student.step, hp)
-  images = jnp.concatenate([batch.image_l, batch.image_u])
+  images = base.all_images(batch)
 
   def objective(params):
     logits, stats = base.forward_train(state.student, params, images, rng)

@@ -151,11 +151,6 @@ def discriminate(disc: base.TrainState, params, sdm: jax.Array, images: jax.Arra
   return disc.apply_fn({"params": params}, sdm, images, train=True, rngs={"dropout": dropout_rng})
 
 
-def all_images(batch: Batch) -> jax.Array:
-  """concat(x_𝓛, x_𝓤): the whole batch, labeled first (one forward call, METHODS §1.3)."""
-  return jnp.concatenate([batch.image_l, batch.image_u])
-
-
 # ------------------------------------------------------------------------------------------------
 # The method.
 
@@ -203,7 +198,7 @@ def generator_objective(params, seg: base.TrainState, disc: base.TrainState, bat
     (L_G, (terms, updated segmenter batch_stats)).
   """
   num_labeled = batch.image_l.shape[0]
-  outputs, stats = base.forward_train(seg, params, all_images(batch), rng)
+  outputs, stats = base.forward_train(seg, params, base.all_images(batch), rng)
   d_logits = discriminate(disc, disc.params, outputs["sdf"][num_labeled:], batch.image_u)
   total, terms = generator_loss(outputs, batch.label_l, d_logits, seg.step, hp)
   return total, (terms, stats)
@@ -229,7 +224,7 @@ def discriminator_step(disc: base.TrainState, seg: base.TrainState, batch: Batch
   Returns:
     (disc, metrics: loss_discriminator and d_accuracy, of the logits before the update).
   """
-  images = all_images(batch)
+  images = base.all_images(batch)
   sdm = jax.lax.stop_gradient(base.forward_eval(seg, images)["sdf"])
   targets = discriminator_targets(batch.image_l.shape[0], batch.image_u.shape[0])
 

@@ -48,9 +48,10 @@ import ml_collections
 import nibabel as nib
 import numpy as np
 from PIL import Image, ImageDraw
+from jax.sharding import Mesh
 from scipy import ndimage
 
-from jaxseg import geometry, inference, metrics
+from jaxseg import geometry, inference, metrics, parallel
 from jaxseg.data import folders2d, la, msd, preprocess
 from jaxseg.data.base import Case, DataError, check_case
 
@@ -65,6 +66,7 @@ __all__ = [
     "predict_views",
     "summary_lines",
     "view_channels",
+    "window_batch_size",
     "window_geometry",
 ]
 
@@ -178,9 +180,16 @@ class _SelectView:
     return predict_fn(windows)[self.name]
 
 
+def window_batch_size(eval_cfg: ml_collections.ConfigDict, mesh: Optional[Mesh] = None) -> int:
+  """Windows per network call: `eval.batch_size`, rounded up to a multiple of the mesh's devices."""
+  n = mesh.size if mesh is not None else 1
+  return -(-int(eval_cfg.batch_size) // n) * n
+
+
 def predict_views(predict_fn: ViewsPredictFn, image: np.ndarray, eval_cfg: ml_collections.ConfigDict,
                   patch: Sequence[int], strides: Sequence[int],
-                  channels: Optional[dict[str, int]] = None) -> dict[str, np.ndarray]:
+                  channels: Optional[dict[str, int]] = None,
+                  mesh: Optional[Mesh] = None) -> dict[str, np.ndarray]:
   """Averaged sliding-window probabilities of every view, from one pass over the windows.
 
   Args:
@@ -190,16 +199,19 @@ def predict_views(predict_fn: ViewsPredictFn, image: np.ndarray, eval_cfg: ml_co
     patch: window size per spatial axis.
     strides: window step per spatial axis.
     channels: `view_channels(...)` when already known.
+    mesh: spread each batch of windows over these devices (`predict_fn`'s arrays replicated on
+      them); None: one device.
 
   Returns:
     {view: (*spatial, K_view) float32 probabilities}, in the method's view order.
   """
   predict_fn = _as_partial(predict_fn)
+  batch_size = window_batch_size(eval_cfg, mesh)
   if channels is None:
-    channels = view_channels(predict_fn, (eval_cfg.batch_size, *patch, image.shape[-1]))
+    channels = view_channels(predict_fn, (batch_size, *patch, image.shape[-1]))
   stacked = inference.sliding_window_predict(
       jax.tree_util.Partial(_concat_views, predict_fn), image, patch, strides,
-      batch_size=eval_cfg.batch_size, gaussian=eval_cfg.gaussian)
+      batch_size=batch_size, gaussian=eval_cfg.gaussian, mesh=mesh)
   bounds = np.cumsum(list(channels.values()))[:-1]
   return dict(zip(channels, np.split(np.asarray(stacked), bounds, axis=-1)))
 
@@ -229,8 +241,14 @@ def _postprocess(labels: np.ndarray, postprocess: str) -> np.ndarray:
 
 def evaluate(predict_fn: ViewsPredictFn, cases: Iterable[Case], eval_cfg: ml_collections.ConfigDict,
              num_classes: int, out_dir: Optional[PathLike] = None, *, patch_size: Sequence[int],
-             split_name: str = "validation") -> dict:
+             split_name: str = "validation", mesh: Optional[Mesh] = None) -> dict:
   """Scores every view of a method on labeled cases; writes the reports when `out_dir` is given.
+
+  Several devices: each batch of windows is spread over `mesh` (the devices of this process).
+  Several processes: every process scores every P-th case (its state must live on its own devices,
+  `parallel.local_replica`), the rows are gathered, and process 0 writes the reports (each process
+  writes the predictions of its cases, so `out_dir` should be on a shared file system). Every
+  process returns the same summary.
 
   Args:
     predict_fn: windows (B, *patch, C) -> {view: probabilities (B, *patch, K)}, e.g.
@@ -241,6 +259,7 @@ def evaluate(predict_fn: ViewsPredictFn, cases: Iterable[Case], eval_cfg: ml_col
     out_dir: folder for metrics.csv, summary.json, figure.png and predictions/; None writes nothing.
     patch_size: config.data.patch_size, used when eval.patch_size is empty.
     split_name: named in the summary (e.g. "validation", "test").
+    mesh: devices over which each batch of windows is spread; None: one device.
 
   Returns:
     The summary (the content of summary.json):
@@ -272,16 +291,15 @@ def evaluate(predict_fn: ViewsPredictFn, cases: Iterable[Case], eval_cfg: ml_col
   if save_predictions:
     (out / PREDICTIONS_DIR).mkdir(parents=True, exist_ok=True)
 
-  rows: list[dict] = []
-  pooled: dict[tuple[str, str, int], np.ndarray] = {}
-  tiles: list[Image.Image] = []
+  # Checked for all cases on every process before any work, so that all processes fail alike.
+  batch_size = window_batch_size(eval_cfg, mesh)
   channels_by_input: dict[int, dict[str, int]] = {}
   view_names: Optional[tuple[str, ...]] = None
   for case in cases:
     _check_eval_case(case, len(patch))
     num_channels = case.num_modalities
     if num_channels not in channels_by_input:
-      channels = view_channels(predict_fn, (eval_cfg.batch_size, *patch, num_channels))
+      channels = view_channels(predict_fn, (batch_size, *patch, num_channels))
       _check_view_classes(channels, num_classes)
       channels_by_input[num_channels] = channels
     channels = channels_by_input[num_channels]
@@ -290,7 +308,13 @@ def evaluate(predict_fn: ViewsPredictFn, cases: Iterable[Case], eval_cfg: ml_col
     elif tuple(channels) != view_names:
       raise ValueError(f"case {case.case_id!r}: views {tuple(channels)} differ from {view_names}")
 
-    probs = predict_views(predict_fn, case.image, eval_cfg, patch, strides, channels)
+  primary = jax.process_index() == 0
+  rows: list[dict] = []
+  pooled: dict[tuple[str, str, int], np.ndarray] = {}
+  tiles: list[Image.Image] = []
+  for case in cases[jax.process_index()::jax.process_count()]:
+    channels = channels_by_input[case.num_modalities]
+    probs = predict_views(predict_fn, case.image, eval_cfg, patch, strides, channels, mesh)
     labels = {view: _labels(p, eval_cfg.threshold) for view, p in probs.items()}
     for view, view_labels in labels.items():
       for post in postprocesses:
@@ -309,6 +333,8 @@ def evaluate(predict_fn: ViewsPredictFn, cases: Iterable[Case], eval_cfg: ml_col
     if out is not None and len(tiles) < eval_cfg.num_figure_cases:
       tiles.append(_figure_tile(case, labels[view_names[0]]))
 
+  if jax.process_count() > 1:
+    rows, pooled = _gather_scores(rows, pooled, [case.case_id for case in cases])
   summary = _summarize(rows, pooled, view_names, postprocesses, classes, is_2d)
   summary = {
       "split": split_name,
@@ -329,13 +355,29 @@ def evaluate(predict_fn: ViewsPredictFn, cases: Iterable[Case], eval_cfg: ml_col
       **summary,
   }
   summary = _json_safe(summary)
-  if out is not None:
+  if out is not None and primary:
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(out / "metrics.csv", rows)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     if tiles:
       _side_by_side(tiles).save(out / "figure.png")
   return summary
+
+
+def _gather_scores(rows: list[dict], pooled: dict, case_order: Sequence[str]
+                   ) -> tuple[list[dict], dict]:
+  """Every process's rows (in case order) and pooled pixel counts (summed), on every process."""
+  mine = {"rows": rows, "pooled": [[*key, counts.tolist()] for key, counts in pooled.items()]}
+  everyone = parallel.allgather_json(mine)
+  position = {case_id: i for i, case_id in enumerate(case_order)}
+  all_rows = sorted((row for part in everyone for row in part["rows"]),
+                    key=lambda row: position[row["case"]])  # Stable: a case's rows keep their order.
+  all_pooled: dict[tuple[str, str, int], np.ndarray] = {}
+  for part in everyone:
+    for view, post, c, counts in part["pooled"]:
+      total = all_pooled.setdefault((view, post, c), np.zeros(5, np.int64))
+      total += np.asarray(counts, np.int64)
+  return all_rows, all_pooled
 
 
 def _check_eval_case(case: Case, ndim: int) -> None:

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 __all__ = [
     "gaussian_importance_map",
@@ -129,6 +130,7 @@ def sliding_window_predict(
     batch_size: int = 8,
     gaussian: bool = False,
     sigma_scale: float = 0.125,
+    mesh: Optional[Mesh] = None,
 ) -> jax.Array:
   """Averaged per-voxel probabilities of a whole volume from overlapping windows (METHODS §1.6).
 
@@ -153,6 +155,9 @@ def sliding_window_predict(
     batch_size: windows per `predict_fn` call.
     gaussian: weight each window by `gaussian_importance_map` (nnU-Net) instead of uniformly.
     sigma_scale: σ / patch size of the Gaussian weights.
+    mesh: a 1-D device mesh over which each batch of windows is split (batch_size must be a multiple
+      of its size; `predict_fn`'s arrays replicated on it); the score map stays replicated. None: the
+      default placement (one device).
 
   Returns:
     (*spatial, K) float32 averaged probabilities, same spatial shape as `volume`.
@@ -169,14 +174,17 @@ def sliding_window_predict(
                      f"{patch_size}; got shape {volume.shape}.")
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+  if mesh is not None and batch_size % mesh.size:
+    raise ValueError(f"batch_size {batch_size} must be a multiple of the mesh's {mesh.size} devices.")
   if not isinstance(predict_fn, jax.tree_util.Partial):
     predict_fn = jax.tree_util.Partial(predict_fn)
   return _sliding_window_predict(predict_fn, volume, patch_size=patch_size, strides=strides,
                                  batch_size=int(batch_size), gaussian=bool(gaussian),
-                                 sigma_scale=float(sigma_scale))
+                                 sigma_scale=float(sigma_scale), mesh=mesh)
 
 
-@functools.partial(jax.jit, static_argnames=("patch_size", "strides", "batch_size", "gaussian", "sigma_scale"))
+@functools.partial(jax.jit, static_argnames=("patch_size", "strides", "batch_size", "gaussian", "sigma_scale",
+                                             "mesh"))
 def _sliding_window_predict(
     predict_fn: jax.tree_util.Partial,
     volume: jax.Array,
@@ -186,6 +194,7 @@ def _sliding_window_predict(
     batch_size: int,
     gaussian: bool,
     sigma_scale: float,
+    mesh: Optional[Mesh],
 ) -> jax.Array:
   """Jitted body of `sliding_window_predict` (same arguments, already validated)."""
   spatial_shape, num_channels = volume.shape[:-1], volume.shape[-1]
@@ -220,7 +229,12 @@ def _sliding_window_predict(
     """Adds one batch of windows to `totals` (*padded, K + 1): Σ weight·p in [..., :K], Σ weight in [..., K]."""
     first = batch_index * batch_size
     batch_starts = lax.dynamic_slice_in_dim(batch_starts_table, first, batch_size)  # (B, d)
-    probs = predict_fn(jax.vmap(cut_window)(batch_starts)).astype(jnp.float32)  # (B, *patch, K)
+    windows = jax.vmap(cut_window)(batch_starts)
+    if mesh is not None:  # Each device evaluates B / n windows; the sums are gathered back.
+      windows = lax.with_sharding_constraint(windows, NamedSharding(mesh, PartitionSpec(mesh.axis_names)))
+    probs = predict_fn(windows).astype(jnp.float32)  # (B, *patch, K)
+    if mesh is not None:
+      probs = lax.with_sharding_constraint(probs, NamedSharding(mesh, PartitionSpec()))
     contributions = jnp.concatenate(
         [probs * weight, jnp.broadcast_to(weight, (batch_size, *patch_size, 1))], axis=-1)
 

@@ -17,7 +17,7 @@ import json
 import pathlib
 import time
 from types import ModuleType
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import ml_collections
@@ -37,6 +37,8 @@ def train_config() -> ml_collections.ConfigDict:
       checkpoint_every=200,  # And at the end.
       eval_every=0,  # Validation during training (0: only at the end).
       keep_checkpoints=2,
+      # Several processes (hosts): parallel.distributed_config(); by default the environment decides.
+      distributed=parallel.distributed_config(),
   ))
 
 
@@ -52,7 +54,8 @@ def load_method(config: ml_collections.ConfigDict) -> ModuleType:
 
 # Keys that may change between a run and its resumption (everything else must match).
 _RESUMABLE_CHANGES = ("train.num_steps", "train.log_every", "train.eval_every", "eval.",
-                      "data.on_device")  # Same batches either way.
+                      "data.on_device",  # Same batches either way.
+                      "train.distributed.")  # Same global batch on any number of processes.
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -96,9 +99,27 @@ class Progress:
             f"ETA {int(eta // 60)}m{int(eta % 60):02d}s")
 
 
+class _NoWriter:
+  """The event writer of processes other than process 0."""
+
+  def add_scalar(self, *args, **kwargs) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
 def _writer(workdir: pathlib.Path):
+  if not parallel.is_primary():
+    return _NoWriter()
   import tensorboardX  # Imported here: only training writes event files.
   return tensorboardX.SummaryWriter(str(workdir / "tensorboard"))
+
+
+def _print(*args, **kwargs) -> None:
+  """Console output of process 0 only (every process runs the same loop)."""
+  if parallel.is_primary():
+    print(*args, **kwargs)
 
 
 def _predict_fn(method: ModuleType, state: Any):
@@ -121,12 +142,16 @@ def _validate(method, state, dataset, config, out_dir: Optional[pathlib.Path],
               final: bool = True) -> dict:
   split_name, cases = _evaluation_cases(config, dataset, final)
   if not cases:
-    print("no validation cases (config data.num_validation = 0): evaluation skipped")
+    _print("no validation cases (config data.num_validation = 0): evaluation skipped")
     return {}
+  # Windows are spread over this process's devices; processes share out the cases.
+  mesh = parallel.local_mesh()
+  if jax.process_count() > 1:
+    state = parallel.local_replica(state, mesh)
   return evaluate.evaluate(_predict_fn(method, state), cases, config.eval,
                            dataset.num_classes, out_dir,
                            patch_size=tuple(config.eval.patch_size or config.data.patch_size),
-                           split_name=split_name)
+                           split_name=split_name, mesh=mesh)
 
 
 def example_batch(config: ml_collections.ConfigDict, channels: int) -> Batch:
@@ -161,6 +186,32 @@ def _restore_latest(ckpt: checkpoint.Checkpointer, state: Any, workdir: pathlib.
   return ckpt.restore(step, state)
 
 
+def _host_batches(batches, sharding) -> Callable[[], Batch]:
+  """The next global batch from the host pipeline; each process prepares only its own rows."""
+  rows_l = parallel.local_rows(sharding, batches.batch_labeled)
+  rows_u = parallel.local_rows(sharding, batches.batch_unlabeled)
+
+  def next_batch() -> Batch:
+    local = batches.batch_at(batches.step, rows_l, rows_u)
+    batches.step += 1
+    return Batch(*(parallel.global_array(array, rows[0], (n, *array.shape[1:]), sharding)
+                   for array, rows, n in ((local.image_l, rows_l, batches.batch_labeled),
+                                          (local.label_l, rows_l, batches.batch_labeled),
+                                          (local.image_u, rows_u, batches.batch_unlabeled))))
+  return next_batch
+
+
+def _check_replicas(state: Any) -> None:
+  """Several processes: each holds a copy of the replicated state; they must be equal bit for bit
+  (a difference means the processes computed different things, e.g. from different data)."""
+  if jax.process_count() == 1:
+    return
+  digests = parallel.allgather_json(parallel.replica_digest(state))
+  if len(set(digests)) != 1:
+    raise RuntimeError(f"the processes' copies of the state differ: sha256 {digests}")
+  _print(f"state replicas agree on all {len(digests)} processes (sha256 {digests[0][:16]})")
+
+
 def _record(step: int, batches, train_key: jax.Array) -> dict:
   return {"step": step, "data": batches.get_state(),
           "train_key": np.asarray(jax.random.key_data(train_key)).tolist()}
@@ -172,8 +223,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Returns the final validation summary (also written to workdir/eval/summary.json).
   """
   workdir = pathlib.Path(workdir)
+  parallel.initialize_distributed(config.train.distributed)
   workdir.mkdir(parents=True, exist_ok=True)
   check_same_run(config, workdir)
+  parallel.sync("jaxseg: workdir checked")  # Before process 0 writes config.json.
   method = load_method(config)
   dataset = sources.load_dataset(config.data)
   mesh = parallel.make_mesh()
@@ -182,25 +235,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   channels = dataset.labeled[0].num_modalities
   state, train_key = _initial_state(method, config, channels, mesh)
   ckpt = _checkpointer(config, workdir)
-  (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
-  (workdir / "data_info.json").write_text(json.dumps({"channels": channels}))
-  dataset.split.write(workdir / "split.json")
+  if parallel.is_primary():
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
+    (workdir / "data_info.json").write_text(json.dumps({"channels": channels}))
+    dataset.split.write(workdir / "split.json")
 
   state, record = _restore_latest(ckpt, state, workdir, required=False)
   start = 0
   if record is not None:
     start = int(record["step"])
     batches.set_state(record["data"])
-    print(f"resuming from the checkpoint of step {start} in {workdir}")
+    _print(f"resuming from the checkpoint of step {start} in {workdir}")
   num_steps = config.train.num_steps
-  print(f"{config.method.name}: {len(dataset.labeled)} labeled / {len(dataset.unlabeled)} "
-        f"unlabeled / {len(dataset.validation)} validation cases; {num_steps} steps on "
-        f"{mesh.size} {jax.devices()[0].platform} device(s)")
+  processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
+  _print(f"{config.method.name}: {len(dataset.labeled)} labeled / {len(dataset.unlabeled)} "
+         f"unlabeled / {len(dataset.validation)} validation cases; {num_steps} steps on "
+         f"{mesh.size} {jax.devices()[0].platform} device(s){processes}")
 
   batch_sharding = parallel.data_sharding(mesh)
   if config.data.on_device:
     device_data = device_crops.DeviceData(batches, parallel.replicated(mesh))
-    print(f"training volumes on the device(s): {device_data.nbytes / 2**20:.0f} MiB")
+    _print(f"training volumes on the device(s): {device_data.nbytes / 2**20:.0f} MiB")
     patch = tuple(config.data.patch_size)
 
     def step_on_device(state, arrays, plan, key):
@@ -212,7 +267,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     step_fn = lambda state, key: jitted(state, device_data.arrays, device_data.next_plan(), key)
   else:
     jitted = jax.jit(method.train_step, donate_argnums=(0,))
-    step_fn = lambda state, key: jitted(state, jax.device_put(next(batches), batch_sharding), key)
+    next_batch = _host_batches(batches, batch_sharding)
+    step_fn = lambda state, key: jitted(state, next_batch(), key)
   writer = _writer(workdir)
   progress = Progress(start, num_steps)
   pending: list[dict] = []
@@ -226,13 +282,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         pending = []
         for k, v in means.items():
           writer.add_scalar(f"train/{k}", v, done)
-        print(progress.line(done, means), flush=True)
+        _print(progress.line(done, means), flush=True)
       if done % config.train.checkpoint_every == 0 or done == num_steps:
         ckpt.save(done, state, _record(done, batches, train_key))
       if config.train.eval_every and done % config.train.eval_every == 0 and done < num_steps:
         summary = _validate(method, state, dataset, config, None, final=False)
         _log_validation(writer, summary, done)
     ckpt.wait()
+    _check_replicas(state)
     summary = _validate(method, state, dataset, config, workdir / "eval")
     _log_validation(writer, summary, num_steps)
   finally:
@@ -248,7 +305,7 @@ def _log_validation(writer, summary: dict, step: int) -> None:
   split = summary.get("split", "validation")
   for k, v in scores.items():
     writer.add_scalar(f"{split}/{k}", v, step)
-  print(f"{split} at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()),
+  _print(f"{split} at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()),
         flush=True)
 
 
@@ -256,6 +313,7 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """--mode eval: evaluates the latest checkpoint of `workdir` on the validation split (or on the
   cases of `eval.case_list`)."""
   workdir = pathlib.Path(workdir)
+  parallel.initialize_distributed(config.train.distributed)
   method = load_method(config)
   dataset = sources.load_dataset(config.data)
   state, _ = _initial_state(method, config, dataset.labeled[0].num_modalities, parallel.make_mesh())
@@ -264,7 +322,7 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ckpt.close()
   summary = _validate(method, state, dataset, config, workdir / f"eval_step{record['step']}")
   scores = evaluate.headline(summary)
-  print(f"{summary.get('split', 'validation')}: "
+  _print(f"{summary.get('split', 'validation')}: "
         + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
   return summary
 

@@ -1,4 +1,5 @@
-"""Data parallelism: a train step sharded over 2 or 4 devices equals the step on 1 device."""
+"""Data parallelism: a train step sharded over 2 or 4 devices equals the step on 1 device; so does
+the sliding-window evaluation with its windows spread over 4 devices."""
 
 import os
 import pathlib
@@ -53,5 +54,54 @@ def test_sharded_step_equals_one_device_step(num_devices):
              NUM_DEVICES=str(num_devices), JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=_CACHE)
   result = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.startswith("OK")
+
+
+EVAL_SCRIPT = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    from jaxseg import inference, parallel
+    from jaxseg.models import get_model
+
+    assert len(jax.devices()) == 4
+    model = get_model("unet", num_classes=2, features=(4, 8))
+    volume = np.random.default_rng(0).normal(size=(29, 23, 17, 1)).astype(np.float32)
+    variables = model.init(jax.random.PRNGKey(0), volume[None, :16, :16, :8], train=False)
+
+    def probs(variables, windows):
+      return jax.nn.softmax(model.apply(variables, windows, train=False), axis=-1)
+
+    def predict(mesh):
+      v = jax.device_put(variables, parallel.replicated(mesh)) if mesh else variables
+      fn = jax.tree_util.Partial(probs, v)
+      return np.asarray(inference.sliding_window_predict(
+          fn, volume, (16, 16, 8), (5, 6, 3), batch_size=8, mesh=mesh))
+
+    one, four = predict(None), predict(parallel.make_mesh())
+    np.testing.assert_allclose(four, one, rtol=1e-5, atol=1e-6)
+    # Really split: each device convolves 2 of the 8 windows and the results are gathered.
+    mesh = parallel.make_mesh()
+    compiled = inference._sliding_window_predict.lower(
+        jax.tree_util.Partial(probs, jax.device_put(variables, parallel.replicated(mesh))), volume,
+        patch_size=(16, 16, 8), strides=(5, 6, 3), batch_size=8, gaussian=False, sigma_scale=0.125,
+        mesh=mesh).compile().as_text()
+    assert "all-gather" in compiled
+    assert one.shape == (29, 23, 17, 2)
+    try:
+      inference.sliding_window_predict(jax.tree_util.Partial(probs, variables), volume, (16, 16, 8),
+                                       (5, 6, 3), batch_size=6, mesh=parallel.make_mesh())
+      raise AssertionError("batch 6 on 4 devices was accepted")
+    except ValueError as e:
+      assert "multiple of the mesh's 4 devices" in str(e)
+    print("OK")
+""")
+
+
+def test_sliding_window_over_four_devices_equals_one_device():
+  """Evaluation: each batch of 8 windows split over 4 forced host devices, the same probabilities."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+             JAX_COMPILATION_CACHE_DIR=_CACHE)
+  result = subprocess.run([sys.executable, "-c", EVAL_SCRIPT], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.startswith("OK")

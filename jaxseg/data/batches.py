@@ -14,7 +14,7 @@ Every batch is a pure function of (seed, step): the iterator's whole state is it
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import flax.struct
 import numpy as np
@@ -146,18 +146,30 @@ class TwoStreamBatches(Iterator[Batch]):
                                        pad=self.pad_to_patch, source=case.source)
     return image.astype(np.float32, copy=False), label
 
-  def batch_at(self, step: int) -> Batch:
-    """The batch number `step` (0-based); a pure function of (seed, step)."""
+  def batch_at(self, step: int, labeled_rows: Optional[tuple[int, int]] = None,
+               unlabeled_rows: Optional[tuple[int, int]] = None) -> Batch:
+    """The batch number `step` (0-based); a pure function of (seed, step).
+
+    `labeled_rows` / `unlabeled_rows` = (first, last) prepare only those rows of each stream (the
+    share of one process in a multi-process run); by default all of them.
+    """
+    first_l, last_l = labeled_rows or (0, self.batch_labeled)
+    first_u, last_u = unlabeled_rows or (0, self.batch_unlabeled)
     images_l, labels_l = [], []
     for slot, i in enumerate(self.labeled_indices(step)):
-      image, label = self._sample(self.labeled[i], step, slot, with_label=True)
-      images_l.append(image)
-      labels_l.append(label.astype(np.int32, copy=False))
+      if first_l <= slot < last_l:
+        image, label = self._sample(self.labeled[i], step, slot, with_label=True)
+        images_l.append(image)
+        labels_l.append(label.astype(np.int32, copy=False))
     images_u = [self._sample(self.unlabeled[i], step, self.batch_labeled + slot, False)[0]
-                for slot, i in enumerate(self.unlabeled_indices(step))]
-    empty_u = np.zeros((0, *self.patch_size, self.channels), np.float32)
-    return Batch(image_l=np.stack(images_l), label_l=np.stack(labels_l),
-                 image_u=np.stack(images_u) if images_u else empty_u)
+                for slot, i in enumerate(self.unlabeled_indices(step)) if first_u <= slot < last_u]
+    channels = self.channels
+    return Batch(
+        image_l=np.stack(images_l) if images_l else np.zeros((0, *self.patch_size, channels),
+                                                             np.float32),
+        label_l=np.stack(labels_l) if labels_l else np.zeros((0, *self.patch_size), np.int32),
+        image_u=np.stack(images_u) if images_u else np.zeros((0, *self.patch_size, channels),
+                                                             np.float32))
 
   # --- iterator protocol and exact resume -----------------------------------------------------
 

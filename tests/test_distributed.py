@@ -116,3 +116,30 @@ def test_allgather_json_one_process_and_local_rows():
   mesh = parallel.make_mesh()
   assert parallel.local_rows(parallel.data_sharding(mesh), 4) == (0, 4)
   assert parallel.local_rows(parallel.data_sharding(mesh), 0) == (0, 0)
+
+
+SLURM_SCRIPT = """
+import jax
+from jaxseg import parallel
+assert parallel.initialize_distributed(parallel.distributed_config())
+print("process", jax.process_index(), "of", jax.process_count(), "devices", jax.device_count())
+"""
+
+
+def test_an_srun_step_of_two_tasks_joins_one_job(tmp_path):
+  """mode "auto" inside `srun -n 2` (its environment faked on localhost): JAX reads the SLURM job."""
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = {k: v for k, v in ENV.items() if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROC",
+                                                            "JAX_PROCESS_ID", "SLURM_", "OMPI_"))}
+  env.update(SLURM_JOB_ID="4242", SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
+             SLURM_STEP_NUM_TASKS="2", SLURM_LOCALID="0", JAX_COORDINATOR_PORT=str(port))
+  procs = [subprocess.Popen([sys.executable, "-c", SLURM_SCRIPT], cwd=REPO, text=True,
+                            env=dict(env, SLURM_PROCID=str(i)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE) for i in range(2)]
+  outputs = [p.communicate(timeout=120) for p in procs]
+  for p, (out, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-2000:]
+  assert [out.strip() for out, _ in outputs] == [f"process {i} of 2 devices 2" for i in range(2)]

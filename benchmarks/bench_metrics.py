@@ -26,9 +26,9 @@ from medpy.metric import binary as medpy_binary
 from scipy import ndimage
 
 from jaxseg import metrics
+from jaxseg.bench import LA_SHAPE, la_like_label
 from timing import median_seconds  # benchmarks/timing.py, beside this script
 
-LA_SHAPE = (183, 140, 88)
 AGREEMENT_RTOL = 1e-6
 
 
@@ -87,18 +87,6 @@ def la_labels(root: pathlib.Path, num_cases: int) -> Iterator[tuple[str, np.ndar
       yield case_id[:8], f["label"][:].astype(bool)
 
 
-def synthetic_label(shape=LA_SHAPE, foreground=0.09, seed=0) -> np.ndarray:
-  """An LA-like structure: a bumpy ellipsoid of `foreground` volume fraction, away from the edges.
-
-  The normalised radius of an ellipsoid spanning ~70 % of each axis is modulated by smooth noise
-  (clipped to +-30 %), then thresholded at the quantile that gives the requested foreground fraction.
-  """
-  axes = [np.linspace(-1.0, 1.0, s) / 0.7 for s in shape]
-  radius = np.sqrt(sum(a ** 2 for a in np.meshgrid(*axes, indexing="ij")))
-  bumps = ndimage.gaussian_filter(np.random.default_rng(seed).standard_normal(shape), 6.0)
-  field = radius * (1.0 + 0.15 * np.clip(bumps / bumps.std(), -2.0, 2.0))
-  return field < np.quantile(field, foreground)
-
 
 # ---------------------------------------------------------------------------------------------------
 
@@ -154,7 +142,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ground_truths = la_labels(args.la_root, args.cases)
     print(f"LA labels from {args.la_root} (first {args.cases} of train.list)")
   else:
-    ground_truths = [("synthetic", synthetic_label())]
+    ground_truths = [("synthetic", la_like_label())]
     print(f"synthetic {LA_SHAPE} blob")
   print(f"timings: median of {args.repeats}; medpy = hd95 + asd + assd (3 calls); "
         f"ours 1 call = surface_metrics; ours 3 calls = hd95 + asd + assd\n")

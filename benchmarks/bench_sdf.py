@@ -31,19 +31,11 @@ from scipy import ndimage
 from skimage import segmentation
 
 from jaxseg import geometry
+from jaxseg.bench import la_like_label
 from timing import median_seconds  # benchmarks/timing.py, beside this script
 
 AGREEMENT_ATOL = 1e-5
 
-
-
-def synthetic_label(shape, foreground=0.09, seed=0) -> np.ndarray:
-  """An LA-like atrium: a bumpy ellipsoid of `foreground` volume fraction, away from the crop edges."""
-  axes = [np.linspace(-1.0, 1.0, s) / 0.7 for s in shape]
-  radius = np.sqrt(sum(a ** 2 for a in np.meshgrid(*axes, indexing="ij")))
-  bumps = ndimage.gaussian_filter(np.random.default_rng(seed).standard_normal(shape), 6.0)
-  field = radius * (1.0 + 0.15 * np.clip(bumps / bumps.std(), -2.0, 2.0))
-  return field < np.quantile(field, foreground)
 
 
 def reference_compute_sdf(mask: np.ndarray) -> np.ndarray:
@@ -84,7 +76,7 @@ def main(argv: Optional[list[str]] = None) -> int:
   shape = tuple(int(s) for s in args.shape.split(","))
   block_sizes = [int(b) for b in args.block_elements.split(",")]
 
-  labels = np.stack([synthetic_label(shape, args.foreground, seed) for seed in range(args.batch)])
+  labels = np.stack([la_like_label(shape, args.foreground, seed) for seed in range(args.batch)])
   labels = labels.astype(np.uint8)
   device = jax.devices()[0]
   print(f"batch {labels.shape} uint8, foreground {100 * labels.mean():.1f} %, device {device.platform} "

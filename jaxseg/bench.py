@@ -16,8 +16,12 @@ does not depend on the values), the evaluation on one random volume of --eval_vo
 - XLA's FLOP count of one step (`cost_analysis`) and the achieved FLOP/s, against the device's
   dense peak where it is known (PEAK_FLOPS; bf16 tensor-core peak for GPUs, which fp32 does not
   reach: the ratio is an upper-bound utilisation);
-- evaluation: one sliding-window pass (the config's eval patch, strides, batch) over the volume:
-  seconds per volume and windows/s, after one untimed pass.
+- evaluation: one sliding-window pass (the config's eval patch, strides, batch; each batch of
+  windows spread over the devices) over the volume: seconds per volume and windows/s, after one
+  untimed pass;
+- with --medpy (needs the `bench` extra): the per-case metrics of the LA evaluation (Dice, Jaccard,
+  95HD, ASD) of an LA-sized synthetic prediction, `jaxseg.metrics.case_metrics` against medpy
+  0.5.2's dc + jc + hd95 + asd, as a time ratio, with the largest relative difference of the values.
 
 Speed is a measurement, not a test: numbers from different machines or runs are not comparable;
 compare ratios taken in one run.
@@ -38,8 +42,9 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
+from scipy import ndimage
 
-from jaxseg import evaluate, inference, parallel, train
+from jaxseg import evaluate, inference, metrics, parallel, train
 from jaxseg.data.batches import Batch
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -52,6 +57,11 @@ _EVAL_VOLUME = flags.DEFINE_string(
     "eval_volume", "", "Spatial shape of the evaluation volume, comma separated (e.g. 183,140,88, "
     "a typical LA case); empty: 1.5x the eval patch per axis; 'none': skip the evaluation.")
 _JSON = flags.DEFINE_string("json", "", "Also write the results to this JSON file.")
+_MEDPY = flags.DEFINE_bool("medpy", False, "Also time the evaluation metrics against medpy.")
+
+# A typical LA 2018 volume size (the 80 training volumes of the LA 2018 data set span
+# 148-244 x 132-160 x 88 in 78 distinct shapes; the median is 192 x 142.5 x 88).
+LA_SHAPE = (183, 140, 88)
 
 # Dense peak FLOP/s per device kind (vendor datasheets; bf16 tensor cores for GPUs, SXM parts).
 PEAK_FLOPS = {
@@ -87,6 +97,9 @@ class BenchResult:
   eval_windows: Optional[int] = None
   eval_s: Optional[float] = None
   eval_windows_per_s: Optional[float] = None
+  metrics_s: Optional[float] = None
+  medpy_metrics_s: Optional[float] = None
+  metrics_max_rel_diff: Optional[float] = None
 
 
 def random_batch(config: ml_collections.ConfigDict, channels: int, seed: int = 0) -> Batch:
@@ -175,10 +188,12 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int = 3, 
   if shape is not None:
     volume = np.random.default_rng(1).standard_normal((*shape, channels)).astype(np.float32)
     predict_fn = train._predict_fn(method, holder["state"])
-    views = evaluate.view_channels(predict_fn, (config.eval.batch_size, *eval_patch, channels))
+    window_batch = evaluate.window_batch_size(config.eval, mesh)
+    views = evaluate.view_channels(predict_fn, (window_batch, *eval_patch, channels))
 
     def one_pass():
-      return evaluate.predict_views(predict_fn, volume, config.eval, eval_patch, strides, views)
+      return evaluate.predict_views(predict_fn, volume, config.eval, eval_patch, strides, views,
+                                    mesh=mesh)
 
     one_pass()  # Compiles.
     (seconds,) = _timed(one_pass, 1)
@@ -186,6 +201,41 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int = 3, 
     result.eval_volume, result.eval_windows = shape, windows
     result.eval_s, result.eval_windows_per_s = seconds, windows / seconds
   return result
+
+
+def la_like_label(shape: Sequence[int] = LA_SHAPE, foreground: float = 0.09,
+                  seed: int = 0) -> np.ndarray:
+  """An LA-like atrium: a bumpy ellipsoid of `foreground` volume fraction, away from the edges.
+
+  The normalised radius of an ellipsoid spanning ~70 % of each axis is modulated by smooth noise
+  (clipped to +-30 %), then thresholded at the quantile that gives the requested foreground fraction.
+  """
+  axes = [np.linspace(-1.0, 1.0, s) / 0.7 for s in shape]
+  radius = np.sqrt(sum(a ** 2 for a in np.meshgrid(*axes, indexing="ij")))
+  bumps = ndimage.gaussian_filter(np.random.default_rng(seed).standard_normal(shape), 6.0)
+  field = radius * (1.0 + 0.15 * np.clip(bumps / bumps.std(), -2.0, 2.0))
+  return field < np.quantile(field, foreground)
+
+
+def compare_metrics_with_medpy(result: BenchResult, repeats: int = 3) -> None:
+  """Times one case's LA metrics (Dice, Jaccard, 95HD, ASD): ours in one call, medpy in four."""
+  from medpy.metric import binary as medpy_binary  # The `bench` extra.
+  gt = la_like_label()
+  pred = np.roll(ndimage.binary_dilation(gt, iterations=2), (3, -2, 1), axis=(0, 1, 2))
+
+  def ours():
+    s = metrics.case_metrics(pred.astype(np.int32), gt.astype(np.int32), classes=(1,))[1]
+    return s["dice"], s["jaccard"], s["hd95"], s["asd"]
+
+  def medpy():
+    return (medpy_binary.dc(pred, gt), medpy_binary.jc(pred, gt), medpy_binary.hd95(pred, gt),
+            medpy_binary.asd(pred, gt))
+
+  ours_values, medpy_values = ours(), medpy()
+  result.metrics_s = statistics.median(_timed(ours, repeats))
+  result.medpy_metrics_s = statistics.median(_timed(medpy, repeats))
+  result.metrics_max_rel_diff = max(abs(a - b) / max(abs(b), 1e-300)
+                                    for a, b in zip(ours_values, medpy_values))
 
 
 def format_result(r: BenchResult) -> str:
@@ -208,6 +258,11 @@ def format_result(r: BenchResult) -> str:
   if r.eval_s is not None:
     lines.append(f"  evaluation         {r.eval_s:8.3f} s per {'x'.join(map(str, r.eval_volume))} "
                  f"volume, {r.eval_windows} windows, {r.eval_windows_per_s:.1f} windows/s")
+  if r.metrics_s is not None:
+    lines.append(f"  metrics vs medpy   {r.metrics_s:8.3f} s per {'x'.join(map(str, LA_SHAPE))} case "
+                 f"(Dice, Jaccard, 95HD, ASD), medpy {r.medpy_metrics_s:.3f} s = "
+                 f"{r.medpy_metrics_s / r.metrics_s:.1f}x; largest relative difference "
+                 f"{r.metrics_max_rel_diff:.1e}")
   return "\n".join(lines)
 
 
@@ -228,6 +283,8 @@ def main(argv):
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  if _MEDPY.value:
+    compare_metrics_with_medpy(result)
   print(format_result(result))
   if _JSON.value:
     with open(_JSON.value, "w") as f:

@@ -50,3 +50,22 @@ def test_bad_eval_volume_is_one_error_line():
        "--warmup=0", "--eval_volume=20,20"], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1].startswith("error: --eval_volume '20,20' has 2 axes")
+
+
+def test_la_like_label_has_the_requested_foreground_away_from_the_edges():
+  label = bench.la_like_label((40, 36, 24), foreground=0.09)
+  assert label.dtype == bool and abs(label.mean() - 0.09) < 0.005
+  for axis in range(3):
+    assert not label.take(0, axis).any() and not label.take(-1, axis).any()
+
+
+def test_metrics_agree_with_medpy_and_are_timed():
+  pytest.importorskip("medpy")
+  result = bench.BenchResult(config="", device="", num_devices=1, global_batch=1, patch=(1,),
+                             compile_s=1.0, step_median_s=1.0, step_min_s=1.0, step_max_s=1.0,
+                             samples_per_s=1.0, voxels_per_s=1.0, step_flops=None,
+                             achieved_flops=None, peak_flops=None)
+  bench.compare_metrics_with_medpy(result, repeats=1)
+  assert result.metrics_max_rel_diff < 1e-6
+  assert result.metrics_s > 0 and result.medpy_metrics_s > 0
+  assert "metrics vs medpy" in bench.format_result(result)

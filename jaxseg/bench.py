@@ -18,7 +18,9 @@ does not depend on the values), the evaluation on one random volume of --eval_vo
   reach: the ratio is an upper-bound utilisation);
 - evaluation: one sliding-window pass (the config's eval patch, strides, batch; each batch of
   windows spread over the devices) over the volume: seconds per volume and windows/s, after one
-  untimed pass;
+  untimed pass; with --eval_sweep N, a sweep over N volumes of random LA-like sizes (scaled to the
+  eval patch), compilations included, as the evaluation of a test split runs (eval.shape_bucket
+  decides how many compilations it needs);
 - with --medpy (needs the `bench` extra): the per-case metrics of the LA evaluation (Dice, Jaccard,
   95HD, ASD) of an LA-sized synthetic prediction, `jaxseg.metrics.case_metrics` against medpy
   0.5.2's dc + jc + hd95 + asd, as a time ratio, with the largest relative difference of the values.
@@ -58,7 +60,13 @@ _EVAL_VOLUME = flags.DEFINE_string(
     "a typical LA case); empty: 1.5x the eval patch per axis; 'none': skip the evaluation.")
 _JSON = flags.DEFINE_string("json", "", "Also write the results to this JSON file.")
 _MEDPY = flags.DEFINE_bool("medpy", False, "Also time the evaluation metrics against medpy.")
+_EVAL_SWEEP = flags.DEFINE_integer(
+    "eval_sweep", 0, "Also time a sweep over this many volumes of LA-like random sizes (compilations "
+    "included), as an evaluation of a test split would run.")
 
+# The size range of the LA 2018 volumes (x, y, z) and the LA eval patch they go with.
+LA_SHAPE_RANGE = ((148, 244), (132, 160), (88, 88))
+LA_PATCH = (112, 112, 80)
 # A typical LA 2018 volume size (the 80 training volumes of the LA 2018 data set span
 # 148-244 x 132-160 x 88 in 78 distinct shapes; the median is 192 x 142.5 x 88).
 LA_SHAPE = (183, 140, 88)
@@ -97,6 +105,9 @@ class BenchResult:
   eval_windows: Optional[int] = None
   eval_s: Optional[float] = None
   eval_windows_per_s: Optional[float] = None
+  sweep_volumes: Optional[int] = None
+  sweep_s: Optional[float] = None
+  sweep_compilations: Optional[int] = None
   metrics_s: Optional[float] = None
   medpy_metrics_s: Optional[float] = None
   metrics_max_rel_diff: Optional[float] = None
@@ -145,8 +156,23 @@ def _eval_volume_shape(spec: str, patch: Sequence[int]) -> Optional[tuple]:
   return shape
 
 
+def sweep_shapes(num_volumes: int, patch: Sequence[int], seed: int = 0) -> list[tuple[int, ...]]:
+  """Random volume sizes in the LA 2018 range, scaled by patch / LA_PATCH per axis (3D patches);
+  half to twice the patch for other patches."""
+  rng = np.random.default_rng(seed)
+  shapes = []
+  for _ in range(num_volumes):
+    if len(patch) == 3:
+      shape = [int(round(rng.integers(lo, hi + 1) * p / ref))
+               for (lo, hi), p, ref in zip(LA_SHAPE_RANGE, patch, LA_PATCH)]
+    else:
+      shape = [int(rng.integers(p // 2, 2 * p + 1)) for p in patch]
+    shapes.append(tuple(max(s, 1) for s in shape))
+  return shapes
+
+
 def run(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int = 3, channels: int = 1,
-        eval_volume: str = "", name: str = "") -> BenchResult:
+        eval_volume: str = "", name: str = "", eval_sweep: int = 0) -> BenchResult:
   """Compiles and times `config`'s train step and one sliding-window evaluation."""
   if steps < 1 or warmup < 0:
     raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
@@ -200,6 +226,20 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int = 3, 
     windows = len(inference.window_starts(shape, eval_patch, strides)[0])
     result.eval_volume, result.eval_windows = shape, windows
     result.eval_s, result.eval_windows_per_s = seconds, windows / seconds
+
+  if eval_sweep:
+    rng = np.random.default_rng(2)
+    volumes = [rng.standard_normal((*shape, channels)).astype(np.float32)
+               for shape in sweep_shapes(eval_sweep, eval_patch)]
+    predict_fn = train._predict_fn(method, holder["state"])
+    window_batch = evaluate.window_batch_size(config.eval, mesh)
+    views = evaluate.view_channels(predict_fn, (window_batch, *eval_patch, channels))
+    compiled_before = inference._sliding_window_predict._cache_size()
+    start = time.perf_counter()
+    for volume in volumes:
+      evaluate.predict_views(predict_fn, volume, config.eval, eval_patch, strides, views, mesh=mesh)
+    result.sweep_volumes, result.sweep_s = eval_sweep, time.perf_counter() - start
+    result.sweep_compilations = inference._sliding_window_predict._cache_size() - compiled_before
   return result
 
 
@@ -258,6 +298,9 @@ def format_result(r: BenchResult) -> str:
   if r.eval_s is not None:
     lines.append(f"  evaluation         {r.eval_s:8.3f} s per {'x'.join(map(str, r.eval_volume))} "
                  f"volume, {r.eval_windows} windows, {r.eval_windows_per_s:.1f} windows/s")
+  if r.sweep_s is not None:
+    lines.append(f"  evaluation sweep   {r.sweep_s:8.2f} s for {r.sweep_volumes} volumes of LA-like "
+                 f"sizes, {r.sweep_compilations} new compilation(s)")
   if r.metrics_s is not None:
     lines.append(f"  metrics vs medpy   {r.metrics_s:8.3f} s per {'x'.join(map(str, LA_SHAPE))} case "
                  f"(Dice, Jaccard, 95HD, ASD), medpy {r.medpy_metrics_s:.3f} s = "
@@ -279,7 +322,8 @@ def main(argv):
     sys.exit(2)
   try:
     result = run(config, steps=_STEPS.value, warmup=_WARMUP.value, channels=_CHANNELS.value,
-                 eval_volume=_EVAL_VOLUME.value, name=flags.FLAGS["config"].serialize().split("=", 1)[-1])
+                 eval_volume=_EVAL_VOLUME.value, eval_sweep=_EVAL_SWEEP.value,
+                 name=flags.FLAGS["config"].serialize().split("=", 1)[-1])
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

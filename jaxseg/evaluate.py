@@ -39,6 +39,7 @@ import json
 import math
 import os
 import pathlib
+import time
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import h5py
@@ -96,7 +97,10 @@ def eval_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.patch_size = ()  # Window size; () = config.data.patch_size.
   c.strides = ()  # Window step per axis; () = half the patch (LA presets: (18, 18, 4)).
-  c.batch_size = 4  # Windows per network call.
+  c.batch_size = 4  # Windows per network call (rounded up to a multiple of the devices).
+  # Volumes are zero-padded to multiples of this per axis before the sliding window, so that volumes
+  # of different sizes share a compilation (LA: 4 instead of 78); the results do not change.
+  c.shape_bucket = 32
   c.threshold = 0.5  # Foreground threshold of one-channel views (strict >).
   c.gaussian = False  # nnU-Net Gaussian window weights instead of the reference's uniform ones.
   c.case_list = ""  # A list file under data.root (e.g. "test.list") evaluated instead of validation.
@@ -211,7 +215,8 @@ def predict_views(predict_fn: ViewsPredictFn, image: np.ndarray, eval_cfg: ml_co
     channels = view_channels(predict_fn, (batch_size, *patch, image.shape[-1]))
   stacked = inference.sliding_window_predict(
       jax.tree_util.Partial(_concat_views, predict_fn), image, patch, strides,
-      batch_size=batch_size, gaussian=eval_cfg.gaussian, mesh=mesh)
+      batch_size=batch_size, gaussian=eval_cfg.gaussian, mesh=mesh,
+      shape_bucket=eval_cfg.shape_bucket)
   bounds = np.cumsum(list(channels.values()))[:-1]
   return dict(zip(channels, np.split(np.asarray(stacked), bounds, axis=-1)))
 
@@ -309,12 +314,16 @@ def evaluate(predict_fn: ViewsPredictFn, cases: Iterable[Case], eval_cfg: ml_col
       raise ValueError(f"case {case.case_id!r}: views {tuple(channels)} differ from {view_names}")
 
   primary = jax.process_index() == 0
+  start = time.perf_counter()
+  window_seconds = 0.0
   rows: list[dict] = []
   pooled: dict[tuple[str, str, int], np.ndarray] = {}
   tiles: list[Image.Image] = []
   for case in cases[jax.process_index()::jax.process_count()]:
     channels = channels_by_input[case.num_modalities]
+    window_start = time.perf_counter()
     probs = predict_views(predict_fn, case.image, eval_cfg, patch, strides, channels, mesh)
+    window_seconds += time.perf_counter() - window_start  # predict_views returns host arrays.
     labels = {view: _labels(p, eval_cfg.threshold) for view, p in probs.items()}
     for view, view_labels in labels.items():
       for post in postprocesses:
@@ -345,6 +354,9 @@ def evaluate(predict_fn: ViewsPredictFn, cases: Iterable[Case], eval_cfg: ml_col
       "postprocesses": list(postprocesses),
       "empty_policy": eval_cfg.empty_policy,
       "threshold": float(eval_cfg.threshold),
+      # Wall-clock seconds of this process (process 0 with several): the sliding windows (with
+      # their compilations) and the whole evaluation before the reports are written.
+      "seconds": {"sliding_window": window_seconds, "total": time.perf_counter() - start},
       "units": {
           "dice": "fraction in [0, 1]", "jaccard": "fraction in [0, 1]",
           "mae": "fraction of wrong voxels in [0, 1]",
@@ -783,7 +795,8 @@ def predict_files(predict_fn: ViewsPredictFn, input_path: PathLike, output_dir: 
       raise DataError(f"view: {view!r} is not one of the method's views {names}")
     probs = inference.sliding_window_predict(
         jax.tree_util.Partial(_SelectView(name), predict_fn), image, patch, strides,
-        batch_size=eval_cfg.batch_size, gaussian=eval_cfg.gaussian)
+        batch_size=eval_cfg.batch_size, gaussian=eval_cfg.gaussian,
+        shape_bucket=eval_cfg.shape_bucket)
     labels = _labels(np.asarray(probs), eval_cfg.threshold)
     num_classes = max(2, channels_by_input[c][name])
     if data.original_size is not None:

@@ -5,11 +5,11 @@ than the patch, visits a regular grid of windows (x outer, ..., z inner), sums t
 probabilities into a score map, divides by the per-voxel window count (so it *averages probabilities*),
 crops the padding off and thresholds (one channel: `> 0.5`) or takes the argmax (several channels).
 
-Here the window grid is computed on the host from static shapes (`window_starts`), and everything else runs
-in one jitted function (`sliding_window_predict`): the windows are cut with `lax.dynamic_slice`, evaluated
-in fixed-size batches (the last batch is padded, so there is one compilation per volume shape), and their
-probabilities and weights are accumulated on the device with `lax.dynamic_update_slice` inside a
-`lax.fori_loop`. Windows are added one at a time in the reference's visiting order, so with uniform
+Here the window grid is computed on the host (`window_starts`) and passed to one jitted function as an
+array (`sliding_window_predict`): the windows are cut with `lax.dynamic_slice`, evaluated in fixed-size
+batches (the last batch is padded), and their probabilities and weights are accumulated on the device
+with `lax.dynamic_update_slice` inside a `lax.fori_loop`. The volume is zero-padded into a buffer whose
+shape may be rounded up (`shape_bucket`), so that volumes of different sizes share one compilation. Windows are added one at a time in the reference's visiting order, so with uniform
 weights the result equals the reference's sequential sum for every batch size (up to the predict
 function's own numerics).
 
@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 __all__ = [
     "gaussian_importance_map",
+    "bucket_shape",
     "probabilities_to_labels",
     "sliding_window_predict",
     "window_starts",
@@ -121,6 +122,13 @@ def gaussian_importance_map(patch_size: Sequence[int], sigma_scale: float = 0.12
   return jnp.maximum(weights, _MIN_GAUSSIAN_WEIGHT)
 
 
+def bucket_shape(shape: Sequence[int], bucket: int) -> tuple[int, ...]:
+  """`shape` rounded up per axis to a multiple of `bucket` (unchanged for bucket <= 1)."""
+  if bucket <= 1:
+    return tuple(int(s) for s in shape)
+  return tuple(-(-int(s) // bucket) * bucket for s in shape)
+
+
 def sliding_window_predict(
     predict_fn: PredictFn,
     volume: jax.Array,
@@ -131,6 +139,7 @@ def sliding_window_predict(
     gaussian: bool = False,
     sigma_scale: float = 0.125,
     mesh: Optional[Mesh] = None,
+    shape_bucket: int = 0,
 ) -> jax.Array:
   """Averaged per-voxel probabilities of a whole volume from overlapping windows (METHODS §1.6).
 
@@ -139,12 +148,18 @@ def sliding_window_predict(
   weight·probability and the weights per voxel on the device, divides, and crops the padding off. With
   `gaussian=False` (the reference) all weights are 1, i.e. the result is Σ_windows p / count.
 
-  Everything runs in one jitted function, compiled once per (volume shape, dtype, patch, strides,
-  batch_size, gaussian, sigma_scale, predict_fn); there is no host round trip per window. `predict_fn` is
-  passed to `jit` as a pytree: a plain function is cached by identity, and a `jax.tree_util.Partial` has
-  its bound arguments traced. For a model, pass
-  `jax.tree_util.Partial(apply_probs, variables)` with a fixed (e.g. module-level) `apply_probs(variables,
-  windows)`, so new weights reuse the compiled function instead of recompiling.
+  Everything runs in one jitted function; there is no host round trip per window. The window grid
+  is computed on the host and passed in as an array, so the compiled function depends on the shape
+  of the buffer the volume is padded into, not on the grid: with `shape_bucket = q` the buffer is
+  the (reference-padded) volume rounded up to multiples of q per axis, so that volumes of many sizes
+  (LA: 78 shapes in 80 volumes) share a few compilations (q = 32: 4 for LA). The extra zeros are
+  never inside a window (every window lies in the reference-padded volume), so the result does not
+  depend on q. It is compiled once per (buffer shape, dtype, patch, batch_size, gaussian,
+  sigma_scale, mesh, predict_fn). `predict_fn` is passed to `jit` as a pytree: a plain function is
+  cached by identity, and a `jax.tree_util.Partial` has its bound arguments traced. For a model,
+  pass `jax.tree_util.Partial(apply_probs, variables)` with a fixed (e.g. module-level)
+  `apply_probs(variables, windows)`, so new weights reuse the compiled function instead of
+  recompiling.
 
   Args:
     predict_fn: jittable `windows (B, *patch, C) -> probabilities (B, *patch, K)`; it must already apply
@@ -158,6 +173,7 @@ def sliding_window_predict(
     mesh: a 1-D device mesh over which each batch of windows is split (batch_size must be a multiple
       of its size; `predict_fn`'s arrays replicated on it); the score map stays replicated. None: the
       default placement (one device).
+    shape_bucket: round the padded volume up to multiples of this per axis (0 or 1: exact shapes).
 
   Returns:
     (*spatial, K) float32 averaged probabilities, same spatial shape as `volume`.
@@ -166,7 +182,8 @@ def sliding_window_predict(
     ValueError: `volume` is not (*spatial, C) with one spatial axis per patch entry, batch_size < 1, or
       `predict_fn` does not return (B, *patch, K).
   """
-  volume = jnp.asarray(volume)
+  # Host arrays are padded on the host (no device op compiled per shape).
+  volume = volume if isinstance(volume, jax.Array) else np.asarray(volume)
   patch_size = tuple(int(p) for p in patch_size)
   strides = tuple(int(s) for s in strides)
   if volume.ndim != len(patch_size) + 1:
@@ -176,42 +193,53 @@ def sliding_window_predict(
     raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
   if mesh is not None and batch_size % mesh.size:
     raise ValueError(f"batch_size {batch_size} must be a multiple of the mesh's {mesh.size} devices.")
+  if shape_bucket < 0:
+    raise ValueError(f"shape_bucket must be >= 0, got {shape_bucket}.")
   if not isinstance(predict_fn, jax.tree_util.Partial):
     predict_fn = jax.tree_util.Partial(predict_fn)
-  return _sliding_window_predict(predict_fn, volume, patch_size=patch_size, strides=strides,
-                                 batch_size=int(batch_size), gaussian=bool(gaussian),
-                                 sigma_scale=float(sigma_scale), mesh=mesh)
+
+  spatial_shape = volume.shape[:-1]
+  starts, pad_width = window_starts(spatial_shape, patch_size, strides)
+  padded_shape = tuple(s + left + right for s, (left, right) in zip(spatial_shape, pad_width))
+  buffer_shape = bucket_shape(padded_shape, shape_bucket)
+  # The table's length depends only on the buffer: the window count of the buffer's own grid bounds
+  # the count of any volume that fits in it (it grows with the size on every axis).
+  capacity = len(window_starts(buffer_shape, patch_size, strides)[0])
+  table = np.zeros((math.ceil(capacity / batch_size) * batch_size, len(patch_size)), np.int32)
+  table[:len(starts)] = starts  # Entries past the windows repeat window 0 and are never added.
+  buffer_pad = [(left, right + b - p)
+                for (left, right), p, b in zip(pad_width, padded_shape, buffer_shape)]
+  buffer = (np if isinstance(volume, np.ndarray) else jnp).pad(volume, (*buffer_pad, (0, 0)))
+  averaged = _sliding_window_predict(predict_fn, buffer, jnp.asarray(table), jnp.int32(len(starts)),
+                                     patch_size=patch_size, batch_size=int(batch_size),
+                                     gaussian=bool(gaussian), sigma_scale=float(sigma_scale),
+                                     mesh=mesh)
+  crop = tuple(slice(left, left + size) for (left, _), size in zip(pad_width, spatial_shape))
+  return averaged[crop]
 
 
-@functools.partial(jax.jit, static_argnames=("patch_size", "strides", "batch_size", "gaussian", "sigma_scale",
+@functools.partial(jax.jit, static_argnames=("patch_size", "batch_size", "gaussian", "sigma_scale",
                                              "mesh"))
 def _sliding_window_predict(
     predict_fn: jax.tree_util.Partial,
-    volume: jax.Array,
+    padded: jax.Array,
+    starts_table: jax.Array,
+    num_windows: jax.Array,
     *,
     patch_size: tuple[int, ...],
-    strides: tuple[int, ...],
     batch_size: int,
     gaussian: bool,
     sigma_scale: float,
     mesh: Optional[Mesh],
 ) -> jax.Array:
-  """Jitted body of `sliding_window_predict` (same arguments, already validated)."""
-  spatial_shape, num_channels = volume.shape[:-1], volume.shape[-1]
-  ndim = len(spatial_shape)
-  starts, pad_width = window_starts(spatial_shape, patch_size, strides)
-  padded = jnp.pad(volume, (*pad_width, (0, 0)))
-  padded_shape = padded.shape[:-1]
-
-  # Pad the window list to whole batches; the extra entries reuse window 0 and are never accumulated.
-  num_windows = starts.shape[0]
-  num_batches = math.ceil(num_windows / batch_size)
-  batch_starts_table = np.zeros((num_batches * batch_size, ndim), np.int32)
-  batch_starts_table[:num_windows] = starts
-  batch_starts_table = jnp.asarray(batch_starts_table)
+  """Jitted body of `sliding_window_predict`: the averaged probabilities over the whole buffer
+  `padded` (*buffer, C) from the first `num_windows` windows of `starts_table` (0 where no window
+  reaches)."""
+  padded_shape, num_channels = padded.shape[:-1], padded.shape[-1]
+  ndim = len(padded_shape)
 
   window_shape = (*patch_size, num_channels)
-  probs_spec = jax.eval_shape(predict_fn, jax.ShapeDtypeStruct((batch_size, *window_shape), volume.dtype))
+  probs_spec = jax.eval_shape(predict_fn, jax.ShapeDtypeStruct((batch_size, *window_shape), padded.dtype))
   if probs_spec.ndim != ndim + 2 or probs_spec.shape[:-1] != (batch_size, *patch_size):
     raise ValueError(f"predict_fn must map windows {(batch_size, *window_shape)} to probabilities "
                      f"{(batch_size, *patch_size)} + (K,); got {probs_spec.shape}.")
@@ -228,7 +256,7 @@ def _sliding_window_predict(
   def accumulate_batch(batch_index, totals):
     """Adds one batch of windows to `totals` (*padded, K + 1): Σ weight·p in [..., :K], Σ weight in [..., K]."""
     first = batch_index * batch_size
-    batch_starts = lax.dynamic_slice_in_dim(batch_starts_table, first, batch_size)  # (B, d)
+    batch_starts = lax.dynamic_slice_in_dim(starts_table, first, batch_size)  # (B, d)
     windows = jax.vmap(cut_window)(batch_starts)
     if mesh is not None:  # Each device evaluates B / n windows; the sums are gathered back.
       windows = lax.with_sharding_constraint(windows, NamedSharding(mesh, PartitionSpec(mesh.axis_names)))
@@ -247,10 +275,11 @@ def _sliding_window_predict(
     return lax.fori_loop(0, num_valid, add_window, totals)
 
   totals = jnp.zeros((*padded_shape, num_classes + 1), jnp.float32)
+  num_batches = (num_windows + batch_size - 1) // batch_size
   totals = lax.fori_loop(0, num_batches, accumulate_batch, totals)
-  averaged = totals[..., :num_classes] / totals[..., num_classes:]
-  crop = tuple(slice(left, left + size) for (left, _), size in zip(pad_width, spatial_shape))
-  return averaged[crop]
+  weights = totals[..., num_classes:]
+  # Buffer voxels outside every window (the bucket's margin) have no weight: 0 there, not 0 / 0.
+  return totals[..., :num_classes] / jnp.where(weights > 0, weights, 1.0)
 
 
 def probabilities_to_labels(probs: jax.Array, threshold: float = 0.5) -> jax.Array:

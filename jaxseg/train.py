@@ -305,7 +305,8 @@ def _log_validation(writer, summary: dict, step: int) -> None:
   split = summary.get("split", "validation")
   for k, v in scores.items():
     writer.add_scalar(f"{split}/{k}", v, step)
-  _print(f"{split} at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()),
+  _print(f"{split} at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+         + f" ({summary['num_cases']} cases in {summary['seconds']['total']:.1f} s)",
         flush=True)
 
 
@@ -323,7 +324,9 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
   summary = _validate(method, state, dataset, config, workdir / f"eval_step{record['step']}")
   scores = evaluate.headline(summary)
   _print(f"{summary.get('split', 'validation')}: "
-        + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+         + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+         + f" ({summary['num_cases']} cases in {summary['seconds']['total']:.1f} s, sliding "
+         f"windows {summary['seconds']['sliding_window']:.1f} s)")
   return summary
 
 

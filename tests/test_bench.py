@@ -19,7 +19,8 @@ def _tiny_config():
 
 
 def test_run_reports_finite_positive_figures():
-  result = bench.run(_tiny_config(), steps=2, warmup=1, eval_volume="20,20,20", name="tiny")
+  result = bench.run(_tiny_config(), steps=2, warmup=1, eval_volume="20,20,20", name="tiny",
+                     eval_sweep=3)
   assert result.global_batch == 2 and result.patch == (16, 16, 16) and result.num_devices == 1
   for value in (result.compile_s, result.step_median_s, result.samples_per_s, result.voxels_per_s,
                 result.eval_s, result.eval_windows_per_s):
@@ -31,8 +32,20 @@ def test_run_reports_finite_positive_figures():
   assert result.achieved_flops == pytest.approx(result.step_flops / result.step_median_s)
   # Eval windows: half-patch strides (8) over 20 voxels give ceil((20 - 16) / 8) + 1 = 2 per axis.
   assert result.eval_volume == (20, 20, 20) and result.eval_windows == 8
+  # Three LA-like sizes scaled to the 16^3 patch (about 21-35 x 19-23 x 18): one 32-voxel bucket.
+  assert result.sweep_volumes == 3 and result.sweep_s > 0 and result.sweep_compilations == 1
   report = bench.format_result(result)
   assert "train step" in report and "GFLOP/step" in report and "8 windows" in report
+  assert "3 volumes of LA-like sizes, 1 new compilation(s)" in report
+
+
+def test_sweep_shapes_scale_the_la_range_to_the_patch():
+  shapes = bench.sweep_shapes(50, (112, 112, 80))
+  assert len(set(shapes)) > 40
+  for x, y, z in shapes:
+    assert 148 <= x <= 244 and 132 <= y <= 160 and z == 88
+  half = bench.sweep_shapes(5, (56, 56, 40))
+  assert all(74 <= x <= 122 and 66 <= y <= 80 and z == 44 for x, y, z in half)
 
 
 def test_random_batch_has_the_configured_shapes_and_label_range():

@@ -232,6 +232,33 @@ def test_one_compilation_per_shape_and_weights_are_traced():
   assert inference._sliding_window_predict._cache_size() == compiled_before + 1
 
 
+def test_shape_buckets_share_one_compilation_and_change_nothing():
+  """Volumes of 4 sizes (one needing the reference's padding) padded into one 16-voxel bucket: one
+  compilation, and bit for bit the probabilities of the exact-shape runs."""
+
+  def apply_probs(params, windows):
+    return jax.nn.sigmoid(params["scale"] * windows + params["bias"])
+
+  p = {"scale": jnp.float32(1.5), "bias": jnp.float32(-0.2)}
+  fn = jax.tree_util.Partial(apply_probs, p)
+  rng = np.random.default_rng(4)
+  shapes = [(13, 11, 9), (16, 12, 10), (14, 15, 12), (5, 16, 9)]  # x = 5 < patch 6: padded to 6.
+  volumes = [rng.normal(size=(*shape, 1)).astype(np.float32) for shape in shapes]
+  compiled_before = inference._sliding_window_predict._cache_size()
+  for volume in volumes:
+    bucketed = inference.sliding_window_predict(fn, volume, (6, 6, 4), (3, 4, 2), batch_size=4,
+                                                shape_bucket=16)
+    assert bucketed.shape == (*volume.shape[:-1], 1)
+    expected = _naive_sliding_window(lambda w: apply_probs(p, w), volume, (6, 6, 4), (3, 4, 2))
+    np.testing.assert_allclose(np.asarray(bucketed), expected, atol=1e-6)
+    exact = inference.sliding_window_predict(fn, volume, (6, 6, 4), (3, 4, 2), batch_size=4)
+    np.testing.assert_array_equal(np.asarray(bucketed), np.asarray(exact))
+  # 1 bucketed (16, 16, 16) + 4 exact shapes.
+  assert inference._sliding_window_predict._cache_size() == compiled_before + 5
+  assert inference.bucket_shape((13, 16, 17), 16) == (16, 16, 32)
+  assert inference.bucket_shape((13, 16, 17), 0) == (13, 16, 17)
+
+
 def test_sliding_window_rejects_bad_shapes():
   volume = np.zeros((8, 8, 8, 1), np.float32)
   with pytest.raises(ValueError):

@@ -81,10 +81,9 @@ EVAL_SCRIPT = textwrap.dedent("""
     np.testing.assert_allclose(four, one, rtol=1e-5, atol=1e-6)
     # Really split: each device convolves 2 of the 8 windows and the results are gathered.
     mesh = parallel.make_mesh()
-    compiled = inference._sliding_window_predict.lower(
-        jax.tree_util.Partial(probs, jax.device_put(variables, parallel.replicated(mesh))), volume,
-        patch_size=(16, 16, 8), strides=(5, 6, 3), batch_size=8, gaussian=False, sigma_scale=0.125,
-        mesh=mesh).compile().as_text()
+    fn = jax.tree_util.Partial(probs, jax.device_put(variables, parallel.replicated(mesh)))
+    compiled = jax.jit(lambda v: inference.sliding_window_predict(
+        fn, v, (16, 16, 8), (5, 6, 3), batch_size=8, mesh=mesh)).lower(volume).compile().as_text()
     assert "all-gather" in compiled
     assert one.shape == (29, 23, 17, 2)
     try:

@@ -21,6 +21,11 @@ does not depend on the values), the evaluation on one random volume of --eval_vo
   untimed pass; with --eval_sweep N, a sweep over N volumes of random LA-like sizes (scaled to the
   eval patch), compilations included, as the evaluation of a test split runs (eval.shape_bucket
   decides how many compilations it needs);
+- with --torch (needs the `bench` extra and torch): the reference V-Net's supervised train step
+  (`bench_torch.TorchVNet`, 0.5 (CE + Dice), SGD) in PyTorch on the same device with the same global
+  batch, patch and width, and the PyTorch / JAX step-time ratio. Like for like with
+  configs/supervised_vnet.py; for other V-Net methods the JAX step does more (e.g. DTC's level-set
+  head and signed distance maps);
 - with --medpy (needs the `bench` extra): the per-case metrics of the LA evaluation (Dice, Jaccard,
   95HD, ASD) of an LA-sized synthetic prediction, `jaxseg.metrics.case_metrics` against medpy
   0.5.2's dc + jc + hd95 + asd, as a time ratio, with the largest relative difference of the values.
@@ -60,6 +65,10 @@ _EVAL_VOLUME = flags.DEFINE_string(
     "a typical LA case); empty: 1.5x the eval patch per axis; 'none': skip the evaluation.")
 _JSON = flags.DEFINE_string("json", "", "Also write the results to this JSON file.")
 _MEDPY = flags.DEFINE_bool("medpy", False, "Also time the evaluation metrics against medpy.")
+_TORCH = flags.DEFINE_bool(
+    "torch", False, "Also time the reference V-Net's supervised train step in PyTorch (the `bench` "
+    "extra) on the same device, batch and patch, and report the ratio.")
+_TORCH_STEPS = flags.DEFINE_integer("torch_steps", 0, "Timed PyTorch steps (0: --steps).")
 _EVAL_SWEEP = flags.DEFINE_integer(
     "eval_sweep", 0, "Also time a sweep over this many volumes of LA-like random sizes (compilations "
     "included), as an evaluation of a test split would run.")
@@ -105,6 +114,8 @@ class BenchResult:
   eval_windows: Optional[int] = None
   eval_s: Optional[float] = None
   eval_windows_per_s: Optional[float] = None
+  torch_device: Optional[str] = None
+  torch_step_median_s: Optional[float] = None
   sweep_volumes: Optional[int] = None
   sweep_s: Optional[float] = None
   sweep_compilations: Optional[int] = None
@@ -243,6 +254,25 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int = 3, 
   return result
 
 
+def compare_with_torch(config: ml_collections.ConfigDict, result: BenchResult, *, steps: int,
+                       warmup: int, channels: int) -> None:
+  """Times the reference V-Net's supervised step in PyTorch with the config's global batch, patch,
+  classes and V-Net width, on the device JAX runs on (CUDA for a GPU, else the CPU)."""
+  model = config.method.get("model")
+  if model is None or not str(model.get("name", "")).startswith("vnet"):
+    raise ValueError("--torch times a V-Net; config method.model.name is "
+                     f"{None if model is None else model.get('name')!r}")
+  from jaxseg import bench_torch  # The `bench` extra (torch).
+  device = "cuda" if jax.devices()[0].platform == "gpu" else "cpu"
+  times = bench_torch.vnet_train_step_seconds(
+      batch=result.global_batch, patch=result.patch, channels=channels,
+      num_classes=int(config.data.num_classes), n_filters=int(model.n_filters), device=device,
+      steps=steps, warmup=warmup)
+  result.torch_device = (f"torch {bench_torch.torch_version()} on "
+                         f"{bench_torch.device_description(device)}")
+  result.torch_step_median_s = statistics.median(times)
+
+
 def la_like_label(shape: Sequence[int] = LA_SHAPE, foreground: float = 0.09,
                   seed: int = 0) -> np.ndarray:
   """An LA-like atrium: a bumpy ellipsoid of `foreground` volume fraction, away from the edges.
@@ -298,6 +328,10 @@ def format_result(r: BenchResult) -> str:
   if r.eval_s is not None:
     lines.append(f"  evaluation         {r.eval_s:8.3f} s per {'x'.join(map(str, r.eval_volume))} "
                  f"volume, {r.eval_windows} windows, {r.eval_windows_per_s:.1f} windows/s")
+  if r.torch_step_median_s is not None:
+    lines.append(f"  PyTorch V-Net step {1e3 * r.torch_step_median_s:8.2f} ms median ({r.torch_device}; "
+                 f"supervised V-Net step, float32): PyTorch / JAX step time = "
+                 f"{r.torch_step_median_s / r.step_median_s:.2f}")
   if r.sweep_s is not None:
     lines.append(f"  evaluation sweep   {r.sweep_s:8.2f} s for {r.sweep_volumes} volumes of LA-like "
                  f"sizes, {r.sweep_compilations} new compilation(s)")
@@ -327,6 +361,13 @@ def main(argv):
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  if _TORCH.value:
+    try:
+      compare_with_torch(config, result, steps=_TORCH_STEPS.value or _STEPS.value,
+                         warmup=_WARMUP.value, channels=_CHANNELS.value)
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
   if _MEDPY.value:
     compare_metrics_with_medpy(result)
   print(format_result(result))

@@ -82,3 +82,15 @@ def test_metrics_agree_with_medpy_and_are_timed():
   assert result.metrics_max_rel_diff < 1e-6
   assert result.metrics_s > 0 and result.medpy_metrics_s > 0
   assert "metrics vs medpy" in bench.format_result(result)
+
+
+def test_torch_comparison_times_the_same_vnet_step():
+  pytest.importorskip("torch")
+  config = _tiny_config()
+  result = bench.run(config, steps=1, warmup=0, eval_volume="none", name="tiny")
+  bench.compare_with_torch(config, result, steps=2, warmup=1, channels=1)
+  assert result.torch_step_median_s > 0 and result.torch_device.startswith("torch ")
+  assert "PyTorch / JAX step time" in bench.format_result(result)
+  config.method.model.name = "unet"
+  with pytest.raises(ValueError, match="method.model.name is 'unet'"):
+    bench.compare_with_torch(config, result, steps=1, warmup=0, channels=1)

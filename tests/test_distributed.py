@@ -1,10 +1,12 @@
 """Several processes: two processes on localhost (jax.distributed over 127.0.0.1, launched by
 launch/localhost.sh) train the tiny config to completion, agree on the state, write the logs and
-reports once, and end where one process with two devices ends for the same global batch."""
+reports once, end where one process with two devices ends for the same global batch, and resume
+from their checkpoints (with device-resident data) to the same state bit for bit."""
 
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -42,13 +44,22 @@ def _params(workdir: pathlib.Path, step: int) -> list:
   return jax.tree_util.tree_leaves(checkpointer.restore(path, target))
 
 
-def test_two_processes_train_agree_and_match_one_process(tmp_path):
-  logs = tmp_path / "logs"
-  two = subprocess.run(
-      ["bash", "launch/localhost.sh", "2", sys.executable, *TINY, "--workdir", str(tmp_path / "two")],
+def _two_processes(workdir: pathlib.Path, logs: pathlib.Path, *extra: str) -> tuple[str, str]:
+  """Runs the tiny config in 2 processes (launch/localhost.sh); returns their console logs."""
+  run = subprocess.run(
+      ["bash", "launch/localhost.sh", "2", sys.executable, *TINY, "--workdir", str(workdir), *extra],
       cwd=REPO, env=dict(ENV, LOG_DIR=str(logs)), capture_output=True, text=True, timeout=400)
   log0, log1 = ((logs / f"process_{i}.log").read_text() for i in (0, 1))
-  assert two.returncode == 0, log0[-3000:] + log1[-3000:]
+  assert run.returncode == 0, log0[-3000:] + log1[-3000:]
+  return log0, log1
+
+
+def _state_digest(log: str) -> str:
+  return re.search(r"state replicas agree on all 2 processes \(sha256 (\w+)\)", log).group(1)
+
+
+def test_two_processes_train_agree_and_match_one_process(tmp_path):
+  log0, log1 = _two_processes(tmp_path / "two", tmp_path / "logs")
   assert "on 2 cpu device(s) in 2 processes" in log0
   assert "state replicas agree on all 2 processes" in log0  # The trainer compares the copies.
   assert "step 6/6" in log0 and "step 6/6" not in log1  # One console log.
@@ -77,6 +88,14 @@ def test_two_processes_train_agree_and_match_one_process(tmp_path):
   np.testing.assert_allclose(dice[1], dice[0], rtol=1e-6)
   assert sorted(p.name for p in (tmp_path / "two" / "eval" / "predictions").iterdir()) == \
       sorted(p.name for p in (tmp_path / "one" / "eval" / "predictions").iterdir())
+
+  # Stopped at step 3 and resumed to 6 with the training volumes on the devices: the same state,
+  # bit for bit (the processes restore their checkpoint parts and cut the same crops on the device).
+  _two_processes(tmp_path / "resumed", tmp_path / "logs_a", "--config.train.num_steps=3")
+  resumed, _ = _two_processes(tmp_path / "resumed", tmp_path / "logs_b", "--config.data.on_device=True")
+  assert "resuming from the checkpoint of step 3" in resumed
+  assert "training volumes on the device(s)" in resumed
+  assert _state_digest(resumed) == _state_digest(log0)
 
 
 def _distributed_cfg(**kw):

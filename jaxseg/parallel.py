@@ -28,8 +28,10 @@ DATA_AXIS = "data"
 
 
 def make_mesh(devices: Any = None) -> Mesh:
-  """A 1-D mesh over `devices` (default: all devices of all processes)."""
+  """A 1-D mesh over `devices` (default: all devices of all processes), process by process, so that
+  each process holds one contiguous block of every batch (`local_rows`)."""
   devices = jax.devices() if devices is None else devices
+  devices = sorted(devices, key=lambda d: (d.process_index, d.id))
   return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
@@ -135,8 +137,7 @@ def sync(name: str) -> None:
 def local_rows(sharding: NamedSharding, num_rows: int) -> tuple[int, int]:
   """[first, last) rows of a (num_rows, ...) array sharded by `sharding` held by this process.
 
-  The mesh lists the devices process by process (`jax.devices()` order), so each process holds one
-  contiguous block of rows.
+  `make_mesh` lists the devices process by process, so each process holds one contiguous block.
   """
   if num_rows == 0:
     return 0, 0

@@ -23,7 +23,8 @@ does not depend on the values), the evaluation on one random volume of --eval_vo
   decides how many compilations it needs);
 - with --torch (needs the `bench` extra and torch): the reference V-Net's supervised train step
   (`bench_torch.TorchVNet`, 0.5 (CE + Dice), SGD) in PyTorch on the same device with the same global
-  batch, patch and width, and the PyTorch / JAX step-time ratio. Like for like with
+  batch, patch and width, and the PyTorch / JAX step-time ratio (JAX then preallocates half of a
+  GPU's memory instead of 75 %, leaving PyTorch the rest). Like for like with
   configs/supervised_vnet.py; for other V-Net methods the JAX step does more (e.g. DTC's level-set
   head and signed distance maps);
 - with --medpy (needs the `bench` extra): the per-case metrics of the LA evaluation (Dice, Jaccard,
@@ -340,7 +341,19 @@ def format_result(r: BenchResult) -> str:
   return "\n".join(lines)
 
 
+def _share_gpu_memory_with_torch() -> None:
+  """With --torch both frameworks allocate on one GPU, and JAX by default takes 75 % of its memory
+  at start-up: cap JAX at half (before its backend starts) unless the user set a policy."""
+  import os
+  if not any(k in os.environ for k in ("XLA_PYTHON_CLIENT_MEM_FRACTION",
+                                        "XLA_PYTHON_CLIENT_PREALLOCATE",
+                                        "XLA_PYTHON_CLIENT_ALLOCATOR")):
+    os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = "0.5"
+
+
 def main(argv):
+  if _TORCH.value:
+    _share_gpu_memory_with_torch()
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   jax.config.update("jax_enable_compilation_cache", False)

@@ -26,7 +26,7 @@ from medpy.metric import binary as medpy_binary
 from scipy import ndimage
 
 from jaxseg import metrics
-from jaxseg.bench import LA_SHAPE, la_like_label
+from jaxseg.bench import LA_SHAPE, dilate_and_shift, la_like_label
 from timing import median_seconds  # benchmarks/timing.py, beside this script
 
 AGREEMENT_RTOL = 1e-6
@@ -52,11 +52,6 @@ def our_values_three_calls(pred, gt, spacing) -> tuple[float, float, float]:
 
 # ---------------------------------------------------------------------------------------------------
 # Predictions: realistic perturbations of a ground-truth mask.
-
-
-def dilate_and_shift(gt: np.ndarray) -> np.ndarray:
-  """Over-segmentation by 2 voxels, displaced by (3, -2, 1) voxels."""
-  return np.roll(ndimage.binary_dilation(gt, iterations=2), (3, -2, 1), axis=(0, 1, 2))
 
 
 def erode_and_shift(gt: np.ndarray) -> np.ndarray:

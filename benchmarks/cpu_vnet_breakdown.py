@@ -14,7 +14,6 @@ Prints, median of 3 after one untimed call, in one run:
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
@@ -24,16 +23,13 @@ import torch
 from jaxseg import bench_torch
 from jaxseg.models import get_model
 from jaxseg.models.layers import conv3d_as_stacked2d
+from timing import median_seconds  # benchmarks/timing.py, beside this script
 
 
 def median_ms(fn, repeats: int = 3) -> float:
+  """Median milliseconds of `fn` after one untimed call (compilation, warm-up)."""
   jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return 1e3 * float(np.median(times))
+  return 1e3 * median_seconds(lambda: jax.block_until_ready(fn()), repeats)[0]
 
 
 def jax_vnet(impl: str, x: np.ndarray, n_filters: int) -> tuple[float, float, float]:

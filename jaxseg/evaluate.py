@@ -313,7 +313,7 @@ def evaluate(predict_fn: ViewsPredictFn, cases: Iterable[Case], eval_cfg: ml_col
     elif tuple(channels) != view_names:
       raise ValueError(f"case {case.case_id!r}: views {tuple(channels)} differ from {view_names}")
 
-  primary = jax.process_index() == 0
+  primary = parallel.is_primary()
   start = time.perf_counter()
   window_seconds = 0.0
   rows: list[dict] = []

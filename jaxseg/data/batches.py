@@ -163,13 +163,13 @@ class TwoStreamBatches(Iterator[Batch]):
         labels_l.append(label.astype(np.int32, copy=False))
     images_u = [self._sample(self.unlabeled[i], step, self.batch_labeled + slot, False)[0]
                 for slot, i in enumerate(self.unlabeled_indices(step)) if first_u <= slot < last_u]
-    channels = self.channels
-    return Batch(
-        image_l=np.stack(images_l) if images_l else np.zeros((0, *self.patch_size, channels),
-                                                             np.float32),
-        label_l=np.stack(labels_l) if labels_l else np.zeros((0, *self.patch_size), np.int32),
-        image_u=np.stack(images_u) if images_u else np.zeros((0, *self.patch_size, channels),
-                                                             np.float32))
+    image_shape = (*self.patch_size, self.channels)
+
+    def stack(arrays, shape, dtype):  # A stream may have no rows here (B_u = 0, or another process's).
+      return np.stack(arrays) if arrays else np.zeros((0, *shape), dtype)
+    return Batch(image_l=stack(images_l, image_shape, np.float32),
+                 label_l=stack(labels_l, self.patch_size, np.int32),
+                 image_u=stack(images_u, image_shape, np.float32))
 
   # --- iterator protocol and exact resume -----------------------------------------------------
 

@@ -48,14 +48,27 @@ def fast_compile():
   jax.config.update("jax_disable_most_optimizations", previous)
 
 
+def two_stream_batch(image_l, label_l, image_u):
+  """The training batch of labeled images (B_l, *patch, C), their labels (B_l, *patch) and
+  unlabeled images (B_u, *patch, C). Tests build batches only here, so that a change of the batch
+  layout changes one function."""
+  from jaxseg.data.batches import Batch
+  return Batch(image_l=image_l, label_l=label_l, image_u=image_u)
+
+
+def predict_probs(method, state, images):
+  """`method.predict` on images (B, *patch, C): {view: probabilities}. Tests call predict only
+  here, so that a change of the prediction inputs changes one function."""
+  return method.predict(state, images)
+
+
 def learnable_batch(patch, b_l: int = 2, b_u: int = 2, seed: int = 0):
   """A fake two-stream batch a segmenter can fit: the label is the image thresholded at 0.3."""
   import numpy as np
-  from jaxseg.data.batches import Batch
   rng = np.random.default_rng(seed)
   image = rng.normal(size=(b_l + b_u, *patch, 1)).astype(np.float32)
   label = (image[..., 0] > 0.3).astype(np.int32)
-  return Batch(image_l=image[:b_l], label_l=label[:b_l], image_u=image[b_l:])
+  return two_stream_batch(image[:b_l], label[:b_l], image[b_l:])
 
 
 def small_config(method, num_classes: int = 2, **overrides):

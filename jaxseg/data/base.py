@@ -7,7 +7,8 @@ Arrays are channels-last. A 3D case has image (X, Y, Z, C) and label (X, Y, Z); 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+import types
+from typing import Mapping, Optional
 
 import numpy as np
 
@@ -27,6 +28,13 @@ class Case:
     spacing: voxel size per spatial axis, in mm (1.0 when the format has none, e.g. LA h5).
     affine: 4x4 voxel-to-world matrix for NIfTI sources (kept to write predictions back), else None.
     source: path of the file the case came from; named in every error about it.
+    modalities: the name of each channel of `image` (e.g. ("flair", "t1", "t1ce", "t2")); () means
+      unnamed (`modality_names` then says "channel0", ...).
+    modality_mask: (C,) bool, which channels were acquired; None = all of them. A missing
+      modality's channel holds zeros; methods read the mask from the batch ("modality_mask").
+    fields: further per-voxel arrays of the case, each (*spatial, ...) (e.g. a prior map). They are
+      inputs, not targets: batches, crops and the sliding window carry them beside "image" under
+      their own names, for labeled and unlabeled cases alike.
   """
 
   case_id: str
@@ -35,6 +43,10 @@ class Case:
   spacing: tuple[float, ...]
   affine: Optional[np.ndarray] = None
   source: str = "<memory>"
+  modalities: tuple[str, ...] = ()
+  modality_mask: Optional[np.ndarray] = None
+  fields: Mapping[str, np.ndarray] = dataclasses.field(
+      default_factory=lambda: types.MappingProxyType({}))
 
   @property
   def spatial_shape(self) -> tuple[int, ...]:
@@ -48,6 +60,18 @@ class Case:
   @property
   def num_modalities(self) -> int:
     return self.image.shape[-1]
+
+  @property
+  def modality_names(self) -> tuple[str, ...]:
+    """The channels' names: `modalities`, or "channel0", "channel1", ... when unnamed."""
+    return self.modalities or tuple(f"channel{i}" for i in range(self.num_modalities))
+
+  @property
+  def present(self) -> np.ndarray:
+    """(C,) bool: which modalities the case has (`modality_mask`, all True when None)."""
+    if self.modality_mask is None:
+      return np.ones(self.num_modalities, bool)
+    return np.asarray(self.modality_mask, bool)
 
   def replace(self, **changes) -> "Case":
     return dataclasses.replace(self, **changes)
@@ -70,6 +94,20 @@ def check_case(case: Case, num_classes: Optional[int] = None) -> Case:
     raise DataError(f"{where}: image has {bad} NaN/inf intensities")
   if len(case.spacing) != case.ndim:
     raise DataError(f"{where}: spacing {case.spacing} does not have {case.ndim} entries")
+  if case.modalities and len(case.modalities) != case.num_modalities:
+    raise DataError(f"{where}: {len(case.modalities)} modality names {case.modalities} for "
+                    f"{case.num_modalities} channel(s)")
+  if case.modality_mask is not None:
+    mask = np.asarray(case.modality_mask)
+    if mask.shape != (case.num_modalities,) or mask.dtype != bool or not mask.any():
+      raise DataError(f"{where}: modality_mask must be ({case.num_modalities},) bool with at least "
+                      f"one modality present, got {mask.dtype} {mask.shape} {mask.tolist()}")
+  for name, field in case.fields.items():
+    if name in ("image", "label", "modality_mask"):
+      raise DataError(f"{where}: field name {name!r} is reserved")
+    if tuple(np.shape(field)[:case.ndim]) != case.spatial_shape:
+      raise DataError(f"{where}: field {name!r} has shape {np.shape(field)}, not the image's "
+                      f"spatial shape {case.spatial_shape} first")
   if case.label is not None:
     if tuple(case.label.shape) != case.spatial_shape:
       raise DataError(f"{where}: image shape {case.spatial_shape} and label shape "

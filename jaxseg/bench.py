@@ -129,10 +129,11 @@ def random_batch(config: ml_collections.ConfigDict, channels: int, seed: int = 0
   """A batch of the configured shapes with random images and labels in [0, num_classes)."""
   rng = np.random.default_rng(seed)
   example = train.example_batch(config, channels)
-  return Batch(
-      image_l=rng.standard_normal(example.image_l.shape, np.float32),
-      label_l=rng.integers(0, config.data.num_classes, example.label_l.shape, dtype=np.int32),
-      image_u=rng.standard_normal(example.image_u.shape, np.float32))
+  image_l = rng.standard_normal(example.labeled["image"].shape, np.float32)
+  label_l = rng.integers(0, config.data.num_classes, example.labeled["label"].shape, dtype=np.int32)
+  image_u = rng.standard_normal(example.unlabeled["image"].shape, np.float32)
+  return Batch(labeled=dict(example.labeled, image=image_l, label=label_l),
+               unlabeled=dict(example.unlabeled, image=image_u))
 
 
 def step_flops(compiled: Any) -> Optional[float]:

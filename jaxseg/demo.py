@@ -61,8 +61,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for _ in range(config.num_batches):
     batch = next(batches)
   batch_seconds = (time.perf_counter() - start) / config.num_batches
-  print(f"batches: image_l {batch.image_l.shape}, label_l {batch.label_l.shape}, image_u "
-        f"{batch.image_u.shape}; {1 / batch_seconds:.1f} batches/s on the host")
+  shapes = {f"{stream}/{name}": a.shape for stream, fields in (("labeled", batch.labeled),
+                                                                ("unlabeled", batch.unlabeled))
+            for name, a in fields.items()}
+  print(f"batches: {shapes}; {1 / batch_seconds:.1f} batches/s on the host")
 
   threshold = best_threshold(dataset.labeled)
   rows = score_threshold(dataset.validation, threshold, config.empty_policy)

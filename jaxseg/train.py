@@ -17,7 +17,7 @@ import json
 import pathlib
 import time
 from types import ModuleType
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import jax
 import ml_collections
@@ -26,7 +26,7 @@ import numpy as np
 from jaxseg import checkpoint, evaluate, parallel
 from jaxseg.data import device_crops, sources
 from jaxseg.data.base import DataError
-from jaxseg.data.batches import Batch
+from jaxseg.data.batches import Batch, BatchSpec, zero_batch
 
 
 def train_config() -> ml_collections.ConfigDict:
@@ -43,13 +43,17 @@ def train_config() -> ml_collections.ConfigDict:
 
 
 def load_method(config: ml_collections.ConfigDict) -> ModuleType:
+  """The method module: `jaxseg.methods.<method.name>`, or, for a name with a dot, the module of
+  that import path (a method kept outside the package, e.g. "myproject.methods.mine")."""
   name = config.method.name
+  module = name if "." in name else f"jaxseg.methods.{name}"
   try:
-    return importlib.import_module(f"jaxseg.methods.{name}")
+    return importlib.import_module(module)
   except ModuleNotFoundError as e:
-    if e.name != f"jaxseg.methods.{name}":
+    if e.name != module:
       raise
-    raise DataError(f"config method.name = {name!r}: no module jaxseg/methods/{name}.py") from None
+    where = f"module {name}" if "." in name else f"module jaxseg/methods/{name}.py"
+    raise DataError(f"config method.name = {name!r}: no {where}") from None
 
 
 # Keys that may change between a run and its resumption (everything else must match).
@@ -122,9 +126,15 @@ def _print(*args, **kwargs) -> None:
     print(*args, **kwargs)
 
 
+def _predict_images(predict, state, images):
+  # Until the evaluation passes the inputs dict: windows of the image, all modalities present.
+  mask = jax.numpy.ones((images.shape[0], images.shape[-1]), bool)
+  return predict(state, {"image": images, "modality_mask": mask})
+
+
 def _predict_fn(method: ModuleType, state: Any):
   # A Partial makes the state a traced argument: new weights do not recompile the window loop.
-  return jax.tree_util.Partial(method.predict, state)
+  return jax.tree_util.Partial(_predict_images, jax.tree_util.Partial(method.predict), state)
 
 
 def _evaluation_cases(config, dataset, final: bool) -> tuple[str, tuple]:
@@ -154,17 +164,24 @@ def _validate(method, state, dataset, config, out_dir: Optional[pathlib.Path],
                            split_name=split_name, mesh=mesh)
 
 
-def example_batch(config: ml_collections.ConfigDict, channels: int) -> Batch:
-  """A zero batch of the configured shapes: all `method.init` needs to build the networks."""
-  patch, d = tuple(config.data.patch_size), config.data
-  return Batch(image_l=np.zeros((d.batch_labeled, *patch, channels), np.float32),
-               label_l=np.zeros((d.batch_labeled, *patch), np.int32),
-               image_u=np.zeros((d.batch_unlabeled, *patch, channels), np.float32))
+def batch_spec(config: ml_collections.ConfigDict, spec: Union[int, BatchSpec]) -> BatchSpec:
+  """`spec`, or for a channel count the spec of plain images of that many channels (no fields)."""
+  if isinstance(spec, BatchSpec):
+    return spec
+  return BatchSpec(tuple(int(p) for p in config.data.patch_size), int(spec))
 
 
-def _initial_state(method: ModuleType, config: ml_collections.ConfigDict, channels: int, mesh):
+def example_batch(config: ml_collections.ConfigDict, spec: Union[int, BatchSpec]) -> Batch:
+  """A zero batch of the configured shapes (`spec`, or a channel count): all `method.init` needs
+  to build the networks."""
+  return zero_batch(batch_spec(config, spec), config.data.batch_labeled,
+                    config.data.batch_unlabeled)
+
+
+def _initial_state(method: ModuleType, config: ml_collections.ConfigDict,
+                   spec: Union[int, BatchSpec], mesh):
   init_key, train_key = jax.random.split(jax.random.PRNGKey(config.seed))
-  example = example_batch(config, channels)
+  example = example_batch(config, spec)
   # Jitted: flax initialisation op by op is slow (seconds per network on CPU).
   state = jax.jit(lambda key: method.init(key, config, example),
                   out_shardings=parallel.replicated(mesh))(init_key)
@@ -191,13 +208,15 @@ def _host_batches(batches, sharding) -> Callable[[], Batch]:
   rows_l = parallel.local_rows(sharding, batches.batch_labeled)
   rows_u = parallel.local_rows(sharding, batches.batch_unlabeled)
 
+  def stream(arrays: dict, rows: tuple[int, int], n: int) -> dict:
+    return jax.tree.map(
+        lambda a: parallel.global_array(a, rows[0], (n, *a.shape[1:]), sharding), arrays)
+
   def next_batch() -> Batch:
     local = batches.batch_at(batches.step, rows_l, rows_u)
     batches.step += 1
-    return Batch(*(parallel.global_array(array, rows[0], (n, *array.shape[1:]), sharding)
-                   for array, rows, n in ((local.image_l, rows_l, batches.batch_labeled),
-                                          (local.label_l, rows_l, batches.batch_labeled),
-                                          (local.image_u, rows_u, batches.batch_unlabeled))))
+    return Batch(labeled=stream(local.labeled, rows_l, batches.batch_labeled),
+                 unlabeled=stream(local.unlabeled, rows_u, batches.batch_unlabeled))
   return next_batch
 
 
@@ -232,12 +251,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = parallel.make_mesh()
   parallel.check_batch_fits_mesh(config.data, mesh)
   batches = sources.make_batches(dataset, config.data)
-  channels = dataset.labeled[0].num_modalities
-  state, train_key = _initial_state(method, config, channels, mesh)
+  spec = batches.spec
+  state, train_key = _initial_state(method, config, spec, mesh)
   ckpt = _checkpointer(config, workdir)
   if parallel.is_primary():
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
-    (workdir / "data_info.json").write_text(json.dumps({"channels": channels}))
+    (workdir / "data_info.json").write_text(json.dumps({"channels": spec.channels,
+                                                        "batch_spec": spec.to_json()}))
     dataset.split.write(workdir / "split.json")
 
   state, record = _restore_latest(ckpt, state, workdir, required=False)
@@ -259,7 +279,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     patch = tuple(config.data.patch_size)
 
     def step_on_device(state, arrays, plan, key):
-      batch = device_crops.assemble(*arrays, plan, patch)
+      batch = device_crops.assemble(arrays, plan, patch)
       batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
       return method.train_step(state, batch, key)
 
@@ -317,7 +337,8 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
   parallel.initialize_distributed(config.train.distributed)
   method = load_method(config)
   dataset = sources.load_dataset(config.data)
-  state, _ = _initial_state(method, config, dataset.labeled[0].num_modalities, parallel.make_mesh())
+  spec = BatchSpec.of_case(dataset.labeled[0], config.data.patch_size)
+  state, _ = _initial_state(method, config, spec, parallel.make_mesh())
   ckpt = _checkpointer(config, workdir)
   state, record = _restore_latest(ckpt, state, workdir, required=True)
   ckpt.close()
@@ -338,8 +359,10 @@ def predict_workdir(config: ml_collections.ConfigDict, workdir: str, input_path:
   if not info.exists():
     raise DataError(f"workdir {workdir} holds no trained run ({info.name} missing): train first")
   method = load_method(config)
-  channels = json.loads(info.read_text())["channels"]
-  state, _ = _initial_state(method, config, channels, parallel.make_mesh())
+  saved = json.loads(info.read_text())
+  channels = saved["channels"]
+  spec = BatchSpec.from_json(saved["batch_spec"]) if "batch_spec" in saved else channels
+  state, _ = _initial_state(method, config, spec, parallel.make_mesh())
   ckpt = _checkpointer(config, workdir)
   state, _ = _restore_latest(ckpt, state, workdir, required=True)
   ckpt.close()

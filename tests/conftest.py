@@ -52,14 +52,25 @@ def two_stream_batch(image_l, label_l, image_u):
   """The training batch of labeled images (B_l, *patch, C), their labels (B_l, *patch) and
   unlabeled images (B_u, *patch, C). Tests build batches only here, so that a change of the batch
   layout changes one function."""
+  import numpy as np
   from jaxseg.data.batches import Batch
-  return Batch(image_l=image_l, label_l=label_l, image_u=image_u)
+  channels = image_l.shape[-1]
+  return Batch(labeled={"image": image_l, "label": label_l,
+                        "modality_mask": np.ones((image_l.shape[0], channels), bool)},
+               unlabeled={"image": image_u,
+                          "modality_mask": np.ones((image_u.shape[0], channels), bool)})
+
+
+def prediction_inputs(images):
+  """The inputs of `method.predict` for images (B, *patch, C), all modalities present."""
+  import numpy as np
+  return {"image": images, "modality_mask": np.ones((images.shape[0], images.shape[-1]), bool)}
 
 
 def predict_probs(method, state, images):
   """`method.predict` on images (B, *patch, C): {view: probabilities}. Tests call predict only
   here, so that a change of the prediction inputs changes one function."""
-  return method.predict(state, images)
+  return method.predict(state, prediction_inputs(images))
 
 
 def learnable_batch(patch, b_l: int = 2, b_u: int = 2, seed: int = 0):

@@ -52,8 +52,8 @@ def test_random_batch_has_the_configured_shapes_and_label_range():
   config = _tiny_config()
   config.data.num_classes = 3
   batch = bench.random_batch(config, channels=2)
-  assert batch.image_l.shape == (2, 16, 16, 16, 2) and batch.image_u.shape == (0, 16, 16, 16, 2)
-  assert batch.label_l.min() >= 0 and batch.label_l.max() == 2
+  assert batch.labeled["image"].shape == (2, 16, 16, 16, 2) and batch.unlabeled["image"].shape == (0, 16, 16, 16, 2)
+  assert batch.labeled["label"].min() >= 0 and batch.labeled["label"].max() == 2
 
 
 def test_bad_eval_volume_is_one_error_line():

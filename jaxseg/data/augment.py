@@ -30,6 +30,12 @@ def draw_crop_offsets(spatial: Sequence[int], patch: Sequence[int],
   return [int(rng.integers(0, s - p)) if s > p else 0 for s, p in zip(spatial, patch)]
 
 
+def rot_flip(array: np.ndarray, k: int, axis: int) -> np.ndarray:
+  """`array` (*spatial, ...) rotated by k*90 degrees in the plane of axes (0, 1), then flipped
+  along `axis`; a contiguous copy."""
+  return np.ascontiguousarray(np.flip(np.rot90(array, k, axes=(0, 1)), axis=axis))
+
+
 def random_rot_flip(image: np.ndarray, label: Optional[np.ndarray], rng: np.random.Generator):
   """Rotates by k*90 degrees in the plane of axes (0, 1), then flips along axis 0 or 1.
 
@@ -37,10 +43,7 @@ def random_rot_flip(image: np.ndarray, label: Optional[np.ndarray], rng: np.rand
   are contiguous copies.
   """
   k, axis = draw_rot_flip(rng)
-  image = np.flip(np.rot90(image, k, axes=(0, 1)), axis=axis)
-  if label is not None:
-    label = np.ascontiguousarray(np.flip(np.rot90(label, k, axes=(0, 1)), axis=axis))
-  return np.ascontiguousarray(image), label
+  return rot_flip(image, k, axis), None if label is None else rot_flip(label, k, axis)
 
 
 def crop_padding(spatial_shape: Sequence[int], patch: Sequence[int]) -> tuple[int, ...]:
@@ -66,21 +69,31 @@ def random_crop(image: np.ndarray, label: Optional[np.ndarray], patch: Sequence[
   Raises:
     DataError: naming `source`, if the patch does not fit and padding is off.
   """
+  arrays = {"image": image} if label is None else {"image": image, "label": label}
+  out = random_crop_arrays(arrays, patch, rng, pad=pad, source=source)
+  return out["image"], out.get("label")
+
+
+def random_crop_arrays(arrays: dict[str, np.ndarray], patch: Sequence[int],
+                       rng: np.random.Generator, *, pad: bool = True,
+                       source: str = "<memory>") -> dict[str, np.ndarray]:
+  """`random_crop` of several arrays (*spatial, ...) of one spatial shape at the same offset.
+
+  One draw of the offsets (`draw_crop_offsets`), whatever the number of arrays, so the draws do not
+  depend on which fields a case has.
+  """
   patch = tuple(int(p) for p in patch)
-  spatial = image.shape[:len(patch)]
+  first = next(iter(arrays.values()))
+  spatial = first.shape[:len(patch)]
   if pad:
     widths = crop_padding(spatial, patch)
     if any(widths):
-      image = np.pad(image, [(w, w) for w in widths] + [(0, 0)] * (image.ndim - len(patch)))
-      if label is not None:
-        label = np.pad(label, [(w, w) for w in widths])
-      spatial = image.shape[:len(patch)]
+      arrays = {name: np.pad(a, [(w, w) for w in widths] + [(0, 0)] * (a.ndim - len(patch)))
+                for name, a in arrays.items()}
+      spatial = tuple(s + 2 * w for s, w in zip(spatial, widths))
   elif any(s < p for s, p in zip(spatial, patch)):
     raise DataError(f"{source}: patch {patch} is larger than the volume {tuple(spatial)} and "
                     "padding is off (config data.pad_to_patch)")
   offsets = draw_crop_offsets(spatial, patch, rng)
   window = tuple(slice(o, o + p) for o, p in zip(offsets, patch))
-  image = np.ascontiguousarray(image[window])
-  if label is not None:
-    label = np.ascontiguousarray(label[window])
-  return image, label
+  return {name: np.ascontiguousarray(a[window]) for name, a in arrays.items()}

@@ -6,7 +6,13 @@
   `batch_labeled / g` samples from each part, in part order, every part with its own epochs.
 - Unlabeled stream: an endless chain of independent permutations of the unlabeled cases, read
   `batch_unlabeled` at a time (a batch may straddle two permutations).
-- Labels of unlabeled cases are never read: the batch has no field for them.
+- Labels of unlabeled cases are never read: the unlabeled stream has no "label" field.
+
+A batch is an open pytree, `Batch(labeled={...}, unlabeled={...})`: per stream a dict of arrays
+with a leading sample axis, "image" (B, *patch, C) float32, "modality_mask" (B, C) bool (the
+modalities each sample has), "label" (B, *patch) int32 in the labeled stream, and every per-voxel
+field of the cases (`Case.fields`) cropped alike. The trainer shards and feeds it with
+`jax.tree.map` and never names a field; a method reads the fields it needs.
 
 Every batch is a pure function of (seed, step): the iterator's whole state is its step, so saving
 `get_state()` with a checkpoint and calling `set_state()` on resume continues the exact sequence.
@@ -14,7 +20,8 @@ Every batch is a pure function of (seed, step): the iterator's whole state is it
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, Sequence
+import dataclasses
+from typing import Any, Iterator, Optional, Sequence
 
 import flax.struct
 import numpy as np
@@ -28,21 +35,71 @@ _LABELED, _UNLABELED, _AUGMENT = 0, 1, 2
 
 @flax.struct.dataclass
 class Batch:
-  """One training batch (a pytree).
+  """One training batch (a pytree): the labeled and the unlabeled samples, each a dict of arrays
+  with a leading sample axis (module docstring). The unlabeled stream may have 0 samples."""
+
+  labeled: dict[str, Any]
+  unlabeled: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSpec:
+  """The shapes of a data set's batches, without the data: what `zero_batch` needs (e.g. to
+  initialise a method where no data are loaded, as `--mode predict`). JSON-serialisable.
 
   Attributes:
-    image_l: (B_l, *patch, C) float32 labeled images.
-    label_l: (B_l, *patch) int32 class maps of the labeled images.
-    image_u: (B_u, *patch, C) float32 unlabeled images (B_u may be 0).
+    patch_size: spatial crop size.
+    channels: C, the modalities.
+    fields: {name: (trailing shape, dtype name)} of the per-voxel `Case.fields`.
   """
 
-  image_l: np.ndarray
-  label_l: np.ndarray
-  image_u: np.ndarray
+  patch_size: tuple[int, ...]
+  channels: int
+  fields: dict[str, tuple[tuple[int, ...], str]] = dataclasses.field(default_factory=dict)
+
+  @classmethod
+  def of_case(cls, case: Case, patch_size: Sequence[int]) -> "BatchSpec":
+    return cls(tuple(int(p) for p in patch_size), case.num_modalities,
+               {name: (tuple(np.shape(a)[case.ndim:]), np.asarray(a).dtype.name)
+                for name, a in case.fields.items()})
+
+  def to_json(self) -> dict:
+    return {"patch_size": list(self.patch_size), "channels": self.channels,
+            "fields": {k: [list(shape), dtype] for k, (shape, dtype) in self.fields.items()}}
+
+  @classmethod
+  def from_json(cls, d: dict) -> "BatchSpec":
+    return cls(tuple(d["patch_size"]), int(d["channels"]),
+               {k: (tuple(shape), dtype) for k, (shape, dtype) in d.get("fields", {}).items()})
+
+  def stream(self, num: int, labeled: bool) -> dict[str, np.ndarray]:
+    """Zero arrays of one stream with `num` samples (all modalities present)."""
+    patch = self.patch_size
+    out = {"image": np.zeros((num, *patch, self.channels), np.float32),
+           "modality_mask": np.ones((num, self.channels), bool)}
+    if labeled:
+      out["label"] = np.zeros((num, *patch), np.int32)
+    for name, (trailing, dtype) in self.fields.items():
+      out[name] = np.zeros((num, *patch, *trailing), dtype)
+    return out
+
+
+def zero_batch(spec: BatchSpec, batch_labeled: int, batch_unlabeled: int) -> Batch:
+  """A batch of zeros with the shapes of `spec`'s batches: all `method.init` needs."""
+  return Batch(labeled=spec.stream(batch_labeled, True),
+               unlabeled=spec.stream(batch_unlabeled, False))
+
+
+def stack_samples(samples: Sequence[dict], empty: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Samples (dicts of arrays) stacked per field; `empty` (the 0-sample stream) if there are none
+  (B_u = 0, or another process's rows)."""
+  if not samples:
+    return empty
+  return {name: np.stack([s[name] for s in samples]) for name in samples[0]}
 
 
 def _check_stream(cases: Sequence[Case], name: str, ndim: int, channels: int,
-                  need_labels: bool) -> None:
+                  fields: dict, need_labels: bool) -> None:
   for case in cases:
     if case.ndim != ndim or case.num_modalities != channels:
       raise DataError(f"{case.source}: case {case.case_id!r} in the {name} set has shape "
@@ -50,6 +107,10 @@ def _check_stream(cases: Sequence[Case], name: str, ndim: int, channels: int,
                       f"{channels} channel(s)")
     if need_labels and case.label is None:
       raise DataError(f"{case.source}: case {case.case_id!r} is in the labeled set but has no label")
+    have = {k: (tuple(np.shape(a)[ndim:]), np.asarray(a).dtype.name) for k, a in case.fields.items()}
+    if have != fields:
+      raise DataError(f"{case.source}: case {case.case_id!r} in the {name} set has fields {have}, "
+                      f"the others have {fields} (every case needs the same fields)")
 
 
 class TwoStreamBatches(Iterator[Batch]):
@@ -94,8 +155,9 @@ class TwoStreamBatches(Iterator[Batch]):
     if len(patch_size) != ndim:
       raise DataError(f"config data.patch_size {tuple(patch_size)} has {len(patch_size)} axes, "
                       f"the data have {ndim}")
-    _check_stream(labeled, "labeled", ndim, channels, need_labels=True)
-    _check_stream(unlabeled, "unlabeled", ndim, channels, need_labels=False)
+    self.spec = BatchSpec.of_case(labeled[0], patch_size)
+    _check_stream(labeled, "labeled", ndim, channels, self.spec.fields, need_labels=True)
+    _check_stream(unlabeled, "unlabeled", ndim, channels, self.spec.fields, need_labels=False)
     self.labeled = tuple(labeled)
     self.unlabeled = tuple(unlabeled) if batch_unlabeled else ()
     self.batch_labeled = batch_labeled
@@ -136,15 +198,24 @@ class TwoStreamBatches(Iterator[Batch]):
     """The generator of the augmentation draws of sample `slot` (labeled first) of batch `step`."""
     return np.random.default_rng([self.seed, _AUGMENT, step, slot])
 
-  def _sample(self, case: Case, step: int, slot: int, with_label: bool):
+  def _sample(self, case: Case, step: int, slot: int, with_label: bool) -> dict[str, np.ndarray]:
+    """One sample: the case's image, label (if `with_label`) and fields, rotated, flipped and
+    cropped alike, and its modality mask."""
     rng = self.sample_rng(step, slot)
-    label = case.label if with_label else None
-    image = case.image
+    arrays = {"image": case.image}
+    if with_label:
+      arrays["label"] = case.label
+    arrays.update(case.fields)
     if self.augment:
-      image, label = augment.random_rot_flip(image, label, rng)
-    image, label = augment.random_crop(image, label, self.patch_size, rng,
-                                       pad=self.pad_to_patch, source=case.source)
-    return image.astype(np.float32, copy=False), label
+      k, axis = augment.draw_rot_flip(rng)
+      arrays = {name: augment.rot_flip(a, k, axis) for name, a in arrays.items()}
+    arrays = augment.random_crop_arrays(arrays, self.patch_size, rng, pad=self.pad_to_patch,
+                                        source=case.source)
+    arrays["image"] = arrays["image"].astype(np.float32, copy=False)
+    if with_label:
+      arrays["label"] = arrays["label"].astype(np.int32, copy=False)
+    arrays["modality_mask"] = case.present
+    return arrays
 
   def batch_at(self, step: int, labeled_rows: Optional[tuple[int, int]] = None,
                unlabeled_rows: Optional[tuple[int, int]] = None) -> Batch:
@@ -155,21 +226,12 @@ class TwoStreamBatches(Iterator[Batch]):
     """
     first_l, last_l = labeled_rows or (0, self.batch_labeled)
     first_u, last_u = unlabeled_rows or (0, self.batch_unlabeled)
-    images_l, labels_l = [], []
-    for slot, i in enumerate(self.labeled_indices(step)):
-      if first_l <= slot < last_l:
-        image, label = self._sample(self.labeled[i], step, slot, with_label=True)
-        images_l.append(image)
-        labels_l.append(label.astype(np.int32, copy=False))
-    images_u = [self._sample(self.unlabeled[i], step, self.batch_labeled + slot, False)[0]
-                for slot, i in enumerate(self.unlabeled_indices(step)) if first_u <= slot < last_u]
-    image_shape = (*self.patch_size, self.channels)
-
-    def stack(arrays, shape, dtype):  # A stream may have no rows here (B_u = 0, or another process's).
-      return np.stack(arrays) if arrays else np.zeros((0, *shape), dtype)
-    return Batch(image_l=stack(images_l, image_shape, np.float32),
-                 label_l=stack(labels_l, self.patch_size, np.int32),
-                 image_u=stack(images_u, image_shape, np.float32))
+    labeled = [self._sample(self.labeled[i], step, slot, with_label=True)
+               for slot, i in enumerate(self.labeled_indices(step)) if first_l <= slot < last_l]
+    unlabeled = [self._sample(self.unlabeled[i], step, self.batch_labeled + slot, False)
+                 for slot, i in enumerate(self.unlabeled_indices(step)) if first_u <= slot < last_u]
+    return Batch(labeled=stack_samples(labeled, self.spec.stream(0, labeled=True)),
+                 unlabeled=stack_samples(unlabeled, self.spec.stream(0, labeled=False)))
 
   # --- iterator protocol and exact resume -----------------------------------------------------
 

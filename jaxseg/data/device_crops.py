@@ -66,27 +66,39 @@ def window_start(shape: Sequence[int], perm: Sequence[int], reverse: Sequence[bo
 
 @dataclasses.dataclass
 class VolumeStack:
-  """Volumes zero-padded (at the end of each axis) to one shape.
+  """Volumes zero-padded (at the end of each axis) to one shape, field by field.
 
   Attributes:
-    images: (N, *max_shape, C) float32.
-    labels: (N, *max_shape) uint8 (int32 if a class index exceeds 255), or None when unlabeled.
+    arrays: "image" (N, *max_shape, C) float32; "label" (N, *max_shape) uint8 (int32 if a class
+      index exceeds 255), only when labeled; every per-voxel field of the cases (N, *max_shape,
+      ...); "modality_mask" (N, C) bool (not spatial: indexed, never cropped).
     shapes: (N, d) spatial shapes after the reference padding (what the windows may cover).
   """
-  images: np.ndarray
-  labels: Optional[np.ndarray]
+  arrays: dict[str, np.ndarray]
   shapes: np.ndarray
+
+  @property
+  def images(self) -> np.ndarray:
+    return self.arrays["image"]
+
+  @property
+  def labels(self) -> Optional[np.ndarray]:
+    return self.arrays.get("label")
 
 
 def stack_volumes(cases: Sequence[Case], patch: Sequence[int], *, pad_to_patch: bool,
                   augment_on: bool, with_labels: bool) -> VolumeStack:
   """Stacks `cases` (reference crop padding applied) for the device."""
   patch = tuple(int(p) for p in patch)
-  images, labels, shapes = [], [], []
+  ndim = len(patch)
+  per_case, shapes = [], []
   for case in cases:
-    image, label = case.image, case.label if with_labels else None
-    spatial = image.shape[:len(patch)]
-    widths = augment.crop_padding(spatial, patch) if pad_to_patch else (0,) * len(patch)
+    arrays = {"image": case.image.astype(np.float32, copy=False)}
+    if with_labels:
+      arrays["label"] = case.label
+    arrays.update(case.fields)
+    spatial = case.image.shape[:ndim]
+    widths = augment.crop_padding(spatial, patch) if pad_to_patch else (0,) * ndim
     if any(widths) and augment_on and patch[0] != patch[1]:
       raise DataError(f"{case.source}: case {case.case_id!r} needs padding to the patch {patch}, "
                       "which the device-resident data support only for patch[0] == patch[1] "
@@ -95,24 +107,24 @@ def stack_volumes(cases: Sequence[Case], patch: Sequence[int], *, pad_to_patch: 
       raise DataError(f"{case.source}: patch {patch} is larger than the volume {tuple(spatial)} "
                       "and padding is off (config data.pad_to_patch)")
     if any(widths):
-      image = np.pad(image, [(w, w) for w in widths] + [(0, 0)])
-      label = None if label is None else np.pad(label, [(w, w) for w in widths])
-    images.append(image.astype(np.float32, copy=False))
-    labels.append(label)
-    shapes.append(image.shape[:len(patch)])
+      arrays = {name: np.pad(a, [(w, w) for w in widths] + [(0, 0)] * (a.ndim - ndim))
+                for name, a in arrays.items()}
+    per_case.append(arrays)
+    shapes.append(arrays["image"].shape[:ndim])
   shapes = np.asarray(shapes, np.int64)
   top = shapes.max(axis=0)
 
-  def padded(a, extra=()):
-    return np.pad(a, [(0, int(t - s)) for t, s in zip(top, a.shape[:len(top)])] + [(0, 0)] * len(extra))
+  def padded(a):
+    return np.pad(a, [(0, int(t - s)) for t, s in zip(top, a.shape[:ndim])]
+                  + [(0, 0)] * (a.ndim - ndim))
 
-  stacked_images = np.stack([padded(a, (0,)) for a in images])
-  stacked_labels = None
+  stacked = {name: np.stack([padded(arrays[name]) for arrays in per_case]) for name in per_case[0]}
   if with_labels:
     # uint8 where the classes fit (a quarter of the memory); `assemble` casts crops to int32.
-    dtype = np.uint8 if max(int(a.max(initial=0)) for a in labels) < 256 else np.int32
-    stacked_labels = np.stack([padded(a).astype(dtype) for a in labels])
-  return VolumeStack(stacked_images, stacked_labels, shapes)
+    dtype = np.uint8 if max(int(a["label"].max(initial=0)) for a in per_case) < 256 else np.int32
+    stacked["label"] = stacked["label"].astype(dtype)
+  stacked["modality_mask"] = np.stack([case.present for case in cases])
+  return VolumeStack(stacked, shapes)
 
 
 def plan_batch(batches: TwoStreamBatches, shapes_l: np.ndarray, shapes_u: np.ndarray,
@@ -168,23 +180,40 @@ def _crop(stack: jax.Array, index: jax.Array, branch: jax.Array, start: jax.Arra
   return jax.lax.switch(branch, [make(b) for b in range(IDENTITY + 1)], stack, index, start)
 
 
-def assemble(images_l: jax.Array, labels_l: jax.Array, images_u: Optional[jax.Array],
-             plan: dict, patch: Sequence[int]) -> Batch:
+def assemble(stacks: dict, plan: dict, patch: Sequence[int]) -> Batch:
   """The batch of `plan` cut from device-resident stacks (jittable; a Python loop over the samples,
-  so that each `lax.switch` runs one branch)."""
+  so that each `lax.switch` runs one branch).
+
+  Args:
+    stacks: {"labeled": VolumeStack.arrays, "unlabeled": VolumeStack.arrays or None}, on device.
+    plan: `plan_batch`'s draws of one batch.
+    patch: the crop size.
+  """
   patch = tuple(int(p) for p in patch)
 
-  def crops(stack, name):
-    return [_crop(stack, plan[f"index_{name}"][i], plan[f"branch_{name}"][i],
-                  plan[f"start_{name}"][i], patch) for i in range(plan[f"index_{name}"].shape[0])]
+  def stream(arrays, name, empty):
+    count = plan[f"index_{name}"].shape[0]
+    if not count:
+      return empty
+    out = {}
+    for field, stack in arrays.items():
+      index = plan[f"index_{name}"]
+      if field == "modality_mask":  # Per sample, not spatial.
+        out[field] = stack[index]
+        continue
+      out[field] = jnp.stack([_crop(stack, index[i], plan[f"branch_{name}"][i],
+                                    plan[f"start_{name}"][i], patch) for i in range(count)])
+    if "label" in out:
+      out["label"] = out["label"].astype(jnp.int32)
+    return out
 
-  image_l = jnp.stack(crops(images_l, "l"))
-  label_l = jnp.stack(crops(labels_l, "l")).astype(jnp.int32)
-  if plan["index_u"].shape[0]:
-    image_u = jnp.stack(crops(images_u, "u"))
-  else:
-    image_u = jnp.zeros((0, *patch, images_l.shape[-1]), images_l.dtype)
-  return Batch(image_l=image_l, label_l=label_l, image_u=image_u)
+  labeled = stacks["labeled"]
+  # The 0-sample unlabeled stream: the labeled stream's fields without the label.
+  empty_u = {field: jnp.zeros((0, *a.shape[1:]), a.dtype) if field == "modality_mask" else
+             jnp.zeros((0, *patch, *a.shape[1 + len(patch):]), a.dtype)
+             for field, a in labeled.items() if field != "label"}
+  return Batch(labeled=stream(labeled, "l", None),
+               unlabeled=stream(stacks.get("unlabeled"), "u", empty_u))
 
 
 class DeviceData:
@@ -200,12 +229,12 @@ class DeviceData:
     self.batches = batches
     self.shapes_l = labeled.shapes
     self.shapes_u = np.zeros((0, len(batches.patch_size)), np.int64)
-    images_u = None
+    stacks = {"labeled": labeled.arrays, "unlabeled": None}
     if batches.unlabeled:
       unlabeled = stack_volumes(batches.unlabeled, batches.patch_size, with_labels=False, **kw)
-      self.shapes_u, images_u = unlabeled.shapes, unlabeled.images
-    self.arrays = jax.device_put((labeled.images, labeled.labels, images_u), sharding)
-    self.nbytes = sum(a.nbytes for a in (labeled.images, labeled.labels, images_u) if a is not None)
+      self.shapes_u, stacks["unlabeled"] = unlabeled.shapes, unlabeled.arrays
+    self.arrays = jax.device_put(stacks, sharding)
+    self.nbytes = sum(a.nbytes for a in jax.tree.leaves(stacks))
 
   def next_plan(self) -> dict[str, np.ndarray]:
     plan = plan_batch(self.batches, self.shapes_l, self.shapes_u, self.batches.step)

@@ -1,28 +1,43 @@
 """The contract between the trainer and a method, and the pieces every method shares.
 
-A method is a module `jaxseg/methods/<name>.py` providing:
+A method is a module `jaxseg/methods/<name>.py` (or any importable module named by its dotted path
+in `method.name`) providing:
 
   default_config() -> ConfigDict
-      The `config.method` block: `name` (= the module name) and the method's hyperparameters.
+      The `config.method` block: `name` and the method's hyperparameters.
+  REQUIREMENTS: Requirements
+      What it needs of the data: binary or any number of classes, labeled groups (views), unlabeled
+      samples, modalities.
+  check_config(config) -> None
+      Checks `REQUIREMENTS` against the `data` block (`check_requirements`) and its own block;
+      raises a `DataError` naming the key. The trainer calls it before any data are read.
   init(rng, config, example_batch) -> State
       Builds the networks and optimisers. `State` is a `flax.struct.dataclass` holding one
-      `TrainState` per trained network (segmenters, critic; a teacher's parameters for EMA methods)
-      and a static `hparams` field (a `FrozenConfigDict`, the method block of the config).
+      `TrainState` per trained network (segmenters, critic; `peers.Peers` for networks trained
+      side by side; an `ema.Teacher` for EMA teachers) and static hyperparameters.
   train_step(state, batch, rng) -> (state, metrics)
-      Pure; jitted and sharded by the trainer. `batch` is a `jaxseg.data.batches.Batch`;
-      `metrics` is a flat dict of scalars (losses, weights) for logging.
-  predict(state, images) -> dict[str, probabilities]
-      Eval-mode probabilities of `images` (B, *spatial, C), one entry per view (e.g. Duo-SegNet's
-      "f1" and "f2"; a single-network method returns {"model": ...}). An entry is (B, *spatial, 1)
-      foreground probabilities (one-logit heads: thresholded at 0.5) or (B, *spatial, K) class
+      Pure; jitted and sharded by the trainer. `batch` is a `jaxseg.data.batches.Batch`, an open
+      pytree: `batch.labeled` and `batch.unlabeled` are dicts of arrays ("image", "label" in the
+      labeled stream, "modality_mask", and the cases' own fields). `metrics` is a flat dict of
+      scalars (losses, weights) for logging.
+  predict(state, inputs) -> dict[str, probabilities]
+      Eval-mode probabilities of `inputs`, a dict of the same kind as one batch stream ("image"
+      (B, *spatial, C), "modality_mask" (B, C), the cases' fields, no label), one entry per view
+      (e.g. Duo-SegNet's "f1" and "f2"; a single-network method returns {"model": ...}). An entry
+      is (B, *spatial, 1) foreground probabilities (thresholded) or (B, *spatial, K) class
       probabilities (argmax).
 
-The trainer never looks inside `State`: it jits `train_step`, shards the batch, replicates the
-state, saves and restores it with orbax. Adding a method does not touch the trainer.
+The trainer never looks inside `State` or the batch: it jits `train_step`, shards the batch with
+`jax.tree.map`, replicates the state, saves and restores it with orbax. Adding a method does not
+touch the trainer, the inference or the batch code. Shared parts: `gradient_step` (here),
+`ema` (an EMA teacher), `adversarial` (a segmenter and a critic trained in turn), `peers` (networks
+with their own optimiser states trained on one coupled objective), `jaxseg.optim` (optimisers and
+schedules by name). See docs/contract.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
@@ -39,6 +54,25 @@ class TrainState(train_state.TrainState):
   """A network's parameters, optimiser state and BatchNorm running statistics ({} if none)."""
 
   batch_stats: Any = None
+
+  def updated(self, grads: Any, batch_stats: Any) -> "TrainState":
+    """One optimiser update with `grads`, and the BN statistics of the step's forward passes."""
+    return self.apply_gradients(grads=grads).replace(batch_stats=batch_stats)
+
+
+def gradient_step(net: Any, objective: Callable[[Any], tuple[jax.Array, tuple[Any, Any]]]):
+  """One gradient step of a network (a `TrainState`) or of peer networks (`peers.Peers`).
+
+  Args:
+    net: what is trained; its `params` are differentiated.
+    objective: params -> (loss, (aux, batch_stats)): the loss, anything to report, and the BN
+      statistics after the step's train-mode forward passes (the net's own `batch_stats` if none).
+
+  Returns:
+    (net after the update, loss, aux).
+  """
+  (loss, (aux, stats)), grads = jax.value_and_grad(objective, has_aux=True)(net.params)
+  return net.updated(grads, stats), loss, aux
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
@@ -151,7 +185,7 @@ def model_kwargs(cfg: ml_collections.ConfigDict) -> dict:
 
 def all_images(batch) -> jax.Array:
   """concat(x_𝓛, x_𝓤): the whole batch, labeled first, for one forward call (METHODS §1.3)."""
-  return jnp.concatenate([batch.image_l, batch.image_u])
+  return jnp.concatenate([batch.labeled["image"], batch.unlabeled["image"]])
 
 
 def scalar_metrics(**values: jax.Array) -> dict[str, jax.Array]:
@@ -160,3 +194,94 @@ def scalar_metrics(**values: jax.Array) -> dict[str, jax.Array]:
 
 
 PredictFn = Callable[[Any, jax.Array], dict]
+
+
+# ------------------------------------------------------------------------------------------------
+# What a method needs of the data, checked before any data are read.
+
+CLASSES = ("binary", "any")
+
+
+@dataclasses.dataclass(frozen=True)
+class Requirements:
+  """What a method needs of the data and the batches (its module's `REQUIREMENTS`).
+
+  Attributes:
+    classes: "binary" (one foreground: data.num_classes must be 2) or "any" (>= 2).
+    labeled_groups: contiguous parts of the labeled list sampled side by side in every batch
+      (Duo-SegNet's views X^1, X^2: 2); the batches are built with this many.
+    unlabeled: the method needs unlabeled samples (data.batch_unlabeled >= 1).
+    modalities: "any" (any number of image channels) or "one" (exactly one).
+  """
+
+  classes: str = "any"
+  labeled_groups: int = 1
+  unlabeled: bool = False
+  modalities: str = "any"
+
+
+def check_requirements(config: ml_collections.ConfigDict, needs: Requirements) -> None:
+  """Checks the `data` block against what the method `config.method.name` needs.
+
+  Raises:
+    DataError: naming the key, e.g. "config data.num_classes = 3: dtc needs 2 (binary ...)".
+  """
+  name, data = config.method.name, config.data
+  if needs.classes == "binary" and data.num_classes != 2:
+    raise DataError(f"config data.num_classes = {data.num_classes}: {name} segments one "
+                    "foreground (binary), it needs data.num_classes = 2")
+  if data.num_classes < 2:
+    raise DataError(f"config data.num_classes = {data.num_classes}: {name} needs >= 2 (background "
+                    "and at least one class)")
+  groups = needs.labeled_groups
+  if data.get("labeled_groups", 1) != groups:
+    raise DataError(f"config data.labeled_groups = {data.get('labeled_groups', 1)}: {name} needs "
+                    f"{groups} (its labeled cases are sampled in {groups} parts side by side)")
+  check_batch_sizes(data.batch_labeled, data.batch_unlabeled, needs, name)
+
+
+def check_batch_sizes(batch_labeled: int, batch_unlabeled: int, needs: Requirements,
+                      name: str) -> None:
+  """The labeled and unlabeled samples per batch against `needs` (from the config, or from the
+  example batch `init` gets)."""
+  groups = needs.labeled_groups
+  if batch_labeled < groups or batch_labeled % groups:
+    raise DataError(f"config data.batch_labeled = {batch_labeled}: {name} samples its labeled "
+                    f"cases in {groups} group(s), it needs a multiple of {groups} (>= {groups})")
+  if needs.unlabeled and batch_unlabeled < 1:
+    raise DataError(f"config data.batch_unlabeled = {batch_unlabeled}: {name} needs unlabeled "
+                    "samples (>= 1)")
+
+
+def check_example_batch(example_batch: Any, needs: Requirements, name: str) -> None:
+  """`check_batch_sizes` of the batch `init` is given (its shapes are those of training)."""
+  check_batch_sizes(example_batch.labeled["image"].shape[0],
+                    example_batch.unlabeled["image"].shape[0], needs, name)
+
+
+def check_choice(block: ml_collections.ConfigDict, key: str, choices: tuple,
+                 where: str = "method") -> None:
+  """Raises a DataError naming `<where>.<key>` unless `block[key]` is one of `choices`."""
+  value = block[key]
+  if value not in choices:
+    raise DataError(f"config {where}.{key} = {value!r} is not one of {list(choices)}")
+
+
+def check_count(block: ml_collections.ConfigDict, key: str, minimum: int = 1,
+                where: str = "method") -> None:
+  """Raises a DataError naming `<where>.<key>` unless `block[key]` is an integer >= `minimum`."""
+  value = block[key]
+  if (isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value
+      or value < minimum):
+    raise DataError(f"config {where}.{key} = {value!r} must be an integer >= {minimum}")
+
+
+def check_positive(block: ml_collections.ConfigDict, key: str, allow_zero: bool = True,
+                   where: str = "method") -> None:
+  """Raises a DataError naming `<where>.<key>` unless `block[key]` is a number >= 0 (> 0 when
+  `allow_zero` is False)."""
+  value = block[key]
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
+      value == 0 and not allow_zero):
+    bound = ">= 0" if allow_zero else "> 0"
+    raise DataError(f"config {where}.{key} = {value!r} must be a number {bound}")

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxseg import geometry, losses, models, schedules
+from jaxseg.data.base import DataError
 from jaxseg.data.batches import Batch
 from jaxseg.methods import base
 
@@ -54,18 +55,28 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+# The level set describes one foreground; labeled samples for L_seg and L_LSF. Unlabeled samples
+# are optional (they only enter L_DTC).
+REQUIREMENTS = base.Requirements(classes="binary")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """The method block and the data it needs; raises a DataError naming the key."""
+  base.check_requirements(config, REQUIREMENTS)
+  apply_preset(config.method)
+
+
 def apply_preset(cfg: ml_collections.ConfigDict) -> ml_collections.FrozenConfigDict:
   """The effective hyperparameters of the method block `cfg` (static in the train step).
 
   Raises:
-    ValueError: unknown `method.preset`, or a non-positive `method.k` / `method.rampup_block`.
+    DataError: unknown `method.preset`, or a non-positive `method.k` / `method.rampup_block`.
   """
-  if cfg.preset not in PRESETS:
-    raise ValueError(f"config method.preset = {cfg.preset!r} is not one of {PRESETS}")
-  if cfg.k <= 0:
-    raise ValueError(f"config method.k = {cfg.k} must be > 0")
-  if int(cfg.rampup_block) != cfg.rampup_block or cfg.rampup_block < 1:
-    raise ValueError(f"config method.rampup_block = {cfg.rampup_block!r} must be an integer >= 1")
+  base.check_choice(cfg, "preset", PRESETS)
+  base.check_positive(cfg, "k", allow_zero=False)
+  base.check_count(cfg, "rampup_block")
+  for key in ("beta", "consistency", "consistency_rampup"):
+    base.check_positive(cfg, key)
   beta = RELEASED_BETA if cfg.preset == "released" else float(cfg.beta)
   return ml_collections.FrozenConfigDict(dict(
       preset=cfg.preset, beta=beta, k=float(cfg.k), consistency=float(cfg.consistency),
@@ -141,17 +152,15 @@ def init(rng: jax.Array, config: ml_collections.ConfigDict, example_batch: Batch
   """The two-head V-Net and its optimiser.
 
   Raises:
-    ValueError: `data.num_classes` != 2 (the level set describes one foreground), or a bad method
-      block (`apply_preset`).
+    DataError: `check_config`'s.
   """
+  check_config(config)
+  base.check_example_batch(example_batch, REQUIREMENTS, "dtc")
   cfg = config.method
-  if config.data.num_classes != 2:
-    raise ValueError(f"config data.num_classes = {config.data.num_classes}: dtc's heads describe "
-                     "one foreground (binary segmentation), it needs data.num_classes = 2")
   hparams = apply_preset(cfg)
   model = models.get_model(cfg.model.name, **base.model_kwargs(cfg.model))
   seg = base.create_train_state(model, base.optimizer(cfg.optimizer), rng,
-                                jnp.asarray(example_batch.image_l[:1]))
+                                jnp.asarray(example_batch.labeled["image"][:1]))
   return State(seg=seg, hparams=hparams)
 
 
@@ -160,18 +169,18 @@ def train_step(state: State, batch: Batch, rng: jax.Array):
   hp = state.hparams
   images = base.all_images(batch)
 
-  def loss_fn(params):
+  def objective(params):
     outputs, stats = base.forward_train(state.seg, params, images, rng)
-    total, terms = dtc_loss(outputs, batch.label_l, state.seg.step, hp)
+    total, terms = dtc_loss(outputs, batch.labeled["label"], state.seg.step, hp)
     return total, (terms, stats)
 
-  (loss, (terms, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.seg.params)
-  seg = state.seg.apply_gradients(grads=grads).replace(batch_stats=stats)
+  seg, loss, terms = base.gradient_step(state.seg, objective)
   return state.replace(seg=seg), base.scalar_metrics(
       loss=loss, **terms, learning_rate=base.learning_rate(seg),
-      sdf_full_masks=geometry.count_degenerate_masks(batch.label_l))
+      sdf_full_masks=geometry.count_degenerate_masks(batch.labeled["label"]))
 
 
-def predict(state: State, images: jax.Array) -> dict:
-  """Eval-mode foreground probabilities σ(s) of the segmentation head: {"model": (B, *S, 1)}."""
-  return {"model": jax.nn.sigmoid(base.forward_eval(state.seg, images)["seg"])}
+def predict(state: State, inputs: dict) -> dict:
+  """Eval-mode foreground probabilities σ(s) of the segmentation head on `inputs["image"]`
+  (B, *S, C): {"model": (B, *S, 1)}."""
+  return {"model": jax.nn.sigmoid(base.forward_eval(state.seg, inputs["image"])["seg"])}

@@ -52,8 +52,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxseg import losses, models
+from jaxseg.data.base import DataError
 from jaxseg.data.batches import Batch
-from jaxseg.methods import base
+from jaxseg.methods import adversarial, base, peers
 
 PRESETS = ("paper", "released")
 VIEWS = ("f1", "f2")
@@ -85,6 +86,17 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+# One logit per segmenter (binary); two views of the labeled set; the unlabeled stream feeds L_u
+# and the critic's adversarial term.
+REQUIREMENTS = base.Requirements(classes="binary", labeled_groups=len(VIEWS), unlabeled=True)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """The method block and the data it needs; raises a DataError naming the key."""
+  base.check_requirements(config, REQUIREMENTS)
+  apply_preset(config.method)
+
+
 def apply_preset(cfg: ml_collections.ConfigDict) -> ml_collections.FrozenConfigDict:
   """The effective loss weights and step counts of the method block `cfg`.
 
@@ -101,13 +113,15 @@ def apply_preset(cfg: ml_collections.ConfigDict) -> ml_collections.FrozenConfigD
   critic_fake = 1 (`cfg.lambda_u`, `cfg.w_dice` and `cfg.eta` are ignored).
 
   Raises:
-    ValueError: unknown preset, or k_s / k_c < 1.
+    DataError: unknown preset, k_s / k_c < 1, a negative weight, η outside [0, 1].
   """
-  if cfg.preset not in PRESETS:
-    raise ValueError(f"config method.preset = {cfg.preset!r} is not one of {PRESETS}")
+  base.check_choice(cfg, "preset", PRESETS)
   for key in ("k_s", "k_c"):
-    if int(cfg[key]) != cfg[key] or cfg[key] < 1:
-      raise ValueError(f"config method.{key} = {cfg[key]!r} must be an integer >= 1")
+    base.check_count(cfg, key)
+  for key in ("lambda_s", "lambda_u", "lambda_c", "w_dice"):
+    base.check_positive(cfg, key)
+  if not 0 <= cfg.eta <= 1:
+    raise DataError(f"config method.eta = {cfg.eta!r} must be in [0, 1]")
   weights = dict(preset=cfg.preset, k_s=int(cfg.k_s), k_c=int(cfg.k_c),
                  lambda_s=float(cfg.lambda_s), lambda_c=float(cfg.lambda_c))
   if cfg.preset == "paper":
@@ -124,12 +138,13 @@ class State:
   """Duo-SegNet's training state.
 
   Attributes:
-    seg: both segmenters under one optimiser: params and batch_stats are {"f1": ..., "f2": ...};
-      `apply_fn` is the (shared) U-Net architecture's, applied to one view's subtree at a time.
+    seg: the segmenters F₁, F₂ as peers "f1", "f2", each with its own SGD state (the reference's
+      one SGD over both networks, which is the same update: SGD acts parameter by parameter);
+      `seg.params` and `seg.batch_stats` are {"f1": ..., "f2": ...}.
     critic: the per-pixel critic and its RMSprop state.
     hparams: `apply_preset`'s effective weights (static).
   """
-  seg: base.TrainState
+  seg: peers.Peers
   critic: base.TrainState
   hparams: ml_collections.FrozenConfigDict = flax.struct.field(pytree_node=False)
 
@@ -187,17 +202,12 @@ def segmenter_loss(loss_s: jax.Array, loss_u: jax.Array, loss_c: jax.Array,
 
 def split_views(batch: Batch):
   """(X¹, X²) and (Y¹, Y²): the first and second half of the labeled samples; Y float (…, 1)."""
-  half = batch.image_l.shape[0] // 2
-  y = batch.label_l.astype(jnp.float32)[..., None]
-  return (batch.image_l[:half], batch.image_l[half:]), (y[:half], y[half:])
+  half = batch.labeled["image"].shape[0] // 2
+  y = batch.labeled["label"].astype(jnp.float32)[..., None]
+  return (batch.labeled["image"][:half], batch.labeled["image"][half:]), (y[:half], y[half:])
 
 
-def view_state(seg: base.TrainState, view: str) -> base.TrainState:
-  """Segmenter `view` ("f1" / "f2") as a TrainState of its own params and BN statistics."""
-  return seg.replace(params=seg.params[view], batch_stats=seg.batch_stats[view])
-
-
-def segment_views(seg: base.TrainState, params, images: Sequence[jax.Array], unlabeled: jax.Array,
+def segment_views(seg: peers.Peers, params, images: Sequence[jax.Array], unlabeled: jax.Array,
                   rng: jax.Array):
   """Train-mode F_i(concat(X^i, U)) for i = 1, 2, one call per segmenter.
 
@@ -206,7 +216,7 @@ def segment_views(seg: base.TrainState, params, images: Sequence[jax.Array], unl
   """
   probs, unlabeled_probs, stats = [], [], {}
   for view, x, key in zip(VIEWS, images, jax.random.split(rng, len(VIEWS))):
-    logits, stats[view] = base.forward_train(view_state(seg, view), params[view],
+    logits, stats[view] = base.forward_train(seg[view], params[view],
                                              jnp.concatenate([x, unlabeled]), key)
     p = jax.nn.sigmoid(logits)
     probs.append(p[:x.shape[0]])
@@ -234,40 +244,26 @@ def init(rng: jax.Array, config: ml_collections.ConfigDict, example_batch: Batch
   """Two one-logit segmenters (independent initialisations) and the critic.
 
   Raises:
-    ValueError: `data.num_classes` != 2, `data.labeled_groups` != 2, an odd labeled batch, no
-      unlabeled samples, or a bad method block (`apply_preset`).
+    DataError: `check_config`'s, or an example batch without two views or unlabeled samples.
   """
+  check_config(config)
+  base.check_example_batch(example_batch, REQUIREMENTS, "duo")
   cfg = config.method
-  if config.data.num_classes != 2:
-    raise ValueError(f"config data.num_classes = {config.data.num_classes}: duo's segmenters have "
-                     "one logit (binary segmentation), it needs data.num_classes = 2")
-  groups = config.data.get("labeled_groups", 1)
-  if groups != 2:
-    raise ValueError(f"config data.labeled_groups = {groups}: duo needs 2 (its views X^1, X^2)")
-  b_l, b_u = example_batch.image_l.shape[0], example_batch.image_u.shape[0]
-  if b_l < 2 or b_l % 2:
-    raise ValueError(f"config data.batch_labeled = {b_l}: duo needs an even number >= 2 "
-                     "(two views)")
-  if b_u < 1:
-    raise ValueError("config data.batch_unlabeled = 0: duo needs unlabeled samples")
   hparams = apply_preset(cfg)
 
   unet = models.get_model(cfg.model.name, num_classes=1, **base.model_kwargs(cfg.model))
   critic = models.get_model(cfg.critic.name, **base.model_kwargs(cfg.critic))
-  x = jnp.asarray(example_batch.image_l[:1])
+  x = jnp.asarray(example_batch.labeled["image"][:1])
   keys = jax.random.split(rng, 3)
-  nets = {view: base.create_train_state(unet, base.optimizer(cfg.optimizer), key, x)
-          for view, key in zip(VIEWS, keys[:2])}
-  seg = base.TrainState.create(
-      apply_fn=unet.apply, tx=base.optimizer(cfg.optimizer),
-      params={view: net.params for view, net in nets.items()},
-      batch_stats={view: net.batch_stats for view, net in nets.items()})
+  seg = peers.create_peers(
+      VIEWS, lambda key: base.create_train_state(unet, base.optimizer(cfg.optimizer), key, x),
+      keys[:2])
   critic_state = base.create_train_state(critic, base.optimizer(cfg.critic_optimizer), keys[2],
                                          jnp.zeros((1, *x.shape[1:-1], 1), jnp.float32))
   return State(seg=seg, critic=critic_state, hparams=hparams)
 
 
-def segmenter_objective(params, seg: base.TrainState, critic: base.TrainState, batch: Batch,
+def segmenter_objective(params, seg: peers.Peers, critic: base.TrainState, batch: Batch,
                         rng: jax.Array, hp: ml_collections.FrozenConfigDict):
   """λ_s·L_s + λ_u·L_u + λ_c·L_c as a function of the segmenters' `params` {"f1", "f2"}.
 
@@ -278,7 +274,7 @@ def segmenter_objective(params, seg: base.TrainState, critic: base.TrainState, b
     D(u_i) and the labeled predictions (p¹, p²).
   """
   (x1, x2), labels = split_views(batch)
-  probs, (u1, u2), seg_stats = segment_views(seg, params, (x1, x2), batch.image_u, rng)
+  probs, (u1, u2), seg_stats = segment_views(seg, params, (x1, x2), batch.unlabeled["image"], rng)
   d, critic_stats = critic_probabilities(critic, critic.params, critic.batch_stats,
                                          (*probs, u1, u2))
   loss_s = supervised_loss(probs, labels, hp.w_dice)
@@ -290,7 +286,7 @@ def segmenter_objective(params, seg: base.TrainState, critic: base.TrainState, b
   return total, (aux, seg_stats, critic_stats)
 
 
-def segmenter_step(seg: base.TrainState, critic: base.TrainState, batch: Batch, rng: jax.Array,
+def segmenter_step(seg: peers.Peers, critic: base.TrainState, batch: Batch, rng: jax.Array,
                    hp: ml_collections.FrozenConfigDict):
   """One descent step of both segmenters on λ_s·L_s + λ_u·L_u + λ_c·L_c (critic parameters fixed).
 
@@ -298,20 +294,19 @@ def segmenter_step(seg: base.TrainState, critic: base.TrainState, batch: Batch, 
     (seg, critic with updated BN running statistics, aux) where aux holds the losses, the mean D on
     the unlabeled predictions and the pre-update labeled predictions (p¹, p²).
   """
-  grads, (aux, seg_stats, critic_stats) = jax.grad(segmenter_objective, has_aux=True)(
-      seg.params, seg, critic, batch, rng, hp)
-  seg = seg.apply_gradients(grads=grads).replace(batch_stats=seg_stats)
-  return seg, critic.replace(batch_stats=critic_stats), aux
+  seg, critic, _, aux = adversarial.segmenter_step(
+      seg, critic, lambda params, frozen_critic: segmenter_objective(params, seg, frozen_critic,
+                                                                     batch, rng, hp))
+  return seg, critic, aux
 
 
-def critic_objective(params, critic: base.TrainState, probs: Sequence[jax.Array],
+def critic_objective(params, critic: base.TrainState, fakes: Sequence[jax.Array],
                      labels: Sequence[jax.Array], hp: ml_collections.FrozenConfigDict):
   """L_adv1 as a function of the critic's `params`: fakes sg p^i, reals Y^i (no unlabeled maps).
 
   Returns:
     (loss, (aux, critic batch_stats)); aux holds the loss and the mean D on fakes and reals.
   """
-  fakes = [jax.lax.stop_gradient(p) for p in probs]
   d, stats = critic_probabilities(critic, params, critic.batch_stats, (*fakes, *labels))
   loss = critic_loss(d[2:], d[:2], hp.critic_real, hp.critic_fake)
   aux = dict(loss_critic=loss, d_fake=0.5 * (jnp.mean(d[0]) + jnp.mean(d[1])),
@@ -322,9 +317,10 @@ def critic_objective(params, critic: base.TrainState, probs: Sequence[jax.Array]
 def critic_step(critic: base.TrainState, probs: Sequence[jax.Array], labels: Sequence[jax.Array],
                 hp: ml_collections.FrozenConfigDict):
   """One RMSprop step of the critic on L_adv1; returns (critic, aux). Touches no segmenter."""
-  grads, (aux, stats) = jax.grad(critic_objective, has_aux=True)(critic.params, critic, probs,
-                                                                  labels, hp)
-  return critic.apply_gradients(grads=grads).replace(batch_stats=stats), aux
+  critic, _, aux = adversarial.critic_step(
+      critic, tuple(probs),
+      lambda params, fakes: critic_objective(params, critic, fakes, labels, hp))
+  return critic, aux
 
 
 def train_step(state: State, batch: Batch, rng: jax.Array):
@@ -342,13 +338,14 @@ def train_step(state: State, batch: Batch, rng: jax.Array):
   _, labels = split_views(batch)
   for _ in range(hp.k_c):
     critic, critic_aux = critic_step(critic, probs, labels, hp)
-  rates = dict(learning_rate=base.learning_rate(seg),
+  rates = dict(learning_rate=base.learning_rate(seg[VIEWS[0]]),
                learning_rate_critic=base.learning_rate(critic))
   return state.replace(seg=seg, critic=critic), base.scalar_metrics(**seg_aux, **critic_aux,
                                                                     **rates)
 
 
-def predict(state: State, images: jax.Array) -> dict:
-  """Eval-mode foreground probabilities of both segmenters: {"f1", "f2"}, each (B, *spatial, 1)."""
-  return {view: jax.nn.sigmoid(base.forward_eval(view_state(state.seg, view), images))
+def predict(state: State, inputs: dict) -> dict:
+  """Eval-mode foreground probabilities of both segmenters on `inputs["image"]`: {"f1", "f2"},
+  each (B, *spatial, 1)."""
+  return {view: jax.nn.sigmoid(base.forward_eval(state.seg[view], inputs["image"]))
           for view in VIEWS}

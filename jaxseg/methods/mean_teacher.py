@@ -33,8 +33,10 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxseg import losses, models, schedules
+from jaxseg.data.base import DataError
 from jaxseg.data.batches import Batch
 from jaxseg.methods import base, supervised
+from jaxseg.methods.ema import Teacher, follow, teacher_forward
 
 # Teacher input noise ξ = clip(N(0, NOISE_STD²), ±NOISE_CLIP): the reference's
 # `torch.clamp(torch.randn_like(x) * 0.1, -0.2, 0.2)`.
@@ -63,18 +65,6 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 @flax.struct.dataclass
-class Teacher:
-  """The EMA teacher: the student's architecture with averaged parameters and its own BN statistics.
-
-  Attributes:
-    params: the EMA of the student's parameters.
-    batch_stats: BatchNorm running statistics of the teacher's own train-mode passes ({} if none).
-  """
-  params: Any
-  batch_stats: Any
-
-
-@flax.struct.dataclass
 class State:
   """A Mean Teacher (or UA-MT) training state.
 
@@ -89,44 +79,13 @@ class State:
 
 
 # ------------------------------------------------------------------------------------------------
-# EMA teacher (METHODS §3).
-
-
-def ema_decay(step: jax.Array, max_decay: float) -> jax.Array:
-  """α_t = min(1 − 1/(t + 1), max_decay): the true average of the students, then capped."""
-  step = jnp.asarray(step)
-  return jnp.minimum(1.0 - 1.0 / (step + 1.0), max_decay)
-
-
-def ema_update(teacher_params: Any, student_params: Any, decay: jax.Array) -> Any:
-  """θ′ ← α θ′ + (1 − α) θ, leaf by leaf (the reference's `update_ema_variables`)."""
-  return jax.tree.map(lambda t, s: (decay * t + (1.0 - decay) * s).astype(t.dtype),
-                      teacher_params, student_params)
+# The teacher's input.
 
 
 def teacher_noise(rng: jax.Array, x: jax.Array) -> jax.Array:
   """x + clip(N(0, 0.1²), −0.2, 0.2), drawn independently per element."""
   noise = NOISE_STD * jax.random.normal(rng, x.shape, x.dtype)
   return x + jnp.clip(noise, -NOISE_CLIP, NOISE_CLIP)
-
-
-def teacher_forward(student: base.TrainState, teacher: Teacher, x: jax.Array, rng: jax.Array,
-                    batch_stats: Any = None):
-  """The teacher in train mode (batch statistics, dropout on) on `x`.
-
-  Args:
-    student: supplies the architecture (`apply_fn`); its parameters are not used.
-    teacher: the teacher's parameters and BN statistics.
-    x: (B, *spatial, C_in) inputs (already noised).
-    rng: the dropout key of this pass.
-    batch_stats: the BN statistics to update (default: the teacher's), to thread several passes.
-
-  Returns:
-    (stop-gradient logits (B, *spatial, K), updated BN statistics).
-  """
-  stats = teacher.batch_stats if batch_stats is None else batch_stats
-  logits, stats = base.forward_train(student, teacher.params, x, rng, batch_stats=stats)
-  return jax.lax.stop_gradient(logits), stats
 
 
 # ------------------------------------------------------------------------------------------------
@@ -167,20 +126,37 @@ def consistency_weight(step: jax.Array, hp: ml_collections.FrozenConfigDict) -> 
 # Initialisation and the step, shared with UA-MT.
 
 
+# Any number of classes (a softmax head); the consistency term needs unlabeled samples.
+REQUIREMENTS = base.Requirements(classes="any", unlabeled=True)
+
+
+def check_method_block(cfg: ml_collections.ConfigDict) -> None:
+  """The keys Mean Teacher and UA-MT share; raises a DataError naming the key."""
+  ema = cfg.ema_decay
+  if isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0 <= ema < 1:
+    raise DataError(f"config method.ema_decay = {ema!r} must be a number in [0, 1)")
+  base.check_positive(cfg, "consistency")
+  base.check_positive(cfg, "consistency_rampup")
+  base.check_count(cfg, "rampup_block")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """The method block and the data it needs; raises a DataError naming the key."""
+  base.check_requirements(config, REQUIREMENTS)
+  check_method_block(config.method)
+
+
 def hyperparameters(config: ml_collections.ConfigDict, example_batch: Batch, **extra) -> dict:
   """The static hyperparameters of the state, after checking the config against the batch.
 
   Raises:
-    ValueError: data.num_classes < 2, or no labeled or no unlabeled samples per batch.
+    DataError: data.num_classes < 2, no labeled or no unlabeled samples per batch, a bad key of
+      the method block.
   """
   cfg = config.method
-  if config.data.num_classes < 2:
-    raise ValueError(f"config data.num_classes = {config.data.num_classes}: {cfg.name} needs >= 2 "
-                     "(a softmax head)")
-  if example_batch.image_u.shape[0] < 1:
-    raise ValueError(f"config data.batch_unlabeled = 0: {cfg.name} needs unlabeled samples")
-  if example_batch.image_l.shape[0] < 1:
-    raise ValueError(f"config data.batch_labeled = 0: {cfg.name} needs labeled samples")
+  base.check_requirements(config, REQUIREMENTS)
+  base.check_example_batch(example_batch, REQUIREMENTS, cfg.name)
+  check_method_block(cfg)
   return dict(num_classes=int(config.data.num_classes), ema_decay=float(cfg.ema_decay),
               consistency=float(cfg.consistency),
               consistency_rampup=float(cfg.consistency_rampup),
@@ -193,7 +169,7 @@ def init_state(rng: jax.Array, config: ml_collections.ConfigDict, example_batch:
   cfg = config.method
   model = models.get_model(cfg.model.name, num_classes=config.data.num_classes,
                            **base.model_kwargs(cfg.model))
-  x = jnp.asarray(example_batch.image_l[:1])
+  x = jnp.asarray(example_batch.labeled["image"][:1])
   # Both networks in one vmapped init: one traced initialisation (half the compile time).
   both = jax.vmap(lambda key: model.init({"params": key, "dropout": key}, x, train=False))(
       jax.random.split(rng))
@@ -209,6 +185,7 @@ def init_state(rng: jax.Array, config: ml_collections.ConfigDict, example_batch:
 
 def init(rng: jax.Array, config: ml_collections.ConfigDict, example_batch: Batch) -> State:
   """Student and teacher V-Nets (see `hyperparameters` for the config errors raised)."""
+  check_config(config)
   return init_state(rng, config, example_batch, hyperparameters(config, example_batch))
 
 
@@ -221,26 +198,24 @@ def student_update(state: State, batch: Batch, rng: jax.Array, consistency_fn: C
     (the updated student TrainState, metrics of `total_loss` plus consistency_fn's extras).
   """
   hp = state.hparams
-  num_labeled = batch.image_l.shape[0]
+  num_labeled = batch.labeled["image"].shape[0]
   weight = consistency_weight(state.student.step, hp)
   images = base.all_images(batch)
 
   def objective(params):
     logits, stats = base.forward_train(state.student, params, images, rng)
     loss_c, extra = consistency_fn(logits[num_labeled:])
-    loss, aux = total_loss(logits[:num_labeled], batch.label_l, loss_c, weight, hp.num_classes)
+    loss, aux = total_loss(logits[:num_labeled], batch.labeled["label"], loss_c, weight, hp.num_classes)
     return loss, (dict(aux, **extra), stats)
 
-  grads, (aux, stats) = jax.grad(objective, has_aux=True)(state.student.params)
-  student = state.student.apply_gradients(grads=grads).replace(batch_stats=stats)
+  student, _, aux = base.gradient_step(state.student, objective)
   return student, aux
 
 
 def finish_step(state: State, student: base.TrainState, teacher_stats: Any, aux: dict):
   """The EMA update after the student's step: (new state, metrics)."""
-  decay = ema_decay(state.student.step, state.hparams.ema_decay)
-  teacher = Teacher(params=ema_update(state.teacher.params, student.params, decay),
-                    batch_stats=teacher_stats)
+  teacher, decay = follow(state.teacher, student.params, state.student.step,
+                         state.hparams.ema_decay, teacher_stats)
   metrics = base.scalar_metrics(**aux, learning_rate=base.learning_rate(student), ema_decay=decay)
   return state.replace(student=student, teacher=teacher), metrics
 
@@ -253,12 +228,12 @@ def train_step(state: State, batch: Batch, rng: jax.Array):
   """
   student_key, noise_key, dropout_key = jax.random.split(rng, 3)
   target, teacher_stats = teacher_forward(state.student, state.teacher,
-                                          teacher_noise(noise_key, batch.image_u), dropout_key)
+                                          teacher_noise(noise_key, batch.unlabeled["image"]), dropout_key)
   student, aux = student_update(state, batch, student_key,
                                 lambda logits_u: (consistency_loss(logits_u, target), {}))
   return finish_step(state, student, teacher_stats, aux)
 
 
-def predict(state: State, images: jax.Array) -> dict:
-  """The student's eval-mode class probabilities {"model": (B, *spatial, K)}."""
-  return {"model": jax.nn.softmax(base.forward_eval(state.student, images), axis=-1)}
+def predict(state: State, inputs: dict) -> dict:
+  """The student's eval-mode class probabilities of `inputs["image"]`: {"model": (B, *spatial, K)}."""
+  return {"model": jax.nn.softmax(base.forward_eval(state.student, inputs["image"]), axis=-1)}

@@ -37,8 +37,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxseg import geometry, losses, models, schedules
+from jaxseg.data.base import DataError
 from jaxseg.data.batches import Batch
-from jaxseg.methods import base, dtc
+from jaxseg.methods import adversarial, base, dtc
 
 PRESETS = ("paper", "released")
 LABELED, UNLABELED = 1, 0  # The discriminator's classes.
@@ -61,16 +62,26 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+# The SDM describes one foreground; the discriminator tells labeled from unlabeled samples.
+REQUIREMENTS = base.Requirements(classes="binary", unlabeled=True)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """The method block and the data it needs; raises a DataError naming the key."""
+  base.check_requirements(config, REQUIREMENTS)
+  apply_preset(config.method)
+
+
 def apply_preset(cfg: ml_collections.ConfigDict) -> ml_collections.FrozenConfigDict:
   """The effective hyperparameters of the method block `cfg` (static in the train step).
 
   Raises:
-    ValueError: unknown `method.preset`, or a bad `method.rampup_block`.
+    DataError: unknown `method.preset`, a bad `method.rampup_block`, a negative weight.
   """
-  if cfg.preset not in PRESETS:
-    raise ValueError(f"config method.preset = {cfg.preset!r} is not one of {PRESETS}")
-  if int(cfg.rampup_block) != cfg.rampup_block or cfg.rampup_block < 1:
-    raise ValueError(f"config method.rampup_block = {cfg.rampup_block!r} must be an integer >= 1")
+  base.check_choice(cfg, "preset", PRESETS)
+  base.check_count(cfg, "rampup_block")
+  for key in ("beta", "beta_max", "consistency_rampup"):
+    base.check_positive(cfg, key)
   return ml_collections.FrozenConfigDict(dict(
       preset=cfg.preset, beta=float(cfg.beta), beta_max=float(cfg.beta_max),
       consistency_rampup=float(cfg.consistency_rampup), rampup_block=int(cfg.rampup_block)))
@@ -159,27 +170,20 @@ def init(rng: jax.Array, config: ml_collections.ConfigDict, example_batch: Batch
   """The two-head V-Net (SGD) and the discriminator (Adam).
 
   Raises:
-    ValueError: `data.num_classes` != 2, no labeled or no unlabeled samples per batch, a segmenter
-      without "sdf" and "seg" outputs, or a bad method block (`apply_preset`).
+    DataError: `check_config`'s, an example batch without labeled or unlabeled samples, or a
+      segmenter without "sdf" and "seg" outputs.
   """
+  check_config(config)
+  base.check_example_batch(example_batch, REQUIREMENTS, "sassnet")
   cfg = config.method
-  if config.data.num_classes != 2:
-    raise ValueError(f"config data.num_classes = {config.data.num_classes}: sassnet's heads "
-                     "describe one foreground (binary segmentation), it needs data.num_classes = 2")
-  b_l, b_u = example_batch.image_l.shape[0], example_batch.image_u.shape[0]
-  if b_l < 1:
-    raise ValueError("config data.batch_labeled = 0: sassnet needs labeled samples")
-  if b_u < 1:
-    raise ValueError("config data.batch_unlabeled = 0: sassnet needs unlabeled samples (its "
-                     "discriminator tells them from the labeled ones)")
   hparams = apply_preset(cfg)
 
   segmenter = models.get_model(cfg.model.name, **base.model_kwargs(cfg.model))
   discriminator = models.get_model(cfg.discriminator.name, **base.model_kwargs(cfg.discriminator))
-  x = jnp.asarray(example_batch.image_l[:1])
+  x = jnp.asarray(example_batch.labeled["image"][:1])
   outputs = jax.eval_shape(lambda: segmenter.init_with_output(jax.random.key(0), x, train=False)[0])
   if not isinstance(outputs, dict) or not {"sdf", "seg"} <= set(outputs):
-    raise ValueError(f"config method.model.name = {cfg.model.name!r}: sassnet needs a segmenter "
+    raise DataError(f"config method.model.name = {cfg.model.name!r}: sassnet needs a segmenter "
                      "with 'sdf' and 'seg' outputs (vnet_sdf)")
   seg_key, disc_key = jax.random.split(rng)
   seg = base.create_train_state(segmenter, base.optimizer(cfg.optimizer), seg_key, x)
@@ -195,13 +199,13 @@ def generator_objective(params, seg: base.TrainState, disc: base.TrainState, bat
   """L_G as a function of the segmenter's `params`; D in eval mode, its parameters constants.
 
   Returns:
-    (L_G, (terms, updated segmenter batch_stats)).
+    (L_G, (terms, updated segmenter batch_stats, D's batch_stats (unchanged: eval mode))).
   """
-  num_labeled = batch.image_l.shape[0]
+  num_labeled = batch.labeled["image"].shape[0]
   outputs, stats = base.forward_train(seg, params, base.all_images(batch), rng)
-  d_logits = discriminate(disc, disc.params, outputs["sdf"][num_labeled:], batch.image_u)
-  total, terms = generator_loss(outputs, batch.label_l, d_logits, seg.step, hp)
-  return total, (terms, stats)
+  d_logits = discriminate(disc, disc.params, outputs["sdf"][num_labeled:], batch.unlabeled["image"])
+  total, terms = generator_loss(outputs, batch.labeled["label"], d_logits, seg.step, hp)
+  return total, (terms, stats, disc.batch_stats)
 
 
 def generator_step(seg: base.TrainState, disc: base.TrainState, batch: Batch, rng: jax.Array,
@@ -211,9 +215,9 @@ def generator_step(seg: base.TrainState, disc: base.TrainState, batch: Batch, rn
   Returns:
     (seg, metrics: loss and the `generator_loss` terms). D is not touched.
   """
-  (loss, (terms, stats)), grads = jax.value_and_grad(generator_objective, has_aux=True)(
-      seg.params, seg, disc, batch, rng, hp)
-  seg = seg.apply_gradients(grads=grads).replace(batch_stats=stats)
+  seg, _, loss, terms = adversarial.segmenter_step(
+      seg, disc, lambda params, frozen_disc: generator_objective(params, seg, frozen_disc, batch,
+                                                                 rng, hp))
   return seg, dict(loss=loss, **terms)
 
 
@@ -225,15 +229,14 @@ def discriminator_step(disc: base.TrainState, seg: base.TrainState, batch: Batch
     (disc, metrics: loss_discriminator and d_accuracy, of the logits before the update).
   """
   images = base.all_images(batch)
-  sdm = jax.lax.stop_gradient(base.forward_eval(seg, images)["sdf"])
-  targets = discriminator_targets(batch.image_l.shape[0], batch.image_u.shape[0])
+  sdm = base.forward_eval(seg, images)["sdf"]
+  targets = discriminator_targets(batch.labeled["image"].shape[0], batch.unlabeled["image"].shape[0])
 
-  def objective(params):
+  def objective(params, sdm):
     logits = discriminate(disc, params, sdm, images, rng)
-    return discriminator_loss(logits, targets), logits
+    return discriminator_loss(logits, targets), (logits, disc.batch_stats)
 
-  (loss, logits), grads = jax.value_and_grad(objective, has_aux=True)(disc.params)
-  disc = disc.apply_gradients(grads=grads)
+  disc, loss, logits = adversarial.critic_step(disc, sdm, objective)
   return disc, dict(loss_discriminator=loss,
                     d_accuracy=discriminator_accuracy(logits, targets))
 
@@ -243,7 +246,7 @@ def train_step(state: State, batch: Batch, rng: jax.Array):
 
   Metrics: the segmenter step's loss and terms, the discriminator step's loss_discriminator and
   d_accuracy, both learning rates, and sdf_full_masks (labeled samples that are all foreground,
-  whose T(y) is set to 0 where the reference gives NaN, METHODS §2).
+  whose T(y) is set to 0 where the reference gives NaN).
   """
   seg_key, disc_key = jax.random.split(rng)
   seg, seg_metrics = generator_step(state.seg, state.disc, batch, seg_key, state.hparams)
@@ -251,9 +254,10 @@ def train_step(state: State, batch: Batch, rng: jax.Array):
   return state.replace(seg=seg, disc=disc), base.scalar_metrics(
       **seg_metrics, **disc_metrics, learning_rate=base.learning_rate(seg),
       learning_rate_discriminator=base.learning_rate(disc),
-      sdf_full_masks=geometry.count_degenerate_masks(batch.label_l))
+      sdf_full_masks=geometry.count_degenerate_masks(batch.labeled["label"]))
 
 
-def predict(state: State, images: jax.Array) -> dict:
-  """Eval-mode foreground probabilities σ(s) of the segmentation head: {"model": (B, *S, 1)}."""
-  return {"model": jax.nn.sigmoid(base.forward_eval(state.seg, images)["seg"])}
+def predict(state: State, inputs: dict) -> dict:
+  """Eval-mode foreground probabilities σ(s) of the segmentation head on `inputs["image"]`
+  (B, *S, C): {"model": (B, *S, 1)}."""
+  return {"model": jax.nn.sigmoid(base.forward_eval(state.seg, inputs["image"])["seg"])}

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxseg import losses, models
+from jaxseg.data.base import DataError
 from jaxseg.data.batches import Batch
 from jaxseg.methods import base
 
@@ -30,6 +31,20 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+LOSSES = ("bce", "ce_dice")
+# Labeled data only; "bce" checks that the task is binary (`check_config`).
+REQUIREMENTS = base.Requirements(classes="any")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """The method block and the data it needs; raises a DataError naming the key."""
+  base.check_requirements(config, REQUIREMENTS)
+  base.check_choice(config.method, "loss", LOSSES)
+  if config.method.loss == "bce" and config.data.num_classes != 2:
+    raise DataError(f"config method.loss = 'bce' is binary (one logit), data.num_classes = "
+                    f"{config.data.num_classes}: use method.loss = 'ce_dice'")
+
+
 @flax.struct.dataclass
 class State:
   seg: base.TrainState
@@ -37,22 +52,19 @@ class State:
 
 
 def output_channels(loss: str, num_classes: int) -> int:
-  if loss == "bce":
-    if num_classes != 2:
-      raise ValueError(f"config method.loss = 'bce' is binary, data.num_classes = {num_classes}")
-    return 1
-  if loss == "ce_dice":
-    return num_classes
-  raise ValueError(f"config method.loss = {loss!r} is not one of 'bce', 'ce_dice'")
+  """The head's channels: one logit for "bce", num_classes logits for "ce_dice"."""
+  return 1 if loss == "bce" else num_classes
 
 
 def init(rng: jax.Array, config: ml_collections.ConfigDict, example_batch: Batch) -> State:
+  check_config(config)
+  base.check_example_batch(example_batch, REQUIREMENTS, "supervised")
   cfg = config.method
   model = models.get_model(cfg.model.name, num_classes=output_channels(cfg.loss,
                                                                        config.data.num_classes),
                            **base.model_kwargs(cfg.model))
   seg = base.create_train_state(model, base.optimizer(cfg.optimizer), rng,
-                                jnp.asarray(example_batch.image_l[:1]))
+                                jnp.asarray(example_batch.labeled["image"][:1]))
   hparams = ml_collections.FrozenConfigDict(
       dict(loss=cfg.loss, num_classes=config.data.num_classes))
   return State(seg=seg, hparams=hparams)
@@ -71,20 +83,22 @@ def supervised_loss(logits: jax.Array, labels: jax.Array, loss: str, num_classes
 
 
 def train_step(state: State, batch: Batch, rng: jax.Array):
+  """One optimiser step on the supervised loss of the labeled samples (unlabeled ones unused)."""
   hp = state.hparams
 
-  def loss_fn(params):
-    logits, stats = base.forward_train(state.seg, params, batch.image_l, rng)
-    return supervised_loss(logits, batch.label_l, hp.loss, hp.num_classes), stats
+  def objective(params):
+    logits, stats = base.forward_train(state.seg, params, batch.labeled["image"], rng)
+    return supervised_loss(logits, batch.labeled["label"], hp.loss, hp.num_classes), (None, stats)
 
-  (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.seg.params)
-  seg = state.seg.apply_gradients(grads=grads).replace(batch_stats=stats)
+  seg, loss, _ = base.gradient_step(state.seg, objective)
   return state.replace(seg=seg), base.scalar_metrics(loss=loss,
                                                      learning_rate=base.learning_rate(seg))
 
 
-def predict(state: State, images: jax.Array) -> dict:
-  logits = base.forward_eval(state.seg, images)
+def predict(state: State, inputs: dict) -> dict:
+  """Eval-mode probabilities of `inputs["image"]` (B, *spatial, C): {"model": (B, *spatial, K)},
+  K = 1 foreground probability ("bce") or the class probabilities ("ce_dice")."""
+  logits = base.forward_eval(state.seg, inputs["image"])
   if state.hparams.loss == "bce":
     return {"model": jax.nn.sigmoid(logits)}
   return {"model": jax.nn.softmax(logits, axis=-1)}

@@ -35,9 +35,11 @@ import ml_collections
 
 from jaxseg import losses, schedules
 from jaxseg.data.batches import Batch
+from jaxseg.data.base import DataError
 from jaxseg.methods import base, mean_teacher
-from jaxseg.methods.mean_teacher import (State, Teacher, finish_step, hyperparameters, init_state,
-                                         student_update, teacher_forward, teacher_noise)
+from jaxseg.methods.ema import Teacher, teacher_forward
+from jaxseg.methods.mean_teacher import (State, finish_step, hyperparameters, init_state,
+                                         student_update, teacher_noise)
 from jaxseg.models.layers import BN_MOMENTUM
 
 PRESETS = ("paper", "released")
@@ -61,12 +63,23 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+REQUIREMENTS = mean_teacher.REQUIREMENTS
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """The method block and the data it needs; raises a DataError naming the key."""
+  mean_teacher.check_config(config)
+  mask_classes(config.method.preset, config.data.num_classes)
+  base.check_positive(config.method, "threshold_rampup")
+
+
 def init(rng: jax.Array, config: ml_collections.ConfigDict, example_batch: Batch) -> State:
   """Student and teacher V-Nets.
 
   Raises:
-    ValueError: an unknown `method.preset`, or a config `mean_teacher.hyperparameters` rejects.
+    DataError: an unknown `method.preset`, or a config `mean_teacher.hyperparameters` rejects.
   """
+  check_config(config)
   cfg = config.method
   hparams = hyperparameters(config, example_batch, preset=cfg.preset,
                             threshold_rampup=float(cfg.threshold_rampup),
@@ -78,10 +91,10 @@ def mask_classes(preset: str, num_classes: int) -> int:
   """The C of ln C in H(t) and of C·Σm in L_c: `num_classes` ("paper"), 2 ("released").
 
   Raises:
-    ValueError: an unknown preset.
+    DataError: an unknown preset.
   """
   if preset not in PRESETS:
-    raise ValueError(f"config method.preset = {preset!r} is not one of {PRESETS}")
+    raise DataError(f"config method.preset = {preset!r} is not one of {list(PRESETS)}")
   return RELEASED_CLASSES if preset == "released" else int(num_classes)
 
 
@@ -202,8 +215,8 @@ def train_step(state: State, batch: Batch, rng: jax.Array):
   hp = state.hparams
   student_key, noise_key, dropout_key, mc_key = jax.random.split(rng, 4)
   target, stats = teacher_forward(state.student, state.teacher,
-                                  teacher_noise(noise_key, batch.image_u), dropout_key)
-  mc_logits, stats = mc_teacher_logits(state.student, state.teacher, batch.image_u, mc_key,
+                                  teacher_noise(noise_key, batch.unlabeled["image"]), dropout_key)
+  mc_logits, stats = mc_teacher_logits(state.student, state.teacher, batch.unlabeled["image"], mc_key,
                                        batch_stats=stats)
   threshold = uncertainty_threshold(state.student.step, hp.threshold_rampup, hp.mask_classes)
   mask, _ = uncertainty_mask(mc_logits, threshold)
@@ -216,6 +229,6 @@ def train_step(state: State, batch: Batch, rng: jax.Array):
   return finish_step(state, student, stats, aux)
 
 
-def predict(state: State, images: jax.Array) -> dict:
+def predict(state: State, inputs: dict) -> dict:
   """The student's eval-mode class probabilities {"model": (B, *spatial, K)} (as Mean Teacher)."""
-  return mean_teacher.predict(state, images)
+  return mean_teacher.predict(state, inputs)

@@ -40,9 +40,9 @@ def case_of(image, base):
 
 def test_shapes_and_dtypes_labeled_first():
   batch = next(make_batches())
-  assert batch.image_l.shape == (2, 8, 8, 6, 1) and batch.image_l.dtype == np.float32
-  assert batch.label_l.shape == (2, 8, 8, 6) and batch.label_l.dtype == np.int32
-  assert batch.image_u.shape == (3, 8, 8, 6, 1) and batch.image_u.dtype == np.float32
+  assert batch.labeled["image"].shape == (2, 8, 8, 6, 1) and batch.labeled["image"].dtype == np.float32
+  assert batch.labeled["label"].shape == (2, 8, 8, 6) and batch.labeled["label"].dtype == np.int32
+  assert batch.unlabeled["image"].shape == (3, 8, 8, 6, 1) and batch.unlabeled["image"].dtype == np.float32
 
 
 def test_labeled_epochs_are_permutations_with_the_leftover_dropped():
@@ -64,8 +64,8 @@ def test_unlabeled_stream_is_a_chain_of_permutations():
 def test_batch_images_come_from_the_sampled_cases():
   batches = make_batches()
   batch = batches.batch_at(3)
-  assert [case_of(im, 0) for im in batch.image_l] == batches.labeled_indices(3).tolist()
-  assert [case_of(im, 100) for im in batch.image_u] == batches.unlabeled_indices(3).tolist()
+  assert [case_of(im, 0) for im in batch.labeled["image"]] == batches.labeled_indices(3).tolist()
+  assert [case_of(im, 100) for im in batch.unlabeled["image"]] == batches.unlabeled_indices(3).tolist()
 
 
 def test_unlabeled_labels_are_never_read():
@@ -85,11 +85,11 @@ def test_deterministic_and_resumes_exactly():
   resumed.set_state(state)
   for want in expected[6:]:
     got = next(resumed)
-    np.testing.assert_array_equal(got.image_l, want.image_l)
-    np.testing.assert_array_equal(got.label_l, want.label_l)
-    np.testing.assert_array_equal(got.image_u, want.image_u)
+    np.testing.assert_array_equal(got.labeled["image"], want.labeled["image"])
+    np.testing.assert_array_equal(got.labeled["label"], want.labeled["label"])
+    np.testing.assert_array_equal(got.unlabeled["image"], want.unlabeled["image"])
   other = next(make_batches(seed=5))
-  assert not np.array_equal(other.image_l, expected[0].image_l)
+  assert not np.array_equal(other.labeled["image"], expected[0].labeled["image"])
 
 
 def test_resume_with_another_seed_is_refused():
@@ -100,13 +100,13 @@ def test_resume_with_another_seed_is_refused():
 
 def test_augmentation_varies_the_crops():
   batches = make_batches(n_labeled=2, batch_labeled=2)
-  crops = collections.Counter(batches.batch_at(t).label_l[0].tobytes() for t in range(6))
+  crops = collections.Counter(batches.batch_at(t).labeled["label"][0].tobytes() for t in range(6))
   assert len(crops) == 6
 
 
 def test_no_unlabeled_stream():
   batches = make_batches(batch_unlabeled=0, n_unlabeled=0)
-  assert next(batches).image_u.shape == (0, 8, 8, 6, 1)
+  assert next(batches).unlabeled["image"].shape == (0, 8, 8, 6, 1)
 
 
 @pytest.mark.parametrize("kwargs, words", [

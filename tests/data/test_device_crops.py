@@ -58,17 +58,20 @@ def test_device_batches_equal_host_batches(augment, patch, shapes):
   kw = dict(pad_to_patch=True, augment_on=augment)
   stack_l = device_crops.stack_volumes(labeled, patch, with_labels=True, **kw)
   stack_u = device_crops.stack_volumes(unlabeled, patch, with_labels=False, **kw)
-  on_device = [jax.device_put(a) for a in (stack_l.images, stack_l.labels, stack_u.images)]
-  assemble = jax.jit(device_crops.assemble, static_argnums=(4,))
+  on_device = jax.device_put({"labeled": stack_l.arrays, "unlabeled": stack_u.arrays})
+  assemble = jax.jit(device_crops.assemble, static_argnums=(2,))
   branches = set()
   for step in range(6):
     plan = device_crops.plan_batch(batches, stack_l.shapes, stack_u.shapes, step)
     branches.update(plan["branch_l"].tolist() + plan["branch_u"].tolist())
-    got = jax.device_get(assemble(*on_device, plan, patch))
+    got = jax.device_get(assemble(on_device, plan, patch))
     want = batches.batch_at(step)
-    assert got.label_l.dtype == want.label_l.dtype == np.int32
-    for name in ("image_l", "label_l", "image_u"):
-      np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=f"{name} {step}")
+    assert got.labeled["label"].dtype == want.labeled["label"].dtype == np.int32
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    flat_got, flat_want = (jax.tree_util.tree_flatten_with_path(b)[0] for b in (got, want))
+    for (path, got_leaf), (want_path, want_leaf) in zip(flat_got, flat_want, strict=True):
+      assert path == want_path
+      np.testing.assert_array_equal(got_leaf, want_leaf, err_msg=f"{path} {step}")
   # Six batches of five samples exercise several branches (augmentation on) or the identity only.
   assert len(branches) >= 4 if augment else branches == {device_crops.IDENTITY}
 
@@ -80,9 +83,9 @@ def test_no_unlabeled_stream():
   stack = device_crops.stack_volumes(labeled, (8, 8, 6), pad_to_patch=True, augment_on=True,
                                      with_labels=True)
   plan = device_crops.plan_batch(batches, stack.shapes, np.zeros((0, 3), np.int64), 3)
-  got = device_crops.assemble(stack.images, stack.labels, None, plan, (8, 8, 6))
-  assert got.image_u.shape == (0, 8, 8, 6, 2)
-  np.testing.assert_array_equal(got.image_l, batches.batch_at(3).image_l)
+  got = device_crops.assemble({"labeled": stack.arrays, "unlabeled": None}, plan, (8, 8, 6))
+  assert got.unlabeled["image"].shape == (0, 8, 8, 6, 2)
+  np.testing.assert_array_equal(got.labeled["image"], batches.batch_at(3).labeled["image"])
 
 
 def test_padding_with_a_non_square_patch_and_rotation_is_refused():

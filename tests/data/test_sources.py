@@ -26,7 +26,7 @@ def test_synthetic_dataset_split_and_batches():
   assert len(ds.unlabeled) == 4 and all(c.label is None for c in ds.unlabeled)
   assert all(c.label is not None for c in ds.labeled + ds.validation)
   batch = next(sources.make_batches(ds, cfg))
-  assert batch.image_l.shape == (2, 16, 16, 12, 1) and batch.image_u.shape == (2, 16, 16, 12, 1)
+  assert batch.labeled["image"].shape == (2, 16, 16, 12, 1) and batch.unlabeled["image"].shape == (2, 16, 16, 12, 1)
 
 
 def test_run_seed_does_not_change_the_synthetic_data():
@@ -68,8 +68,8 @@ def test_la_protocol_split_on_real_data(tmp_path):
   ds = sources.load_dataset(cfg)
   assert ds.split.labeled == tuple(ids[:2]) and ds.split.validation == tuple(ids[-2:])
   batch = next(sources.make_batches(ds, cfg))
-  assert batch.image_l.shape == (2, 112, 112, 80, 1)
-  assert set(np.unique(batch.label_l)) <= {0, 1}
+  assert batch.labeled["image"].shape == (2, 112, 112, 80, 1)
+  assert set(np.unique(batch.labeled["label"])) <= {0, 1}
   with pytest.raises(DataError, match="data.num_classes"):
     cfg.num_classes = 3
     sources.load_dataset(cfg)

@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import learnable_batch
+from conftest import learnable_batch, prediction_inputs
 from jaxseg.data.base import DataError
 from jaxseg.data.batches import Batch
 from jaxseg.data.sources import data_config
@@ -186,7 +186,7 @@ def test_train_steps_give_finite_losses_and_change_the_network(trained):
 
 def test_predict_is_the_segmentation_head(trained):
   _, state, batch, _ = trained
-  out = jax.jit(dtc.predict)(state, jnp.asarray(batch.image_u))
+  out = jax.jit(dtc.predict)(state, prediction_inputs(jnp.asarray(batch.unlabeled["image"])))
   assert set(out) == {"model"} and out["model"].shape == (2, 16, 16, 16, 1)
   assert float(out["model"].min()) >= 0 and float(out["model"].max()) <= 1
 

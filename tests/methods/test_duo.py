@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import learnable_batch
+from conftest import learnable_batch, prediction_inputs
 from jaxseg.data.batches import Batch
 from jaxseg.data.sources import data_config
 from jaxseg.methods import duo
@@ -128,14 +128,14 @@ def _bce_jnp(p, y):
 
 def _written_out_objective(state: duo.State, batch: Batch, preset: str):
   """The segmenters' loss written out from METHODS §9.2 (released), §9.3 (paper)."""
-  unet_apply, critic = state.seg.apply_fn, state.critic
-  half = batch.image_l.shape[0] // 2
-  y = jnp.asarray(batch.label_l, jnp.float32)[..., None]
-  xs, ys = (batch.image_l[:half], batch.image_l[half:]), (y[:half], y[half:])
+  unet_apply, critic = state.seg["f1"].apply_fn, state.critic
+  half = batch.labeled["image"].shape[0] // 2
+  y = jnp.asarray(batch.labeled["label"], jnp.float32)[..., None]
+  xs, ys = (batch.labeled["image"][:half], batch.labeled["image"][half:]), (y[:half], y[half:])
 
   def segment(params, view, x):  # train mode, one call on concat(X^i, U)
     variables = {"params": params[view], "batch_stats": state.seg.batch_stats[view]}
-    logits, _ = unet_apply(variables, jnp.concatenate([x, batch.image_u]), train=True,
+    logits, _ = unet_apply(variables, jnp.concatenate([x, batch.unlabeled["image"]]), train=True,
                            mutable=["batch_stats"])
     p = jax.nn.sigmoid(logits)
     return p[:half], p[half:]
@@ -216,7 +216,7 @@ def test_each_step_changes_only_its_networks(state2d, batch2d, jit_train_step):
   for a, b in zip(jax.tree.leaves((seg, critic2)), jax.tree.leaves((new.seg, new.critic))):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   # Unlabeled samples carry no label: the batch has no field for one.
-  assert {f.name for f in Batch.__dataclass_fields__.values()} == {"image_l", "label_l", "image_u"}
+  assert "label" not in batch2d.unlabeled
 
 
 def test_training_decreases_supervised_loss(state2d, batch2d, jit_train_step):
@@ -237,7 +237,7 @@ def test_training_decreases_supervised_loss(state2d, batch2d, jit_train_step):
 
 
 def test_predict_returns_both_views(state2d, batch2d):
-  out = jax.jit(duo.predict)(state2d, batch2d.image_u)
+  out = jax.jit(duo.predict)(state2d, prediction_inputs(batch2d.unlabeled["image"]))
   assert set(out) == {"f1", "f2"}
   for probs in out.values():
     assert probs.shape == (2, *PATCH_2D, 1)
@@ -254,7 +254,7 @@ def test_3d_step_and_predict():
   new, metrics = jax.jit(duo.train_step)(state, batch, jax.random.key(0))
   assert all(np.isfinite(float(v)) for v in metrics.values())
   assert all(_kernels_changed(new.seg.params, state.seg.params))
-  out = jax.jit(duo.predict)(new, batch.image_l)
+  out = jax.jit(duo.predict)(new, prediction_inputs(batch.labeled["image"]))
   assert {k: v.shape for k, v in out.items()} == {"f1": (2, 8, 8, 8, 1), "f2": (2, 8, 8, 8, 1)}
 
 

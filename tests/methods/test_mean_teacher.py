@@ -13,9 +13,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import jit_init, learnable_batch, run_steps, small_config
+from conftest import jit_init, learnable_batch, prediction_inputs, run_steps, small_config
 from jaxseg.data.batches import Batch
-from jaxseg.methods import base, mean_teacher
+from jaxseg.methods import base, ema, mean_teacher
 
 PATCH = (16, 16, 16)
 
@@ -110,16 +110,16 @@ def test_consistency_weight_is_the_la_ramp():
 
 def test_ema_decay_and_update():
   steps = np.arange(0, 300)
-  got = jax.jit(lambda t: mean_teacher.ema_decay(t, 0.99))(jnp.asarray(steps, jnp.int32))
+  got = jax.jit(lambda t: ema.ema_decay(t, 0.99))(jnp.asarray(steps, jnp.int32))
   np.testing.assert_allclose(got, np.minimum(1 - 1 / (steps + 1), 0.99), rtol=1e-6)
   assert float(got[0]) == 0.0 and float(got[-1]) == pytest.approx(0.99)
   teacher = {"a": jnp.array([1.0, -2.0]), "b": {"c": jnp.array(3.0)}}
   student = {"a": jnp.array([5.0, 2.0]), "b": {"c": jnp.array(-1.0)}}
-  new = mean_teacher.ema_update(teacher, student, jnp.float32(0.75))
+  new = ema.ema_update(teacher, student, jnp.float32(0.75))
   np.testing.assert_allclose(new["a"], [2.0, -1.0])
   np.testing.assert_allclose(new["b"]["c"], 2.0)
   # α = 0 copies the student exactly.
-  copy = mean_teacher.ema_update(teacher, student, jnp.float32(0.0))
+  copy = ema.ema_update(teacher, student, jnp.float32(0.0))
   assert all(np.array_equal(a, b) for a, b in zip(_leaves(copy), _leaves(student)))
 
 
@@ -178,10 +178,10 @@ def test_teacher_keeps_its_own_batch_statistics(state0, trajectory, batch):
   @jax.jit
   def forwards(state):
     _, teacher_stats = mean_teacher.teacher_forward(
-        state.student, state.teacher, mean_teacher.teacher_noise(noise_key, batch.image_u),
+        state.student, state.teacher, mean_teacher.teacher_noise(noise_key, batch.unlabeled["image"]),
         dropout_key)
     _, student_stats = base.forward_train(
-        state.student, state.student.params, jnp.concatenate([batch.image_l, batch.image_u]),
+        state.student, state.student.params, jnp.concatenate([batch.labeled["image"], batch.unlabeled["image"]]),
         student_key)
     return teacher_stats, student_stats
 
@@ -215,7 +215,7 @@ def test_steps_are_finite_and_train_the_student(state0, trajectory):
 
 def test_predict_returns_student_probabilities(trajectory, batch):
   (_, _), _, (state, _) = trajectory
-  out = jax.jit(mean_teacher.predict)(state, batch.image_u)
+  out = jax.jit(mean_teacher.predict)(state, prediction_inputs(batch.unlabeled["image"]))
   assert set(out) == {"model"}
   probs = np.asarray(out["model"])
   assert probs.shape == (2, *PATCH, 2)

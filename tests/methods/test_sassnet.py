@@ -12,7 +12,7 @@ import pytest
 from scipy import ndimage
 from skimage import segmentation
 
-from conftest import learnable_batch
+from conftest import learnable_batch, prediction_inputs
 from jaxseg.data.batches import Batch
 from jaxseg.data.sources import data_config
 from jaxseg.methods import base, sassnet
@@ -185,12 +185,12 @@ def test_generator_objective_equals_written_out_loss(state, batch, step_keys, ge
   """L_G from the segmenter's train-mode outputs (one forward of the whole batch, the same dropout
   key) and D in eval mode on the unlabeled (z, x), transcribed in NumPy."""
   _, metrics = generator_result
-  images = jnp.concatenate([batch.image_l, batch.image_u])
+  images = jnp.concatenate([batch.labeled["image"], batch.unlabeled["image"]])
   outputs, _ = jax.jit(base.forward_train)(state.seg, state.seg.params, images, step_keys[1])
   z, s = np.asarray(outputs["sdf"][..., 0]), np.asarray(outputs["seg"][..., 0])
-  d_eval = state.disc.apply_fn({"params": state.disc.params}, outputs["sdf"][2:], batch.image_u,
+  d_eval = state.disc.apply_fn({"params": state.disc.params}, outputs["sdf"][2:], batch.unlabeled["image"],
                                train=False)
-  y = batch.label_l
+  y = batch.labeled["label"]
   loss_dice = _dice_sq(_sigmoid(s[:2]), y)
   loss_lsf = np.mean((z[:2] - _compute_sdf(y)) ** 2)
   adversarial = _ce(d_eval, [1, 1])
@@ -203,7 +203,7 @@ def test_generator_objective_equals_written_out_loss(state, batch, step_keys, ge
   np.testing.assert_allclose(metrics["loss"], loss_dice + 0.3 * loss_lsf + weight * adversarial,
                              **tol)
   # D in train mode (dropout) would have given another adversarial loss.
-  d_train = state.disc.apply_fn({"params": state.disc.params}, outputs["sdf"][2:], batch.image_u,
+  d_train = state.disc.apply_fn({"params": state.disc.params}, outputs["sdf"][2:], batch.unlabeled["image"],
                                 train=True, rngs={"dropout": step_keys[2]})
   assert abs(_ce(d_train, [1, 1]) - adversarial) > 1e-4
 
@@ -235,7 +235,7 @@ def test_discriminator_step_changes_only_d_and_sees_the_updated_eval_segmenter(
 
   # L_D recomputed by hand: z of the UPDATED segmenter in EVAL mode, D in train mode (the key of
   # the D step), targets [1, 1, 0, 0].
-  images = jnp.concatenate([batch.image_l, batch.image_u])
+  images = jnp.concatenate([batch.labeled["image"], batch.unlabeled["image"]])
   apply_d = lambda z, train: state.disc.apply_fn(
       {"params": state.disc.params}, z, images, train=train, rngs={"dropout": step_keys[2]})
   z_updated = jax.jit(base.forward_eval)(seg, images)["sdf"]
@@ -280,11 +280,11 @@ def test_a_few_train_steps(state, batch, train_result, jit_train_step):
 
 
 def test_predict_is_the_eval_mode_segmentation_head(state, batch):
-  out = jax.jit(sassnet.predict)(state, batch.image_u)
+  out = jax.jit(sassnet.predict)(state, prediction_inputs(batch.unlabeled["image"]))
   assert set(out) == {"model"} and out["model"].shape == (2, *PATCH, 1)
   probs = np.asarray(out["model"])
   assert probs.min() >= 0 and probs.max() <= 1
-  logits = jax.jit(base.forward_eval)(state.seg, batch.image_u)["seg"]
+  logits = jax.jit(base.forward_eval)(state.seg, batch.unlabeled["image"])["seg"]
   np.testing.assert_allclose(probs, _sigmoid(logits), rtol=1e-5, atol=1e-7)
 
 

@@ -22,10 +22,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import jit_init, learnable_batch, load_golden, run_steps, small_config
+from conftest import jit_init, learnable_batch, load_golden, prediction_inputs, run_steps, small_config
 from jaxseg import schedules
 from jaxseg.data.batches import Batch
-from jaxseg.methods import base, mean_teacher, uamt
+from jaxseg.methods import base, ema, mean_teacher, uamt
 from jaxseg.models.layers import BN_MOMENTUM
 
 PATCH = (16, 16, 16)
@@ -244,11 +244,11 @@ def test_vmapped_rounds_equal_separate_calls(state0, batch):
     f64 = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), tree)
     student = state0.student.replace(params=f64(state0.student.params))
     # Non-trivial teacher BN running statistics (train mode must not read them, the chain must).
-    teacher = mean_teacher.Teacher(
+    teacher = ema.Teacher(
         params=f64(state0.teacher.params),
         batch_stats=jax.tree.map(lambda a: a + 0.5, f64(state0.teacher.batch_stats)))
     key = jax.random.key(3)
-    x_u = jnp.asarray(batch.image_u, jnp.float64)
+    x_u = jnp.asarray(batch.unlabeled["image"], jnp.float64)
 
     @jax.jit
     def vmapped(teacher):
@@ -295,20 +295,20 @@ def test_step_losses_equal_numpy_recomputation(state0, batch, trajectory):
   @jax.jit
   def pieces(state):
     target, stats = mean_teacher.teacher_forward(
-        state.student, state.teacher, mean_teacher.teacher_noise(noise_key, batch.image_u),
+        state.student, state.teacher, mean_teacher.teacher_noise(noise_key, batch.unlabeled["image"]),
         dropout_key)
-    mc, _ = uamt.mc_teacher_logits(state.student, state.teacher, batch.image_u, mc_key,
+    mc, _ = uamt.mc_teacher_logits(state.student, state.teacher, batch.unlabeled["image"], mc_key,
                                    batch_stats=stats)
     logits, _ = base.forward_train(state.student, state.student.params,
-                                   jnp.concatenate([batch.image_l, batch.image_u]), student_key)
+                                   jnp.concatenate([batch.labeled["image"], batch.unlabeled["image"]]), student_key)
     return target, mc, logits
 
   target, mc, logits = (np.asarray(a, np.float64) for a in pieces(state0))
   threshold = _threshold(0, 6000, 2)
   mask = (_uncertainty(mc) < threshold).astype(np.float64)
   loss_c = _masked_consistency(logits[2:], target, mask, 2)
-  loss_seg = 0.5 * (_ce(logits[:2], batch.label_l)
-                    + _dice_sq(_softmax(logits[:2])[..., 1], batch.label_l))
+  loss_seg = 0.5 * (_ce(logits[:2], batch.labeled["label"])
+                    + _dice_sq(_softmax(logits[:2])[..., 1], batch.labeled["label"]))
   weight = 0.1 * math.exp(-5)
   assert m["uncertainty_threshold"] == pytest.approx(threshold, rel=1e-6)
   assert m["mask_fraction"] == mask.mean()  # a count over 2·16³ voxels: exact in float32
@@ -337,7 +337,7 @@ def test_steps_train_the_student_and_average_the_teacher(state0, trajectory, bat
   # The teacher's running statistics moved (9 train-mode passes per step), the student's too.
   assert all(not np.array_equal(a, b) for a, b in zip(_leaves(s1.teacher.batch_stats),
                                                       _leaves(state0.teacher.batch_stats)))
-  out = jax.jit(uamt.predict)(s2, batch.image_l)
+  out = jax.jit(uamt.predict)(s2, prediction_inputs(batch.labeled["image"]))
   probs = np.asarray(out["model"])
   assert set(out) == {"model"} and probs.shape == (2, *PATCH, 2)
   np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)

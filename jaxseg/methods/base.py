@@ -32,7 +32,7 @@ The trainer never looks inside `State` or the batch: it jits `train_step`, shard
 touch the trainer, the inference or the batch code. Shared parts: `gradient_step` (here),
 `ema` (an EMA teacher), `adversarial` (a segmenter and a critic trained in turn), `peers` (networks
 with their own optimiser states trained on one coupled objective), `jaxseg.optim` (optimisers and
-schedules by name). See docs/contract.md.
+schedules by name). See docs/adding_a_method.md.
 """
 
 from __future__ import annotations
@@ -200,6 +200,7 @@ PredictFn = Callable[[Any, jax.Array], dict]
 # What a method needs of the data, checked before any data are read.
 
 CLASSES = ("binary", "any")
+MODALITIES = ("one", "any")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,6 +219,11 @@ class Requirements:
   labeled_groups: int = 1
   unlabeled: bool = False
   modalities: str = "any"
+
+  def __post_init__(self):
+    if self.classes not in CLASSES or self.modalities not in MODALITIES:
+      raise ValueError(f"Requirements: classes {self.classes!r} not in {CLASSES} or modalities "
+                       f"{self.modalities!r} not in {MODALITIES}")
 
 
 def check_requirements(config: ml_collections.ConfigDict, needs: Requirements) -> None:
@@ -254,9 +260,14 @@ def check_batch_sizes(batch_labeled: int, batch_unlabeled: int, needs: Requireme
 
 
 def check_example_batch(example_batch: Any, needs: Requirements, name: str) -> None:
-  """`check_batch_sizes` of the batch `init` is given (its shapes are those of training)."""
+  """`check_batch_sizes` and the modalities of the batch `init` is given (its shapes are those
+  of training: the first point where the data's channels are known)."""
   check_batch_sizes(example_batch.labeled["image"].shape[0],
                     example_batch.unlabeled["image"].shape[0], needs, name)
+  channels = example_batch.labeled["image"].shape[-1]
+  if needs.modalities == "one" and channels != 1:
+    raise DataError(f"config data: the images have {channels} channels (modalities); {name} "
+                    "takes one")
 
 
 def check_choice(block: ml_collections.ConfigDict, key: str, choices: tuple,

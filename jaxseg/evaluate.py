@@ -103,6 +103,12 @@ def eval_config() -> ml_collections.ConfigDict:
   c.shape_bucket = 32
   c.threshold = 0.5  # Foreground threshold of one-channel views (strict >).
   c.gaussian = False  # nnU-Net Gaussian window weights instead of the reference's uniform ones.
+  # Mirror test-time augmentation (nnU-Net): average each window's probabilities over its flips
+  # along every subset of these spatial axes, e.g. (0, 1, 2); () = off (the LA protocol).
+  c.mirror_axes = ()
+  # Regions scored besides the classes: (name, classes) pairs, a region's mask being the voxels of
+  # any of its classes, e.g. (("WT", (1, 2, 3)), ("TC", (2, 3)), ("ET", (3,))); () = none.
+  c.regions = ()
   c.case_list = ""  # A list file under data.root (e.g. "test.list") evaluated instead of validation.
   c.lcc = True  # Also report largest-connected-component rows (binary tasks only).
   c.empty_policy = "worst"  # metrics.py: how empty masks are scored ("worst", "reference", "raise").

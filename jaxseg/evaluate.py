@@ -59,7 +59,6 @@ from jaxseg.data.base import Case, DataError, check_case
 __all__ = [
     "CSV_COLUMNS",
     "METRIC_NAMES",
-    "eval_config",
     "evaluate",
     "find_input_files",
     "headline",
@@ -90,31 +89,6 @@ FIGURE_MIN_SIDE = 128
 FIGURE_CAPTION_HEIGHT = 16
 _GT_COLOUR = (0, 255, 0)
 _PRED_COLOUR = (255, 0, 0)
-
-
-def eval_config() -> ml_collections.ConfigDict:
-  """The `config.eval` block."""
-  c = ml_collections.ConfigDict()
-  c.patch_size = ()  # Window size; () = config.data.patch_size.
-  c.strides = ()  # Window step per axis; () = half the patch (LA presets: (18, 18, 4)).
-  c.batch_size = 4  # Windows per network call (rounded up to a multiple of the devices).
-  # Volumes are zero-padded to multiples of this per axis before the sliding window, so that volumes
-  # of different sizes share a compilation (LA: 4 instead of 78); the results do not change.
-  c.shape_bucket = 32
-  c.threshold = 0.5  # Foreground threshold of one-channel views (strict >).
-  c.gaussian = False  # nnU-Net Gaussian window weights instead of the reference's uniform ones.
-  # Mirror test-time augmentation (nnU-Net): average each window's probabilities over its flips
-  # along every subset of these spatial axes, e.g. (0, 1, 2); () = off (the LA protocol).
-  c.mirror_axes = ()
-  # Regions scored besides the classes: (name, classes) pairs, a region's mask being the voxels of
-  # any of its classes, e.g. (("WT", (1, 2, 3)), ("TC", (2, 3)), ("ET", (3,))); () = none.
-  c.regions = ()
-  c.case_list = ""  # A list file under data.root (e.g. "test.list") evaluated instead of validation.
-  c.lcc = True  # Also report largest-connected-component rows (binary tasks only).
-  c.empty_policy = "worst"  # metrics.py: how empty masks are scored ("worst", "reference", "raise").
-  c.num_figure_cases = 3  # Cases drawn in figure.png.
-  c.save_predictions = True  # Write each case's label map per view.
-  return c
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -265,7 +239,7 @@ def evaluate(predict_fn: ViewsPredictFn, cases: Iterable[Case], eval_cfg: ml_col
     predict_fn: windows (B, *patch, C) -> {view: probabilities (B, *patch, K)}, e.g.
       `jax.tree_util.Partial(method.predict, state)`; jittable.
     cases: labeled cases with preprocessed images (*spatial, C), all 2D or all 3D.
-    eval_cfg: the `config.eval` block (`eval_config()`).
+    eval_cfg: the `config.eval` block (`config_blocks.eval_block()`).
     num_classes: classes including background; classes 1..num_classes-1 are scored.
     out_dir: folder for metrics.csv, summary.json, figure.png and predictions/; None writes nothing.
     patch_size: config.data.patch_size, used when eval.patch_size is empty.

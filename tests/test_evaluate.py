@@ -21,9 +21,9 @@ from PIL import Image
 
 from jaxseg import evaluate as ev
 from jaxseg import geometry, metrics
+from jaxseg.config_blocks import data_block, eval_block
 from jaxseg.data import preprocess
 from jaxseg.data.base import Case, DataError
-from jaxseg.data.sources import data_config
 
 SHAPE = (20, 18, 12)
 PATCH = (12, 10, 8)
@@ -89,7 +89,7 @@ def read_csv(path):
 @pytest.fixture(scope="module")
 def evaluated3d(tmp_path_factory):
   out = tmp_path_factory.mktemp("eval3d")
-  cfg = ev.eval_config()
+  cfg = eval_block()
   cases = cases3d()
   summary = ev.evaluate(jax.tree_util.Partial(two_views), cases, cfg, 2, out, patch_size=PATCH,
                         split_name="test")
@@ -97,7 +97,7 @@ def evaluated3d(tmp_path_factory):
 
 
 def test_eval_config_defaults():
-  cfg = ev.eval_config()
+  cfg = eval_block()
   assert cfg.batch_size == 4 and cfg.threshold == 0.5 and cfg.lcc and cfg.empty_policy == "worst"
   assert ev.window_geometry(cfg, PATCH) == (PATCH, (6, 5, 4))
   cfg.patch_size, cfg.strides = (8, 8, 4), (18, 18, 4)
@@ -196,7 +196,7 @@ def test_figure_size_and_colours(evaluated3d):
 
 
 def test_one_view_no_views_mean_and_no_outputs():
-  cfg = ev.eval_config()
+  cfg = eval_block()
   cfg.lcc = False
   summary = ev.evaluate(one_view, cases3d()[:1], cfg, 2, patch_size=PATCH)
   assert summary["view_names"] == ["model"] and summary["postprocesses"] == ["raw"]
@@ -212,7 +212,7 @@ def test_multiclass_argmax_and_no_lcc(tmp_path):
   image = label * 0.5
   image[1, 1, 1] = 1.0  # One wrong class-2 voxel.
   case = Case("m0", image[..., None].astype(np.float32), label, (1.0, 1.0, 1.0))
-  summary = ev.evaluate(three_classes, [case], ev.eval_config(), 3, tmp_path, patch_size=(6, 6, 4))
+  summary = ev.evaluate(three_classes, [case], eval_block(), 3, tmp_path, patch_size=(6, 6, 4))
   assert summary["postprocesses"] == ["raw"] and summary["classes"] == [1, 2]
   pred = label.astype(np.int32).copy()
   pred[1, 1, 1] = 2
@@ -234,7 +234,7 @@ def test_2d_pooled_f1_and_mae(tmp_path):
   pred_b = box(shape, (0, 0), (2, 2))
   cases = [make_case("a", pred_a * 1.0, gt_a, spacing=(1.0, 1.0)),
            make_case("b", pred_b * 1.0, gt_b, spacing=(1.0, 1.0))]
-  cfg = ev.eval_config()
+  cfg = eval_block()
   cfg.lcc = False
   summary = ev.evaluate(two_views, cases, cfg, 2, tmp_path, patch_size=(4, 4))
   stats = summary["views"]["f1"]["raw"]["1"]
@@ -253,7 +253,7 @@ def test_2d_pooled_f1_and_mae(tmp_path):
 def test_case_without_label_is_an_error():
   case = cases3d()[0].replace(label=None, source="/data/x.nii.gz")
   with pytest.raises(DataError, match="x.nii.gz"):
-    ev.evaluate(one_view, [case], ev.eval_config(), 2, patch_size=PATCH)
+    ev.evaluate(one_view, [case], eval_block(), 2, patch_size=PATCH)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -261,7 +261,7 @@ def test_case_without_label_is_an_error():
 
 
 def _data_cfg(**changes):
-  cfg = data_config()
+  cfg = data_block()
   cfg.update(changes)
   return cfg
 
@@ -277,7 +277,7 @@ def test_predict_nifti_keeps_affine_and_zooms(tmp_path):
   affine = np.array([[-0.8, 0, 0, 10.0], [0, 0.8, 0, -3.0], [0, 0, 2.5, 1.0], [0, 0, 0, 1]])
   image = _volume()
   nib.save(nib.Nifti1Image(image, affine), tmp_path / "vol.nii.gz")
-  written = ev.predict_files(two_views, tmp_path / "vol.nii.gz", tmp_path / "out", ev.eval_config(),
+  written = ev.predict_files(two_views, tmp_path / "vol.nii.gz", tmp_path / "out", eval_block(),
                              patch_size=PATCH, data_cfg=_data_cfg(), num_channels=1)
   assert written == [tmp_path / "out" / "vol.nii.gz"]
   result = nib.load(written[0])
@@ -286,7 +286,7 @@ def test_predict_nifti_keeps_affine_and_zooms(tmp_path):
   np.testing.assert_array_equal(np.asarray(result.dataobj), image > 0.5)
   # The second view on request.
   written = ev.predict_files(two_views, tmp_path / "vol.nii.gz", tmp_path / "out2",
-                             ev.eval_config(), patch_size=PATCH, data_cfg=_data_cfg(), view="f2")
+                             eval_block(), patch_size=PATCH, data_cfg=_data_cfg(), view="f2")
   np.testing.assert_array_equal(np.asarray(nib.load(written[0]).dataobj), image > 0.3)
 
 
@@ -294,7 +294,7 @@ def test_predict_4d_nifti_with_zscore(tmp_path):
   image = np.stack([_volume(), np.linspace(0, 1, np.prod(SHAPE)).reshape(SHAPE)], axis=-1)
   nib.save(nib.Nifti1Image(image.astype(np.float32), np.eye(4)), tmp_path / "mm.nii")
   data_cfg = _data_cfg(zscore=True)
-  written = ev.predict_files(two_views, tmp_path / "mm.nii", tmp_path / "out", ev.eval_config(),
+  written = ev.predict_files(two_views, tmp_path / "mm.nii", tmp_path / "out", eval_block(),
                              patch_size=PATCH, data_cfg=data_cfg, num_channels=2)
   want = preprocess.zscore(image.astype(np.float32))[..., 0] > 0.5
   result = nib.load(written[0])
@@ -308,7 +308,7 @@ def test_predict_la_h5_folder(tmp_path):
   image = _volume()
   with h5py.File(folder / "mri_norm2.h5", "w") as f:
     f["image"] = image
-  written = ev.predict_files(one_view, tmp_path, tmp_path / "out", ev.eval_config(),
+  written = ev.predict_files(one_view, tmp_path, tmp_path / "out", eval_block(),
                              patch_size=PATCH, data_cfg=_data_cfg(source="la"))
   assert written == [tmp_path / "out" / "CASE_A.nii.gz"]
   result = nib.load(written[0])
@@ -325,13 +325,13 @@ def test_predict_png_folder(tmp_path):
   Image.fromarray(gray.T.copy()).save(inputs / "a.png")
   (inputs / "notes.txt").write_text("not an image")
   (inputs / "._b.png").write_bytes(b"macOS resource fork")
-  written = ev.predict_files(one_view, inputs, tmp_path / "out", ev.eval_config(), patch_size=(4, 4),
+  written = ev.predict_files(one_view, inputs, tmp_path / "out", eval_block(), patch_size=(4, 4),
                              data_cfg=_data_cfg(source="folders2d"))
   assert [p.name for p in written] == ["a.png", "b.png"]
   np.testing.assert_array_equal(np.asarray(Image.open(written[1])), gray)
   np.testing.assert_array_equal(np.asarray(Image.open(written[0])), gray.T)
   # Resized like the training data, labels back at the file's size.
-  written = ev.predict_files(one_view, inputs / "b.png", tmp_path / "out2", ev.eval_config(),
+  written = ev.predict_files(one_view, inputs / "b.png", tmp_path / "out2", eval_block(),
                              patch_size=(4, 4), data_cfg=_data_cfg(image_size=(14, 18)))
   np.testing.assert_array_equal(np.asarray(Image.open(written[0])), gray)
 
@@ -339,22 +339,22 @@ def test_predict_png_folder(tmp_path):
 def test_predict_errors(tmp_path):
   kwargs = dict(patch_size=PATCH, data_cfg=_data_cfg())
   with pytest.raises(DataError, match="missing"):
-    ev.predict_files(one_view, tmp_path / "missing", tmp_path / "out", ev.eval_config(), **kwargs)
+    ev.predict_files(one_view, tmp_path / "missing", tmp_path / "out", eval_block(), **kwargs)
   (tmp_path / "empty").mkdir()
   (tmp_path / "empty" / "readme.md").write_text("")
   with pytest.raises(DataError, match="no supported input files"):
-    ev.predict_files(one_view, tmp_path / "empty", tmp_path / "out", ev.eval_config(), **kwargs)
+    ev.predict_files(one_view, tmp_path / "empty", tmp_path / "out", eval_block(), **kwargs)
   with pytest.raises(DataError, match="readme.md"):
     ev.predict_files(one_view, tmp_path / "empty" / "readme.md", tmp_path / "out",
-                     ev.eval_config(), **kwargs)
+                     eval_block(), **kwargs)
   two_channel = np.zeros((*SHAPE, 2), np.float32)
   nib.save(nib.Nifti1Image(two_channel, np.eye(4)), tmp_path / "two.nii.gz")
   with pytest.raises(DataError, match="two.nii.gz.*2 channel"):
-    ev.predict_files(one_view, tmp_path / "two.nii.gz", tmp_path / "out", ev.eval_config(),
+    ev.predict_files(one_view, tmp_path / "two.nii.gz", tmp_path / "out", eval_block(),
                      num_channels=1, **kwargs)
   Image.fromarray(np.zeros((6, 6, 3), np.uint8)).save(tmp_path / "rgb.png")
   with pytest.raises(DataError, match="rgb.png.*2D"):
-    ev.predict_files(one_view, tmp_path / "rgb.png", tmp_path / "out", ev.eval_config(), **kwargs)
+    ev.predict_files(one_view, tmp_path / "rgb.png", tmp_path / "out", eval_block(), **kwargs)
 
 
 def test_predict_model_rejecting_channels(tmp_path):
@@ -367,4 +367,4 @@ def test_predict_model_rejecting_channels(tmp_path):
   Image.fromarray(np.zeros((6, 6, 3), np.uint8)).save(tmp_path / "rgb.png")
   with pytest.raises(DataError, match="rgb.png.*3-channel"):
     ev.predict_files(jax.tree_util.Partial(linear_model, weights), tmp_path / "rgb.png",
-                     tmp_path / "out", ev.eval_config(), patch_size=(4, 4), data_cfg=_data_cfg())
+                     tmp_path / "out", eval_block(), patch_size=(4, 4), data_cfg=_data_cfg())

@@ -160,3 +160,23 @@ def scalar_metrics(**values: jax.Array) -> dict[str, jax.Array]:
 
 
 PredictFn = Callable[[Any, jax.Array], dict]
+
+
+def check_method_config(method: Any, config: ml_collections.ConfigDict) -> None:
+  """Runs the checks the method module `method` declares for `config`, before any data is read or
+  anything compiled (the trainer calls it right after the shared blocks' checks).
+
+  A method declares what it needs: `REQUIREMENTS` (what it reads from the config and the data) and
+  `check_config(config)`, which raises `DataError` naming the full key (e.g. "config
+  method.rampup_block = 0 must be an integer >= 1"). A method without `check_config` is not checked
+  here; its bad settings surface from `init`, which the trainer also turns into one error line.
+  """
+  check = getattr(method, "check_config", None)
+  if check is None:
+    return
+  try:
+    check(config)
+  except DataError:
+    raise
+  except ValueError as e:
+    raise DataError(f"config method {config.method.name!r}: {e}") from e

@@ -123,8 +123,14 @@ def _print(*args, **kwargs) -> None:
 
 
 def _predict_fn(method: ModuleType, state: Any):
+  """window inputs -> {view: probabilities}, the predict function of `evaluate`."""
   # A Partial makes the state a traced argument: new weights do not recompile the window loop.
-  return jax.tree_util.Partial(method.predict, state)
+  return jax.tree_util.Partial(_predict_images, jax.tree_util.Partial(method.predict), state)
+
+
+def _predict_images(predict: Callable, state: Any, inputs: dict) -> dict:
+  """Until the methods take the inputs dict: `predict(state, images (B, *patch, C))`."""
+  return predict(state, inputs["image"])
 
 
 def _evaluation_cases(config, dataset, final: bool) -> tuple[str, tuple]:

@@ -13,19 +13,18 @@ the threshold baseline (`:synthetic2d` 44 %, `:la` 6 %): intensity alone does no
 
 import ml_collections
 
-from jaxseg.data.sources import protocol_data_config
+from jaxseg import config_blocks
 
-PRESETS = ("", "synthetic2d", "la")
+# {preset: the data protocol}.
+PRESETS = {"": "synthetic3d", "synthetic2d": "synthetic2d", "la": "la"}
 
 
 def get_config(preset: str = "") -> ml_collections.ConfigDict:
-  if preset not in PRESETS:
-    raise ValueError(f"configs/data_demo.py: unknown preset {preset!r}, expected one of "
-                     f"{[p for p in PRESETS if p]}")
+  config_blocks.check_preset(preset, PRESETS, "configs/data_demo.py")
   c = ml_collections.ConfigDict()
   c.name = "data_demo" + (f"_{preset}" if preset else "")
   c.job = "data_demo"
   c.num_batches = 20
   c.empty_policy = "worst"  # metrics.py: empty prediction = worst value, never the best.
-  c.data = protocol_data_config(preset or "synthetic3d")
+  c.data = config_blocks.data_block(PRESETS[preset])
   return c

@@ -16,50 +16,56 @@ Dice 18.3 % (F1) / 20.0 % (F2), 19.2 % mean of the views; 95HD 30.4 voxels. GPU:
 
 import ml_collections
 
-from jaxseg import evaluate, train
-from jaxseg.data.sources import PROTOCOLS, protocol_data_config
+from jaxseg import config_blocks
 from jaxseg.methods import duo
 
-PRESETS = ("", "synthetic2d", "la", "nuclei", "heart", "spleen")
+# 2D slices resized to 256x256, 1 sample per stream, labeled = the first 20 % of the training list,
+# halved into X^1 and X^2; the validation carve-out is the last 20 % (METHODS.md §9.5-9.6). The
+# reference normalises with ImageNet statistics; we z-score each image (its test images were left
+# unnormalised, a bug we do not copy).
+_FOLDERS2D = {
+    "data.source": "folders2d",
+    "data.image_size": (256, 256),
+    "data.patch_size": (256, 256),
+    "data.channels": 1,
+    "data.labeled_fraction": 0.2,
+    "data.validation_fraction": 0.2,
+    "data.batch_labeled": 2,
+    "data.batch_unlabeled": 1,
+    "data.augment": False,
+    "data.zscore": True,
+    "method.model.features": (64, 128, 256, 512, 1024),  # duo_unet widths
+    "train.num_steps": 20000,
+    "train.checkpoint_every": 2000,
+}
+
+# {preset: overrides of the config}.
+PRESETS = {
+    "": config_blocks.data_overrides("synthetic3d"),
+    "synthetic2d": {**config_blocks.data_overrides("synthetic2d"),
+                    "method.model.features": (16, 32, 64, 128)},
+    # LA protocol: 2 labeled (one per view, 4 volumes each) + 2 unlabeled per batch.
+    "la": {**config_blocks.data_overrides("la"),
+           "method.model.features": (16, 32, 64, 128, 256),
+           "train.num_steps": 6000,
+           "train.checkpoint_every": 1000,
+           "eval.strides": (18, 18, 4)},
+    "nuclei": {**_FOLDERS2D, "data.channels": 3},
+    "heart": _FOLDERS2D,
+    "spleen": _FOLDERS2D,
+}
 
 
 def get_config(preset: str = "") -> ml_collections.ConfigDict:
-  if preset not in PRESETS:
-    raise ValueError(f"configs/duo.py: unknown preset {preset!r}, expected one of "
-                     f"{[p for p in PRESETS if p]}")
+  config_blocks.check_preset(preset, PRESETS, "configs/duo.py")
   c = ml_collections.ConfigDict()
   c.name = "duo" + (f"_{preset}" if preset else "")
   c.job = "train"
   c.seed = 0
-  c.data = protocol_data_config(preset if preset in PROTOCOLS else "synthetic3d")
+  c.data = config_blocks.data_block()
   c.data.labeled_groups = 2  # X^1 = first half of the labeled cases, X^2 = second half.
   c.method = duo.default_config()
-  c.train = train.train_config()
-  c.eval = evaluate.eval_config()
+  c.train = config_blocks.train_block()
+  c.eval = config_blocks.eval_block()
   c.train.num_steps = 400
-  if preset == "synthetic2d":
-    c.method.model.features = (16, 32, 64, 128)
-  elif preset == "la":
-    # LA protocol: 2 labeled (one per view, 4 volumes each) + 2 unlabeled per batch.
-    c.method.model.features = (16, 32, 64, 128, 256)
-    c.train.num_steps = 6000
-    c.train.checkpoint_every = 1000
-    c.eval.strides = (18, 18, 4)
-  elif preset in ("nuclei", "heart", "spleen"):
-    # METHODS.md §9.5-9.6: 2D slices resized to 256x256, 1 sample per stream, labeled = the first
-    # 20 % of the training list, halved into X^1 and X^2; the validation carve-out is the last 20 %.
-    # The reference normalises with ImageNet statistics; we z-score each image (its test images
-    # were left unnormalised, a bug we do not copy).
-    c.data.source = "folders2d"
-    c.data.image_size = (256, 256)
-    c.data.patch_size = (256, 256)
-    c.data.channels = 3 if preset == "nuclei" else 1
-    c.data.labeled_fraction = 0.2
-    c.data.validation_fraction = 0.2
-    c.data.batch_labeled, c.data.batch_unlabeled = 2, 1
-    c.data.augment = False
-    c.data.zscore = True
-    c.method.model.features = (64, 128, 256, 512, 1024)  # duo_unet widths
-    c.train.num_steps = 20000
-    c.train.checkpoint_every = 2000
-  return c
+  return config_blocks.apply_overrides(c, PRESETS[preset], f"configs/duo.py:{preset}")

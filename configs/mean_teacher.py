@@ -18,9 +18,11 @@ validation (last 4 synthetic volumes) Dice 37.0 %, Jaccard 22.7 %, 95HD 29.3, AS
 
 import ml_collections
 
-from jaxseg import la_family
+from jaxseg import config_blocks
 from jaxseg.methods import mean_teacher
 
+# configs/ is no package: the shared LA-family helper is loaded by path, next to this file.
+la_family = config_blocks.load_sibling(__file__, "_la_family")
 PRESETS = la_family.PRESETS
 
 

@@ -11,7 +11,7 @@ Default: the embedded synthetic 3D data (labeled = first 4 of 24 volumes, valida
 400 steps with the adversarial ramp squeezed into them (40 blocks of 10 steps), beta_max = 0.01.
 Compare with `configs/supervised_vnet.py` (the same V-Net on the same labeled volumes) and
 `configs/dtc.py` (the same two-head V-Net, a consistency term instead of the discriminator).
-:la8 / :la16 are the LA protocol (jaxseg/la_family.py) with the reference's discriminator (ndf = 64,
+:la8 / :la16 are the LA protocol (configs/_la_family.py) with the reference's discriminator (ndf = 64,
 Adam 1e-4, betas (0.9, 0.99)) and beta_max = 0.015 / 0.01 (the SASSNet README's settings for 8 / 16
 labels); the `paper` and `released` presets are the same for SASSNet.
 
@@ -23,16 +23,21 @@ yet run on a GPU (published: 87.32 % on the test split).
 
 import ml_collections
 
-from jaxseg import la_family
+from jaxseg import config_blocks
 from jaxseg.methods import sassnet
 
+# configs/ is no package: the shared LA-family helper is loaded by path, next to this file.
+la_family = config_blocks.load_sibling(__file__, "_la_family")
 PRESETS = la_family.PRESETS
 
 
+# The family's presets plus these: {preset: overrides}.
+OWN_PRESETS = {
+    "": {"method.discriminator.ndf": 16},  # The small synthetic default: a narrower discriminator.
+    "la8": {"method.beta_max": 0.015},  # SASSNet README: 0.015 with 8 labels, 0.01 with 16.
+}
+
+
 def get_config(preset: str = "") -> ml_collections.ConfigDict:
-  c = la_family.la_family_config("sassnet", sassnet.default_config(), preset, "configs/sassnet.py")
-  if not preset:
-    c.method.discriminator.ndf = 16  # The small synthetic default: a narrower discriminator.
-  if preset == "la8":
-    c.method.beta_max = 0.015  # SASSNet README: 0.015 with 8 labels, 0.01 with 16.
-  return c
+  return la_family.la_family_config("sassnet", sassnet.default_config(), preset,
+                                    "configs/sassnet.py", OWN_PRESETS)

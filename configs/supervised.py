@@ -12,27 +12,27 @@ Dice 25.2 %, 95HD 31.0 voxels. GPU: not measured yet (no GPU was lent to the tas
 
 import ml_collections
 
-from jaxseg import evaluate, train
-from jaxseg.data.sources import protocol_data_config
+from jaxseg import config_blocks
 from jaxseg.methods import supervised
 
-PRESETS = ("", "synthetic2d")
+# {preset: overrides of the config}.
+PRESETS = {
+    "": config_blocks.data_overrides("synthetic3d"),
+    "synthetic2d": {**config_blocks.data_overrides("synthetic2d"),
+                    "method.model.features": (16, 32, 64, 128)},
+}
 
 
 def get_config(preset: str = "") -> ml_collections.ConfigDict:
-  if preset not in PRESETS:
-    raise ValueError(f"configs/supervised.py: unknown preset {preset!r}, expected one of "
-                     f"{[p for p in PRESETS if p]}")
+  config_blocks.check_preset(preset, PRESETS, "configs/supervised.py")
   c = ml_collections.ConfigDict()
   c.name = "supervised" + (f"_{preset}" if preset else "")
   c.job = "train"
   c.seed = 0
-  c.data = protocol_data_config(preset or "synthetic3d")
+  c.data = config_blocks.data_block()
   c.data.batch_unlabeled = 0  # Labeled data only.
   c.method = supervised.default_config()
-  c.train = train.train_config()
-  c.eval = evaluate.eval_config()
+  c.train = config_blocks.train_block()
+  c.eval = config_blocks.eval_block()
   c.train.num_steps = 400
-  if preset == "synthetic2d":
-    c.method.model.features = (16, 32, 64, 128)
-  return c
+  return config_blocks.apply_overrides(c, PRESETS[preset], f"configs/supervised.py:{preset}")

@@ -7,7 +7,7 @@
    split where it exists)
 
 As UA-MT's `train_LA.py`: the V-Net with dropout, batches of 4 labeled samples, loss 0.5 (CE + Dice),
-the LA schedule (jaxseg/la_family.py). Default: the embedded synthetic 3D data (labeled = first 4 of 24
+the LA schedule (configs/_la_family.py). Default: the embedded synthetic 3D data (labeled = first 4 of 24
 volumes, validation = last 4), a V-Net of base width 8, 400 steps: the baseline of `configs/dtc.py`,
 `configs/sassnet.py`, `configs/mean_teacher.py` and `configs/uamt.py`, which train the same V-Net on the
 same labeled volumes plus the unlabeled ones.
@@ -23,9 +23,11 @@ Measured (seed 0, last iteration, raw predictions; distances in voxels):
 
 import ml_collections
 
-from jaxseg import la_family
+from jaxseg import config_blocks
 from jaxseg.methods import supervised
 
+# configs/ is no package: the shared LA-family helper is loaded by path, next to this file.
+la_family = config_blocks.load_sibling(__file__, "_la_family")
 PRESETS = la_family.PRESETS
 
 

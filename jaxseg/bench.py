@@ -226,7 +226,9 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int = 3, 
 
   predict_fn = train._predict_fn(method, holder["state"])
   window_batch = evaluate.window_batch_size(config.eval, mesh)
-  views = evaluate.view_channels(predict_fn, (window_batch, *eval_patch, channels))
+  example = evaluate.image_inputs(np.zeros((*eval_patch, channels), np.float32))
+  views = evaluate.view_channels(predict_fn,
+                                 evaluate.window_spec(example, window_batch, eval_patch))
 
   def one_pass(volume):
     return evaluate.predict_views(predict_fn, volume, config.eval, eval_patch, strides, views,

@@ -17,7 +17,7 @@ import time
 import ml_collections
 import numpy as np
 
-from jaxseg import metrics
+from jaxseg import config_blocks, metrics
 from jaxseg.data import sources
 from jaxseg.data.base import Case
 
@@ -45,6 +45,7 @@ def score_threshold(cases: tuple[Case, ...], threshold: float, empty: str) -> li
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the demo; writes config.json, split.json and metrics.json into `workdir`; returns the summary."""
+  config_blocks.check_config(config)  # Before any data is read.
   out = pathlib.Path(workdir)
   out.mkdir(parents=True, exist_ok=True)
   (out / "config.json").write_text(config.to_json_best_effort(indent=1))

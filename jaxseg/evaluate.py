@@ -1,31 +1,40 @@
-"""Evaluation of a method on labeled cases, and prediction of new files (METHODS.md §1.6–1.9, §9.6).
+"""Evaluation of a method on labeled cases, and prediction of new files (docs/evaluation.md).
 
 `evaluate` runs the sliding window (`jaxseg.inference`) once per case for all of a method's views,
-turns probabilities into labels with the references' rule, scores every view with the medpy-equal
-metrics (`jaxseg.metrics`), raw and after largest-connected-component post-processing, and writes
+turns probabilities into labels with the references' rule (`jaxseg.postprocess`), scores every view
+with the medpy-equal metrics (`jaxseg.metrics`) per class and per region, raw and after
+largest-connected-component post-processing, and writes (`jaxseg.writers`)
 
     out_dir/
-      metrics.csv       one row per case x view x postprocess x class
-      summary.json      per view and postprocess: per-class mean / std over the scored cases
+      metrics.csv       one row per case x view x postprocess x class (or region)
+      summary.json      per view and postprocess: per class (region) mean / std over the cases
       figure.png        ground-truth (green) and prediction (red) contours on a few cases
       predictions/      <case>_<view>.nii.gz (3D, uint8) or <case>_<view>.png (2D)
 
-`predict_files` is `--mode predict`: it segments NIfTI, LA-style h5 or 2D image files with one view
-and writes one label file per input.
+`predict_files` is `--mode predict`: it segments NIfTI, LA-style h5 or 2D image files
+(`jaxseg.data.readers`) with one view and writes one label file per input.
 
-Conventions (decisions, see also METHODS.md §1.8–1.9):
+A method's predict function takes the window inputs of a case, {"image": (B, *patch, C) float32,
+"modality_mask": (B, C) bool, **fields} (the windows of the case's per-voxel `Case.fields`), and
+returns {view: probabilities (B, *patch, K)} (`case_inputs`).
+
+Conventions (decisions, see also docs/evaluation.md):
 
 * A view's probabilities (*spatial, 1) are thresholded (`> threshold`, strict); (*spatial, K) are
-  argmax'ed (`inference.probabilities_to_labels`).
-* Scored classes are 1..num_classes-1 (background is never scored).
+  argmax'ed (`postprocess.probabilities_to_labels`).
+* Scored classes are 1..num_classes-1 (background is never scored). Regions (`eval.regions`) are
+  scored like classes on the masks isin(labels, group) of prediction and ground truth; their rows
+  and summary entries are named by the region ("WT", ...) where classes have their index.
 * Means and standard deviations (population, ddof = 0) are over the cases whose ground truth holds
-  the class; cases without it are counted (`num_empty_gt_excluded`) and left out. Empty predictions
-  are scored by the empty policy (`metrics.py`) and counted (`num_empty_predictions`).
+  the class (region); cases without it are counted (`num_empty_gt_excluded`) and left out. Empty
+  predictions are scored by the empty policy (`metrics.py`) and counted (`num_empty_predictions`).
+* Multi-class tasks (num_classes > 2) also get a "mean" entry: the mean over the foreground classes
+  1..K-1 of each per-class mean (undefined when a class has no scored case).
 * LCC rows exist for binary tasks only (num_classes == 2), where LCC means "keep the largest
   foreground component" (DTC `getLargestCC`). An empty prediction is kept as it is (the reference
   asserts there): its LCC row equals its raw row, so raw and LCC means cover the same cases.
-* 2D tasks also get Duo-SegNet's pooled scores (§9.6): `f1_pooled` = Dice of all test pixels
-  pooled, `mae_pooled` = fraction of wrong pixels, over every case (empty ground truths included).
+* 2D tasks also get Duo-SegNet's pooled scores: `f1_pooled` = Dice of all test pixels pooled,
+  `mae_pooled` = fraction of wrong pixels, over every case (empty ground truths included).
 * Dice, Jaccard and MAE are fractions in [0, 1] (reports multiply by 100); distances are in the
   units of the case spacing: mm for NIfTI sources, voxels for LA h5 and 2D images (spacing 1).
 * Saved predictions are the raw labels (no LCC).
@@ -33,86 +42,105 @@ Conventions (decisions, see also METHODS.md §1.8–1.9):
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import math
 import os
 import pathlib
 import time
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
-import h5py
 import jax
 import jax.numpy as jnp
 import ml_collections
-import nibabel as nib
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 from jax.sharding import Mesh
-from scipy import ndimage
 
-from jaxseg import geometry, inference, metrics, parallel
-from jaxseg.data import folders2d, la, msd, preprocess
-from jaxseg.data.base import Case, DataError, check_case
+from jaxseg import inference, metrics, parallel, postprocess, writers
+from jaxseg.data import readers
+from jaxseg.data.base import Case, DataError
+from jaxseg.postprocess import LCC, RAW
+from jaxseg.writers import CSV_COLUMNS, METRIC_NAMES
 
 __all__ = [
     "CSV_COLUMNS",
     "METRIC_NAMES",
-    "eval_config",
+    "case_inputs",
+    "check_mirror_axes",
+    "check_regions",
     "evaluate",
-    "find_input_files",
     "headline",
+    "image_inputs",
     "predict_files",
     "predict_views",
     "summary_lines",
     "view_channels",
     "window_batch_size",
     "window_geometry",
+    "window_spec",
 ]
 
 PathLike = Union[str, os.PathLike]
-# windows (B, *patch, C) -> {view: probabilities (B, *patch, K)}; a `jax.tree_util.Partial` binding
-# the state avoids a recompilation per checkpoint (see `inference.sliding_window_predict`).
-ViewsPredictFn = Callable[[jax.Array], dict]
+# Window inputs {"image": (B, *patch, C), "modality_mask": (B, C), **fields} -> {view: probabilities
+# (B, *patch, K)}; a `jax.tree_util.Partial` binding the state avoids a recompilation per checkpoint
+# (see `inference.sliding_window_predict`).
+ViewsPredictFn = Callable[[dict], dict]
+# A case's inputs as the sliding window takes them: (per-voxel {name: (*spatial, ...)}, per-case
+# {name: (...)}).
+CaseInputs = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]
 
-RAW, LCC = "raw", "lcc"
-METRIC_NAMES = ("dice", "jaccard", "hd95", "asd", "assd", "hd", "mae")
-CSV_COLUMNS = ("case", "view", "postprocess", "class", *METRIC_NAMES, "pred_empty", "gt_empty")
 POOLED_NAMES = ("f1_pooled", "mae_pooled")
 PREDICTIONS_DIR = "predictions"
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
-H5_SUFFIXES = (".h5",)
-
-# Figure layout: tiles are upscaled by an integer factor (nearest) until their longer side is at
-# least this many pixels, so that tiny volumes stay readable; the caption band sits above each tile.
-FIGURE_MIN_SIDE = 128
-FIGURE_CAPTION_HEIGHT = 16
-_GT_COLOUR = (0, 255, 0)
-_PRED_COLOUR = (255, 0, 0)
-
-
-def eval_config() -> ml_collections.ConfigDict:
-  """The `config.eval` block."""
-  c = ml_collections.ConfigDict()
-  c.patch_size = ()  # Window size; () = config.data.patch_size.
-  c.strides = ()  # Window step per axis; () = half the patch (LA presets: (18, 18, 4)).
-  c.batch_size = 4  # Windows per network call (rounded up to a multiple of the devices).
-  # Volumes are zero-padded to multiples of this per axis before the sliding window, so that volumes
-  # of different sizes share a compilation (LA: 4 instead of 78); the results do not change.
-  c.shape_bucket = 32
-  c.threshold = 0.5  # Foreground threshold of one-channel views (strict >).
-  c.gaussian = False  # nnU-Net Gaussian window weights instead of the reference's uniform ones.
-  c.case_list = ""  # A list file under data.root (e.g. "test.list") evaluated instead of validation.
-  c.lcc = True  # Also report largest-connected-component rows (binary tasks only).
-  c.empty_policy = "worst"  # metrics.py: how empty masks are scored ("worst", "reference", "raise").
-  c.num_figure_cases = 3  # Cases drawn in figure.png.
-  c.save_predictions = True  # Write each case's label map per view.
-  return c
+MEAN = "mean"  # The summary entry of the mean over the foreground classes (num_classes > 2).
 
 
 # ---------------------------------------------------------------------------------------------------
-# Windows and views.
+# Configuration checks (before any work).
+
+
+def check_mirror_axes(eval_cfg: ml_collections.ConfigDict, ndim: int) -> tuple[int, ...]:
+  """`eval.mirror_axes` as a tuple of distinct spatial axes in [0, ndim); DataError otherwise."""
+  value = eval_cfg.get("mirror_axes", ())
+  try:
+    return inference.check_mirror_axes(value, ndim)
+  except ValueError:
+    raise DataError(f"config eval.mirror_axes = {value!r} must be () or distinct spatial axes "
+                    f"among 0..{ndim - 1} (the patch is {ndim}D)") from None
+
+
+def check_regions(eval_cfg: ml_collections.ConfigDict, num_classes: int
+                  ) -> tuple[tuple[str, tuple[int, ...]], ...]:
+  """`eval.regions` as ((name, classes), ...); DataError naming the key otherwise.
+
+  A region is a (name, classes) pair: a non-empty name that is not a class index nor "mean",
+  unique, and a non-empty tuple of distinct foreground classes in 1..num_classes-1.
+  """
+  value = eval_cfg.get("regions", ())
+  where = f"config eval.regions = {value!r}"
+  if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+    raise DataError(f"{where} must be a tuple of (name, classes) pairs, e.g. "
+                    "(('WT', (1, 2, 3)), ('ET', (3,)))")
+  regions, names = [], set()
+  for entry in value:
+    if isinstance(entry, (str, bytes)) or not isinstance(entry, Sequence) or len(entry) != 2:
+      raise DataError(f"{where}: {entry!r} is not a (name, classes) pair")
+    name, group = entry
+    if not isinstance(name, str) or not name or name.isdigit() or name == MEAN or name in names:
+      raise DataError(f"{where}: region name {name!r} must be a non-empty string, not a class "
+                      f"index, not {MEAN!r}, and unique")
+    if isinstance(group, (str, bytes)) or not isinstance(group, Sequence) or not group:
+      raise DataError(f"{where}: region {name!r} needs a non-empty tuple of classes")
+    if not all(isinstance(c, (int, np.integer)) and not isinstance(c, bool)
+               and 1 <= c < num_classes for c in group) or len(set(group)) != len(group):
+      raise DataError(f"{where}: region {name!r} classes {tuple(group)!r} must be distinct "
+                      f"foreground classes in 1..{num_classes - 1}")
+    names.add(name)
+    regions.append((name, tuple(int(c) for c in group)))
+  return tuple(regions)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Windows, inputs and views.
 
 
 def window_geometry(eval_cfg: ml_collections.ConfigDict, patch_size: Sequence[int]
@@ -128,22 +156,52 @@ def window_geometry(eval_cfg: ml_collections.ConfigDict, patch_size: Sequence[in
   return patch, strides
 
 
+def case_inputs(case: Case) -> CaseInputs:
+  """The inputs of a case: per-voxel {"image": (*spatial, C), **case.fields} and per-case
+  {"modality_mask": (C,) bool} (`Case.present`)."""
+  return {"image": case.image, **case.fields}, {"modality_mask": case.present}
+
+
+def image_inputs(image: np.ndarray, modality_mask: Optional[np.ndarray] = None) -> CaseInputs:
+  """The inputs of a bare image (*spatial, C): no fields; all modalities present unless a (C,)
+  bool `modality_mask` is given."""
+  mask = (np.ones(image.shape[-1], bool) if modality_mask is None
+          else np.asarray(modality_mask, bool))
+  return {"image": image}, {"modality_mask": mask}
+
+
+def window_spec(inputs: CaseInputs, batch_size: int, patch: Sequence[int]
+                ) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes and dtypes of one batch of window inputs: per-voxel entries (B, *patch, ...), per-case
+  entries (B, ...)."""
+  voxel, per_case = inputs
+  ndim = len(patch)
+  spec = {k: jax.ShapeDtypeStruct((batch_size, *patch, *np.shape(v)[ndim:]), np.asarray(v).dtype)
+          for k, v in voxel.items()}
+  spec.update({k: jax.ShapeDtypeStruct((batch_size, *np.shape(v)), np.asarray(v).dtype)
+               for k, v in per_case.items()})
+  return spec
+
+
+def _spec_key(spec: Mapping[str, jax.ShapeDtypeStruct]) -> tuple:
+  return tuple(sorted((k, tuple(s.shape), str(s.dtype)) for k, s in spec.items()))
+
+
 def _as_partial(fn: Callable) -> jax.tree_util.Partial:
   # A plain function bound inside another Partial would be a (non-array) pytree leaf; wrapped in
   # its own Partial it becomes static tree structure instead.
   return fn if isinstance(fn, jax.tree_util.Partial) else jax.tree_util.Partial(fn)
 
 
-def view_channels(predict_fn: ViewsPredictFn, window_shape: Sequence[int],
-                  dtype: Any = jnp.float32) -> dict[str, int]:
+def view_channels(predict_fn: ViewsPredictFn, spec: Mapping[str, jax.ShapeDtypeStruct]
+                  ) -> dict[str, int]:
   """The views of `predict_fn` and their channel counts K, in the order the method returns them.
 
   Only shapes are traced (`jax.eval_shape`); nothing is computed.
 
   Args:
-    predict_fn: windows (B, *patch, C) -> {view: (B, *patch, K)}.
-    window_shape: (B, *patch, C).
-    dtype: dtype of the windows.
+    predict_fn: window inputs -> {view: (B, *patch, K)}.
+    spec: the window inputs' shapes (`window_spec`), with "image" (B, *patch, C).
 
   Returns:
     {view: K} in the method's order (Python dicts keep insertion order; JAX's own flattening sorts
@@ -151,37 +209,37 @@ def view_channels(predict_fn: ViewsPredictFn, window_shape: Sequence[int],
   """
   order: list[str] = []
 
-  def probe(windows):
-    views = predict_fn(windows)
+  def probe(window_inputs):
+    views = predict_fn(window_inputs)
     if not isinstance(views, dict) or not views:
       raise TypeError(f"predict_fn must return a non-empty dict {{view: probabilities}}, got "
                       f"{type(views).__name__}")
     order.extend(views)
     return views
 
-  shapes = jax.eval_shape(probe, jax.ShapeDtypeStruct(tuple(window_shape), dtype))
-  expected = tuple(window_shape[:-1])
+  shapes = jax.eval_shape(probe, dict(spec))
+  expected = tuple(spec["image"].shape[:-1])
   for name in order:
     if shapes[name].shape[:-1] != expected:
-      raise ValueError(f"view {name!r} of predict_fn maps windows {tuple(window_shape)} to "
+      raise ValueError(f"view {name!r} of predict_fn maps windows {tuple(spec['image'].shape)} to "
                        f"{shapes[name].shape}; expected {expected} + (K,)")
   return {name: int(shapes[name].shape[-1]) for name in order}
 
 
-def _concat_views(predict_fn: ViewsPredictFn, windows: jax.Array) -> jax.Array:
+def _concat_views(predict_fn: ViewsPredictFn, window_inputs: dict) -> jax.Array:
   """All views of `predict_fn` side by side on the channel axis, in the method's order."""
-  return jnp.concatenate([jnp.asarray(p, jnp.float32) for p in predict_fn(windows).values()],
+  return jnp.concatenate([jnp.asarray(p, jnp.float32) for p in predict_fn(window_inputs).values()],
                          axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)
 class _SelectView:
-  """`predict_fn(windows)[name]`; frozen (hashable by value) so jit reuses its compilation."""
+  """`predict_fn(window_inputs)[name]`; frozen (hashable by value) so jit reuses its compilation."""
 
   name: str
 
-  def __call__(self, predict_fn: ViewsPredictFn, windows: jax.Array) -> jax.Array:
-    return predict_fn(windows)[self.name]
+  def __call__(self, predict_fn: ViewsPredictFn, window_inputs: dict) -> jax.Array:
+    return predict_fn(window_inputs)[self.name]
 
 
 def window_batch_size(eval_cfg: ml_collections.ConfigDict, mesh: Optional[Mesh] = None) -> int:
@@ -190,16 +248,22 @@ def window_batch_size(eval_cfg: ml_collections.ConfigDict, mesh: Optional[Mesh] 
   return -(-int(eval_cfg.batch_size) // n) * n
 
 
-def predict_views(predict_fn: ViewsPredictFn, image: np.ndarray, eval_cfg: ml_collections.ConfigDict,
-                  patch: Sequence[int], strides: Sequence[int],
+def _window_options(eval_cfg: ml_collections.ConfigDict, ndim: int) -> dict:
+  """The `sliding_window_predict` options of `eval_cfg` other than the batch size."""
+  return dict(gaussian=bool(eval_cfg.gaussian), mirror_axes=check_mirror_axes(eval_cfg, ndim),
+              shape_bucket=int(eval_cfg.shape_bucket))
+
+
+def predict_views(predict_fn: ViewsPredictFn, inputs: Union[CaseInputs, np.ndarray],
+                  eval_cfg: ml_collections.ConfigDict, patch: Sequence[int], strides: Sequence[int],
                   channels: Optional[dict[str, int]] = None,
                   mesh: Optional[Mesh] = None) -> dict[str, np.ndarray]:
   """Averaged sliding-window probabilities of every view, from one pass over the windows.
 
   Args:
-    predict_fn: windows (B, *patch, C) -> {view: (B, *patch, K_view)}, jittable.
-    image: (*spatial, C) float32.
-    eval_cfg: the `config.eval` block (batch_size, gaussian).
+    predict_fn: window inputs -> {view: (B, *patch, K_view)}, jittable.
+    inputs: `case_inputs(case)`, or a bare image (*spatial, C) float32 (`image_inputs`).
+    eval_cfg: the `config.eval` block (batch_size, gaussian, mirror_axes, shape_bucket).
     patch: window size per spatial axis.
     strides: window step per spatial axis.
     channels: `view_channels(...)` when already known.
@@ -209,14 +273,16 @@ def predict_views(predict_fn: ViewsPredictFn, image: np.ndarray, eval_cfg: ml_co
   Returns:
     {view: (*spatial, K_view) float32 probabilities}, in the method's view order.
   """
+  if not isinstance(inputs, tuple):
+    inputs = image_inputs(np.asarray(inputs))
   predict_fn = _as_partial(predict_fn)
   batch_size = window_batch_size(eval_cfg, mesh)
   if channels is None:
-    channels = view_channels(predict_fn, (batch_size, *patch, image.shape[-1]))
+    channels = view_channels(predict_fn, window_spec(inputs, batch_size, patch))
+  voxel, per_case = inputs
   stacked = inference.sliding_window_predict(
-      jax.tree_util.Partial(_concat_views, predict_fn), image, patch, strides,
-      batch_size=batch_size, gaussian=eval_cfg.gaussian, mesh=mesh,
-      shape_bucket=eval_cfg.shape_bucket)
+      jax.tree_util.Partial(_concat_views, predict_fn), voxel, patch, strides, per_case=per_case,
+      batch_size=batch_size, mesh=mesh, **_window_options(eval_cfg, len(patch)))
   bounds = np.cumsum(list(channels.values()))[:-1]
   return dict(zip(channels, np.split(np.asarray(stacked), bounds, axis=-1)))
 
@@ -229,15 +295,9 @@ def _check_view_classes(channels: dict[str, int], num_classes: int) -> None:
 
 
 def _labels(probs: np.ndarray, threshold: float) -> np.ndarray:
-  """(*spatial, K) probabilities -> (*spatial,) int32 labels (METHODS.md §1.6 decision rule)."""
-  return np.asarray(inference.probabilities_to_labels(probs, threshold))
-
-
-def _postprocess(labels: np.ndarray, postprocess: str) -> np.ndarray:
-  """Raw labels, or (binary labels only) the largest foreground component; empty stays empty."""
-  if postprocess == RAW or not labels.any():
-    return labels
-  return geometry.largest_connected_component(labels).astype(labels.dtype)
+  """(*spatial, K) probabilities -> (*spatial,) int32 labels (`postprocess.probabilities_to_labels`).
+  """
+  return np.asarray(postprocess.probabilities_to_labels(probs, threshold))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -256,10 +316,11 @@ def evaluate(predict_fn: ViewsPredictFn, cases: Iterable[Case], eval_cfg: ml_col
   process returns the same summary.
 
   Args:
-    predict_fn: windows (B, *patch, C) -> {view: probabilities (B, *patch, K)}, e.g.
-      `jax.tree_util.Partial(method.predict, state)`; jittable.
+    predict_fn: window inputs {"image": (B, *patch, C), "modality_mask": (B, C), **fields} ->
+      {view: probabilities (B, *patch, K)}, e.g. `jax.tree_util.Partial(method.predict, state)`;
+      jittable.
     cases: labeled cases with preprocessed images (*spatial, C), all 2D or all 3D.
-    eval_cfg: the `config.eval` block (`eval_config()`).
+    eval_cfg: the `config.eval` block (`config_blocks.eval_block()`).
     num_classes: classes including background; classes 1..num_classes-1 are scored.
     out_dir: folder for metrics.csv, summary.json, figure.png and predictions/; None writes nothing.
     patch_size: config.data.patch_size, used when eval.patch_size is empty.
@@ -269,17 +330,20 @@ def evaluate(predict_fn: ViewsPredictFn, cases: Iterable[Case], eval_cfg: ml_col
   Returns:
     The summary (the content of summary.json):
     {"split", "num_cases", "num_classes", "classes", "view_names", "postprocesses", "empty_policy",
-     "threshold", "units",
-     "views": {view: {postprocess: {class: stats}}},
-     "views_mean": {postprocess: {class: means}}   (only with >= 2 views)}
-    where stats = {"num_cases", "num_empty_predictions", "num_empty_gt_excluded",
+     "threshold", "units", ("regions": {name: [classes]} when eval.regions is set,
+     "mirror_axes" when eval.mirror_axes is set),
+     "views": {view: {postprocess: {key: stats}}},
+     "views_mean": {postprocess: {key: means}}   (only with >= 2 views)}
+    where the keys are the classes ("1", ...), then "mean" (num_classes > 2: {"<metric>_mean": the
+    mean of the class means over the classes 1..K-1}, and for 2D the pooled scores' means), then
+    the regions' names; stats = {"num_cases", "num_empty_predictions", "num_empty_gt_excluded",
     "<metric>_mean", "<metric>_std" for each of METRIC_NAMES, and for 2D "f1_pooled",
-    "mae_pooled"}; classes are string keys ("1", ...), undefined values (no scored case) are None.
+    "mae_pooled"}. Undefined values (no scored case) are None.
 
   Raises:
     ValueError: no cases, a view whose channel count does not fit num_classes, views that differ
       between cases, or a case whose dimensionality does not match the patch.
-    DataError: a case without a label (naming its source).
+    DataError: a case without a label (naming its source); bad eval.regions or eval.mirror_axes.
   """
   cases = list(cases)
   if not cases:
@@ -287,64 +351,72 @@ def evaluate(predict_fn: ViewsPredictFn, cases: Iterable[Case], eval_cfg: ml_col
   if num_classes < 2:
     raise ValueError(f"num_classes must be >= 2, got {num_classes}")
   patch, strides = window_geometry(eval_cfg, patch_size)
+  mirror_axes = check_mirror_axes(eval_cfg, len(patch))
+  regions = check_regions(eval_cfg, num_classes)
   predict_fn = _as_partial(predict_fn)
   classes = tuple(range(1, num_classes))
-  postprocesses = (RAW, LCC) if eval_cfg.lcc and num_classes == 2 else (RAW,)
+  postprocesses = postprocess.postprocesses(num_classes, bool(eval_cfg.lcc))
   is_2d = len(patch) == 2
   out = pathlib.Path(out_dir) if out_dir is not None else None
   save_predictions = out is not None and eval_cfg.save_predictions
-  if save_predictions:
-    (out / PREDICTIONS_DIR).mkdir(parents=True, exist_ok=True)
 
   # Checked for all cases on every process before any work, so that all processes fail alike.
   batch_size = window_batch_size(eval_cfg, mesh)
-  channels_by_input: dict[int, dict[str, int]] = {}
+  channels_by_spec: dict[tuple, dict[str, int]] = {}
   view_names: Optional[tuple[str, ...]] = None
   for case in cases:
     _check_eval_case(case, len(patch))
-    num_channels = case.num_modalities
-    if num_channels not in channels_by_input:
-      channels = view_channels(predict_fn, (batch_size, *patch, num_channels))
+    key = _spec_key(window_spec(case_inputs(case), batch_size, patch))
+    if key not in channels_by_spec:
+      channels = view_channels(predict_fn, window_spec(case_inputs(case), batch_size, patch))
       _check_view_classes(channels, num_classes)
-      channels_by_input[num_channels] = channels
-    channels = channels_by_input[num_channels]
+      channels_by_spec[key] = channels
+    channels = channels_by_spec[key]
     if view_names is None:
       view_names = tuple(channels)
     elif tuple(channels) != view_names:
       raise ValueError(f"case {case.case_id!r}: views {tuple(channels)} differ from {view_names}")
+  if save_predictions:
+    (out / PREDICTIONS_DIR).mkdir(parents=True, exist_ok=True)
 
   primary = parallel.is_primary()
   start = time.perf_counter()
   window_seconds = 0.0
   rows: list[dict] = []
-  pooled: dict[tuple[str, str, int], np.ndarray] = {}
+  pooled: dict[tuple[str, str, Union[int, str]], np.ndarray] = {}
   tiles: list[Image.Image] = []
   for case in cases[jax.process_index()::jax.process_count()]:
-    channels = channels_by_input[case.num_modalities]
+    inputs = case_inputs(case)
+    channels = channels_by_spec[_spec_key(window_spec(inputs, batch_size, patch))]
     window_start = time.perf_counter()
-    probs = predict_views(predict_fn, case.image, eval_cfg, patch, strides, channels, mesh)
+    probs = predict_views(predict_fn, inputs, eval_cfg, patch, strides, channels, mesh)
     window_seconds += time.perf_counter() - window_start  # predict_views returns host arrays.
     labels = {view: _labels(p, eval_cfg.threshold) for view, p in probs.items()}
     for view, view_labels in labels.items():
       for post in postprocesses:
-        pred = _postprocess(view_labels, post)
-        scores = metrics.case_metrics(pred, case.label, spacing=case.spacing, classes=classes,
-                                      empty=eval_cfg.empty_policy)
-        rows.extend({"case": case.case_id, "view": view, "postprocess": post, "class": c, **s}
-                    for c, s in scores.items())
+        pred = postprocess.postprocess_labels(view_labels, post)
+        for key, scores in _case_scores(pred, case, classes, regions, eval_cfg.empty_policy):
+          rows.append({"case": case.case_id, "view": view, "postprocess": post, "class": key,
+                       **scores})
         if is_2d:
-          for c in classes:
-            counts = pooled.setdefault((view, post, c), np.zeros(5, np.int64))
-            counts += _pixel_counts(pred == c, case.label == c)
+          for key, pred_mask, gt_mask in _masks(pred, case.label, classes, regions):
+            counts = pooled.setdefault((view, post, key), np.zeros(5, np.int64))
+            counts += _pixel_counts(pred_mask, gt_mask)
       if save_predictions:
-        _save_prediction(out / PREDICTIONS_DIR / f"{case.case_id}_{view}", view_labels, case,
-                         num_classes)
+        writers.save_case_prediction(out / PREDICTIONS_DIR / f"{case.case_id}_{view}",
+                                     view_labels, case, num_classes)
     if out is not None and len(tiles) < eval_cfg.num_figure_cases:
-      tiles.append(_figure_tile(case, labels[view_names[0]]))
+      tiles.append(writers.figure_tile(case, labels[view_names[0]]))
 
   if jax.process_count() > 1:
     rows, pooled = _gather_scores(rows, pooled, [case.case_id for case in cases])
-  summary = _summarize(rows, pooled, view_names, postprocesses, classes, is_2d)
+  keys = (*classes, *(name for name, _ in regions))
+  summary = _summarize(rows, pooled, view_names, postprocesses, keys, classes, is_2d)
+  extra: dict[str, Any] = {}
+  if regions:
+    extra["regions"] = {name: list(group) for name, group in regions}
+  if mirror_axes:
+    extra["mirror_axes"] = list(mirror_axes)
   summary = {
       "split": split_name,
       "num_cases": len(cases),
@@ -354,6 +426,7 @@ def evaluate(predict_fn: ViewsPredictFn, cases: Iterable[Case], eval_cfg: ml_col
       "postprocesses": list(postprocesses),
       "empty_policy": eval_cfg.empty_policy,
       "threshold": float(eval_cfg.threshold),
+      **extra,
       # Wall-clock seconds of this process (process 0 with several): the sliding windows (with
       # their compilations) and the whole evaluation before the reports are written.
       "seconds": {"sliding_window": window_seconds, "total": time.perf_counter() - start},
@@ -366,14 +439,37 @@ def evaluate(predict_fn: ViewsPredictFn, cases: Iterable[Case], eval_cfg: ml_col
       },
       **summary,
   }
-  summary = _json_safe(summary)
+  summary = writers.json_safe(summary)
   if out is not None and primary:
     out.mkdir(parents=True, exist_ok=True)
-    _write_csv(out / "metrics.csv", rows)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    writers.write_metrics_csv(out / "metrics.csv", rows)
+    writers.write_summary(out / "summary.json", summary)
     if tiles:
-      _side_by_side(tiles).save(out / "figure.png")
+      writers.write_figure(out / "figure.png", tiles)
   return summary
+
+
+def _masks(pred: np.ndarray, gt: np.ndarray, classes: Sequence[int],
+           regions: Sequence[tuple[str, tuple[int, ...]]]):
+  """(key, prediction mask, ground-truth mask) of each class (== c) and region (isin group)."""
+  for c in classes:
+    yield c, pred == c, gt == c
+  for name, group in regions:
+    yield name, np.isin(pred, group), np.isin(gt, group)
+
+
+def _case_scores(pred: np.ndarray, case: Case, classes: Sequence[int],
+                 regions: Sequence[tuple[str, tuple[int, ...]]], empty: str):
+  """(key, metrics) of each class, then each region, of one case's labels (`metrics.case_metrics`).
+  """
+  scores = metrics.case_metrics(pred, case.label, spacing=case.spacing, classes=classes,
+                                empty=empty)
+  yield from scores.items()
+  for name, group in regions:
+    region_pred = np.isin(pred, group).astype(np.uint8)
+    region_gt = np.isin(case.label, group).astype(np.uint8)
+    yield name, metrics.case_metrics(region_pred, region_gt, spacing=case.spacing, classes=(1,),
+                                     empty=empty)[1]
 
 
 def _gather_scores(rows: list[dict], pooled: dict, case_order: Sequence[str]
@@ -384,10 +480,10 @@ def _gather_scores(rows: list[dict], pooled: dict, case_order: Sequence[str]
   position = {case_id: i for i, case_id in enumerate(case_order)}
   all_rows = sorted((row for part in everyone for row in part["rows"]),
                     key=lambda row: position[row["case"]])  # Stable: a case's rows keep their order.
-  all_pooled: dict[tuple[str, str, int], np.ndarray] = {}
+  all_pooled: dict[tuple[str, str, Union[int, str]], np.ndarray] = {}
   for part in everyone:
-    for view, post, c, counts in part["pooled"]:
-      total = all_pooled.setdefault((view, post, c), np.zeros(5, np.int64))
+    for view, post, key, counts in part["pooled"]:
+      total = all_pooled.setdefault((view, post, key), np.zeros(5, np.int64))
       total += np.asarray(counts, np.int64)
   return all_rows, all_pooled
 
@@ -407,16 +503,18 @@ def _pixel_counts(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
 
 
 def _summarize(rows: list[dict], pooled: dict, view_names: Sequence[str],
-               postprocesses: Sequence[str], classes: Sequence[int], is_2d: bool) -> dict:
-  """The "views" and "views_mean" entries of the summary (see `evaluate`)."""
+               postprocesses: Sequence[str], keys: Sequence[Union[int, str]],
+               classes: Sequence[int], is_2d: bool) -> dict:
+  """The "views" and "views_mean" entries of the summary (see `evaluate`); `keys` are the classes
+  then the region names."""
   views: dict[str, dict] = {}
   for view in view_names:
     views[view] = {}
     for post in postprocesses:
-      views[view][post] = {}
-      for c in classes:
+      entries: dict[str, dict] = {}
+      for key in keys:
         group = [r for r in rows if r["view"] == view and r["postprocess"] == post
-                 and r["class"] == c]
+                 and r["class"] == key]
         scored = [r for r in group if not r["gt_empty"]]
         stats: dict[str, Any] = {
             "num_cases": len(scored),
@@ -428,43 +526,27 @@ def _summarize(rows: list[dict], pooled: dict, view_names: Sequence[str],
           stats[f"{name}_mean"] = float(values.mean()) if values.size else math.nan
           stats[f"{name}_std"] = float(values.std()) if values.size else math.nan
         if is_2d:
-          intersection, pred_size, gt_size, wrong, total = pooled[(view, post, c)]
+          intersection, pred_size, gt_size, wrong, total = pooled[(view, post, key)]
           denominator = pred_size + gt_size
           stats["f1_pooled"] = 2.0 * intersection / denominator if denominator else math.nan
           stats["mae_pooled"] = wrong / total
-        views[view][post][str(c)] = stats
+        entries[str(key)] = stats
+      if len(classes) > 1:
+        # Over the classes only (regions overlap them); NaN when a class has no scored case.
+        means = [f"{name}_mean" for name in METRIC_NAMES] + (list(POOLED_NAMES) if is_2d else [])
+        mean = {k: float(np.mean([entries[str(c)][k] for c in classes])) for k in means}
+        entries = {**{str(c): entries[str(c)] for c in classes}, MEAN: mean,
+                   **{k: v for k, v in entries.items() if k not in {str(c) for c in classes}}}
+      views[view][post] = entries
   result: dict[str, Any] = {"views": views}
   if len(view_names) >= 2:
-    keys = [f"{name}_mean" for name in METRIC_NAMES] + (list(POOLED_NAMES) if is_2d else [])
+    means = [f"{name}_mean" for name in METRIC_NAMES] + (list(POOLED_NAMES) if is_2d else [])
+    first = views[view_names[0]]
     result["views_mean"] = {
-        post: {str(c): {k: float(np.mean([views[v][post][str(c)][k] for v in view_names]))
-                        for k in keys}
-               for c in classes}
+        post: {key: {k: float(np.mean([views[v][post][key][k] for v in view_names])) for k in means}
+               for key in first[post]}
         for post in postprocesses}
   return result
-
-
-def _json_safe(value: Any) -> Any:
-  """NaN / inf -> None (JSON has no NaN), recursively; numpy scalars -> Python numbers."""
-  if isinstance(value, dict):
-    return {k: _json_safe(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_json_safe(v) for v in value]
-  if isinstance(value, (float, np.floating)):
-    return float(value) if math.isfinite(value) else None
-  if isinstance(value, np.integer):
-    return int(value)
-  return value
-
-
-def _write_csv(path: pathlib.Path, rows: list[dict]) -> None:
-  """metrics.csv: floats at full precision (repr), NaN as "nan", empty flags as 0 / 1."""
-  with open(path, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    for row in rows:
-      writer.writerow({**row, "pred_empty": int(row["pred_empty"]),
-                       "gt_empty": int(row["gt_empty"])})
 
 
 HEADLINE_METRICS = ("dice", "jaccard", "hd95", "asd")
@@ -475,19 +557,25 @@ def headline(summary: dict) -> dict[str, float]:
 
   Per view (the method's order, then "views_mean" when there are >= 2 views), on raw predictions:
   dice, jaccard, hd95, asd (the class means averaged over the foreground classes), for 2D also
-  f1_pooled and mae_pooled; and lcc_dice when LCC rows exist. Undefined values are NaN.
+  f1_pooled and mae_pooled; and lcc_dice when LCC rows exist. Multi-class tasks add each class's
+  Dice, "<view>/class<c>/dice"; regions add "<view>/<region>/<metric>" for the same metrics.
+  Undefined values are NaN.
   """
   entries = [(view, summary["views"][view]) for view in summary["view_names"]]
   if "views_mean" in summary:
     entries.append(("views_mean", summary["views_mean"]))
+  class_keys = [str(c) for c in summary["classes"]]
+  region_names = list(summary.get("regions", {}))
   names = [f"{m}_mean" for m in HEADLINE_METRICS]
-  if any("f1_pooled" in stats for stats in entries[0][1][RAW].values()):
+  if any("f1_pooled" in entries[0][1][RAW][c] for c in class_keys):
     names += list(POOLED_NAMES)
 
-  def class_average(by_class: dict, key: str) -> float:
-    values = [stats.get(key) for stats in by_class.values()]
-    values = [math.nan if v is None else v for v in values]
-    return float(np.mean(values))
+  def value(stats: dict, key: str) -> float:
+    v = stats.get(key)
+    return math.nan if v is None else float(v)
+
+  def class_average(by_key: dict, key: str) -> float:
+    return float(np.mean([value(by_key[c], key) for c in class_keys]))
 
   scores = {}
   for view, posts in entries:
@@ -495,6 +583,12 @@ def headline(summary: dict) -> dict[str, float]:
       scores[f"{view}/{key.removesuffix('_mean')}"] = class_average(posts[RAW], key)
     if LCC in posts:
       scores[f"{view}/lcc_dice"] = class_average(posts[LCC], "dice_mean")
+    if len(class_keys) > 1:
+      for c in class_keys:
+        scores[f"{view}/class{c}/dice"] = value(posts[RAW][c], "dice_mean")
+    for region in region_names:
+      for key in names:
+        scores[f"{view}/{region}/{key.removesuffix('_mean')}"] = value(posts[RAW][region], key)
   return scores
 
 
@@ -510,13 +604,16 @@ def summary_lines(summary: dict) -> list[str]:
   lines = [f"{summary['split']}: {summary['num_cases']} cases, empty policy "
            f"{summary['empty_policy']!r}; Dice, Jaccard in %; 95HD, ASD in "
            f"{summary['units']['distances']}"]
+  regions = summary.get("regions", {})
   entries = [(view, posts) for view, posts in summary["views"].items()]
   if "views_mean" in summary:
     entries.append(("views_mean", summary["views_mean"]))
   for view, posts in entries:
-    for post, by_class in posts.items():
-      for c, stats in by_class.items():
-        line = (f"  {view} {post} class {c}: Dice {fmt(stats, 'dice', 100)} %, Jaccard "
+    for post, by_key in posts.items():
+      for c, stats in by_key.items():
+        what = (f"region {c} {regions[c]}" if c in regions
+                else "class mean" if c == MEAN else f"class {c}")
+        line = (f"  {view} {post} {what}: Dice {fmt(stats, 'dice', 100)} %, Jaccard "
                 f"{fmt(stats, 'jaccard', 100)} %, 95HD {fmt(stats, 'hd95')}, ASD {fmt(stats, 'asd')}")
         if "num_cases" in stats:
           line += (f" (n = {stats['num_cases']}, {stats['num_empty_predictions']} empty "
@@ -529,204 +626,7 @@ def summary_lines(summary: dict) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Writing label maps.
-
-
-def _diagonal_affine(spacing: Sequence[float]) -> np.ndarray:
-  return np.diag([*map(float, spacing), 1.0])
-
-
-def _save_prediction(stem: pathlib.Path, labels: np.ndarray, case: Case, num_classes: int) -> None:
-  """3D: <stem>.nii.gz with the case's affine (else diag(spacing)); 2D: <stem>.png."""
-  if labels.ndim == 2:
-    _write_png_mask(stem.with_name(stem.name + ".png"), labels, num_classes)
-  else:
-    affine = case.affine if case.affine is not None else _diagonal_affine(case.spacing)
-    _write_nifti_labels(stem.with_name(stem.name + ".nii.gz"), labels, affine)
-
-
-def _write_png_mask(path: pathlib.Path, labels: np.ndarray, num_classes: int) -> None:
-  """Binary: 0 / 255 (viewable; folders2d reads > 0 as foreground); else class indices."""
-  if num_classes > 256:
-    raise ValueError(f"{path}: cannot store {num_classes} classes in an 8-bit PNG")
-  values = labels * 255 if num_classes == 2 else labels
-  Image.fromarray(values.astype(np.uint8)).save(path)
-
-
-def _write_nifti_labels(path: pathlib.Path, labels: np.ndarray, affine: np.ndarray,
-                        like: Optional[nib.spatialimages.SpatialImage] = None) -> None:
-  """uint8 NIfTI-1 of `labels` with `affine`; with `like`, its header (zooms, codes), unscaled."""
-  if like is None:
-    header = nib.Nifti1Header()
-  else:
-    header = nib.Nifti1Header.from_header(like.header)
-    header.set_intent("none")  # A 4D input may carry a vector intent; labels are scalars.
-  header.set_data_dtype(np.uint8)
-  image = nib.Nifti1Image(labels.astype(np.uint8), affine, header)
-  # Labels are stored exactly: no scaling inherited from the input.
-  image.header.set_slope_inter(1.0, 0.0)
-  if like is not None:
-    image.header.set_zooms(tuple(like.header.get_zooms()[:labels.ndim]))
-  nib.save(image, path)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Figure.
-
-
-def _figure_tile(case: Case, labels: np.ndarray) -> Image.Image:
-  """One captioned RGB tile: grayscale image, ground-truth contour green, prediction contour red.
-
-  3D: the slice along the last axis through the ground-truth centroid (the prediction's when the
-  ground truth is empty, else the middle), transposed so that x runs left to right. Gray = channel 0,
-  or the channel mean for 3-channel 2D (RGB) images, stretched between its 1st and 99th percentiles.
-  """
-  image, gt, pred = case.image, case.label > 0, labels > 0
-  if case.ndim == 3:
-    z = _centroid_index(gt, pred)
-    image, gt, pred = (a[:, :, z].swapaxes(0, 1) for a in (image, gt, pred))
-  gray = image.mean(axis=-1) if case.ndim == 2 and image.shape[-1] == 3 else image[..., 0]
-  scale = max(1, math.ceil(FIGURE_MIN_SIDE / max(gray.shape)))
-  gray, gt, pred = (np.kron(a, np.ones((scale, scale), a.dtype)) for a in (gray, gt, pred))
-  low, high = np.percentile(gray, [1, 99])
-  gray = np.clip((gray - low) / (high - low), 0, 1) if high > low else np.zeros_like(gray)
-  rgb = np.repeat((255 * gray).astype(np.uint8)[..., None], 3, axis=-1)
-  rgb[_contour(gt)] = _GT_COLOUR
-  rgb[_contour(pred)] = _PRED_COLOUR  # Drawn last: where the contours coincide, red shows.
-  tile = Image.new("RGB", (rgb.shape[1], rgb.shape[0] + FIGURE_CAPTION_HEIGHT))
-  tile.paste(Image.fromarray(rgb), (0, FIGURE_CAPTION_HEIGHT))
-  ImageDraw.Draw(tile).text((2, 2), case.case_id, fill=(255, 255, 255))
-  return tile
-
-
-def _centroid_index(gt: np.ndarray, pred: np.ndarray) -> int:
-  """Index along the last axis through the centroid of gt (else pred, else the middle)."""
-  for mask in (gt, pred):
-    if mask.any():
-      return int(round(np.nonzero(mask)[-1].mean()))
-  return mask.shape[-1] // 2
-
-
-def _contour(mask: np.ndarray) -> np.ndarray:
-  """Boundary pixels of a 2D bool mask (mask minus its 4-neighbour erosion)."""
-  return mask & ~ndimage.binary_erosion(mask)
-
-
-def _side_by_side(tiles: Sequence[Image.Image]) -> Image.Image:
-  width = sum(t.width for t in tiles)
-  height = max(t.height for t in tiles)
-  figure = Image.new("RGB", (width, height))
-  left = 0
-  for tile in tiles:
-    figure.paste(tile, (left, 0))
-    left += tile.width
-  return figure
-
-
-# ---------------------------------------------------------------------------------------------------
 # predict_files (--mode predict).
-
-
-def _input_kind(path: pathlib.Path) -> Optional[str]:
-  """"nifti", "h5" or "image" by file name, or None for anything else (hidden files included)."""
-  name = path.name.lower()
-  if path.name.startswith("."):
-    return None
-  if name.endswith(NIFTI_SUFFIXES):
-    return "nifti"
-  if name.endswith(H5_SUFFIXES):
-    return "h5"
-  if path.suffix.lower() in folders2d.EXTENSIONS:
-    return "image"
-  return None
-
-
-def find_input_files(input_path: PathLike) -> list[pathlib.Path]:
-  """The files `--input` names: the file itself, or a folder's supported files, sorted.
-
-  A folder is scanned for NIfTI (.nii, .nii.gz), h5 (.h5) and 2D image files (folders2d.EXTENSIONS)
-  directly inside it, and recursively for LA case files (<ID>/mri_norm2.h5, at any depth).
-
-  Raises:
-    DataError: naming the path when it does not exist, is an unsupported file, or is a folder
-      without supported files.
-  """
-  path = pathlib.Path(input_path)
-  if not path.exists():
-    raise DataError(f"{path}: input not found")
-  supported = "NIfTI (.nii, .nii.gz), h5 (.h5) or 2D images (" + ", ".join(folders2d.EXTENSIONS) + ")"
-  if path.is_file():
-    if _input_kind(path) is None:
-      raise DataError(f"{path}: unsupported input file; expected {supported}")
-    return [path]
-  files = {p for p in path.iterdir() if p.is_file() and _input_kind(p) is not None}
-  files.update(p for p in path.rglob(la.CASE_FILE) if p.is_file())
-  if not files:
-    raise DataError(f"{path}: no supported input files ({supported})")
-  return sorted(files)
-
-
-def _output_name(path: pathlib.Path) -> str:
-  """NIfTI and h5 -> <case>.nii.gz (LA's <ID>/mri_norm2.h5 -> <ID>.nii.gz); images -> <stem>.png."""
-  kind = _input_kind(path)
-  if kind == "nifti":
-    return msd.case_id_from_path(path) + ".nii.gz"
-  if kind == "h5":
-    return (path.parent.name if path.name == la.CASE_FILE else path.stem) + ".nii.gz"
-  return path.stem + ".png"
-
-
-def _read_h5_image(path: pathlib.Path) -> np.ndarray:
-  """The `image` dataset of an LA-style h5 file (a label is not needed)."""
-  try:
-    with h5py.File(path, "r") as f:
-      image = f.get("image")
-      if not isinstance(image, h5py.Dataset):
-        raise DataError(f"{path}: no `image` dataset; found keys {sorted(f.keys())}")
-      return np.asarray(image[()])
-  except OSError as err:
-    raise DataError(f"{path}: not a readable h5 file: {err}") from err
-
-
-@dataclasses.dataclass(frozen=True)
-class _InputFile:
-  """One input file, read: image (*spatial, C) float32 and what writing its prediction needs."""
-
-  image: np.ndarray
-  nifti: Optional[nib.spatialimages.SpatialImage] = None  # The NIfTI input (affine, header).
-  original_size: Optional[tuple[int, int]] = None  # 2D: the file's (H, W) before resizing.
-
-
-def _read_input(path: pathlib.Path, data_cfg: ml_collections.ConfigDict) -> _InputFile:
-  """Reads one input as the training data was read: channels, resizing (2D), then preprocessing."""
-  kind = _input_kind(path)
-  original_size = None
-  nifti = None
-  if kind == "nifti":
-    nifti, data = msd._read_nifti(path, as_float=True)  # pylint: disable=protected-access
-  elif kind == "h5":
-    data = _read_h5_image(path)
-  else:
-    data = folders2d._with_channels(  # pylint: disable=protected-access
-        folders2d.read_image(path), data_cfg.get("channels", 0) or None)
-    original_size = tuple(data.shape[:2])
-    if data_cfg.get("image_size", ()):
-      data = folders2d.resize_image(data, tuple(data_cfg.image_size))
-  if kind != "image":
-    if data.ndim == 3:
-      data = data[..., np.newaxis]  # One modality; 4D NIfTI / h5 are already channels-last.
-    if data.ndim != 4:
-      raise DataError(f"{path}: image must be 3D (X, Y, Z) or 4D (X, Y, Z, C), got shape "
-                      f"{data.shape}")
-  if not np.issubdtype(data.dtype, np.number) or np.issubdtype(data.dtype, np.complexfloating):
-    raise DataError(f"{path}: image must be real-valued, got dtype {data.dtype}")
-  case = Case(case_id=path.name, image=np.asarray(data, np.float32),
-              label=None, spacing=(1.0,) * (data.ndim - 1), source=str(path))
-  check_case(case)
-  clip = tuple(data_cfg.get("clip_percentiles", ())) or None
-  if clip is not None or data_cfg.get("zscore", False):
-    case = preprocess.preprocess_case(case, clip=clip, zscore=data_cfg.get("zscore", False))
-  return _InputFile(image=case.image, nifti=nifti, original_size=original_size)
 
 
 def predict_files(predict_fn: ViewsPredictFn, input_path: PathLike, output_dir: PathLike,
@@ -735,20 +635,23 @@ def predict_files(predict_fn: ViewsPredictFn, input_path: PathLike, output_dir: 
                   num_channels: Optional[int] = None) -> list[pathlib.Path]:
   """Segments files with one view of a method and writes one label file per input.
 
-  Inputs are read like the training data (`data_cfg`): NIfTI (3D, or 4D multi-modal channels-last),
-  LA-style h5 (`image` dataset) or 2D images (folders2d's reader, `data.channels`,
-  `data.image_size`), then clipped / z-scored per `data.clip_percentiles` / `data.zscore`.
+  Inputs are read like the training data (`jaxseg.data.readers.read_input`, `data_cfg`): NIfTI (3D,
+  or 4D multi-modal channels-last), LA-style h5 (`image` dataset) or 2D images (folders2d's reader,
+  `data.channels`, `data.image_size`), then clipped / z-scored per `data.clip_percentiles` /
+  `data.zscore`. The predict function gets the same inputs as in evaluation, with every modality
+  present and no fields.
 
-  Outputs, in `output_dir`: NIfTI inputs -> <case>.nii.gz (uint8, the input's affine and zooms);
-  h5 -> <case>.nii.gz (identity affine: LA works in voxels; the case is the LA folder name for
-  mri_norm2.h5); 2D -> <stem>.png at the file's original size (0 / 255 for binary, else class
-  indices; a resized image's labels are resized back by nearest neighbour).
+  Outputs, in `output_dir` (`jaxseg.writers.write_input_prediction`): NIfTI inputs ->
+  <case>.nii.gz (uint8, the input's affine and zooms); h5 -> <case>.nii.gz (identity affine: LA
+  works in voxels; the case is the LA folder name for mri_norm2.h5); 2D -> <stem>.png at the file's
+  original size (0 / 255 for binary, else class indices; a resized image's labels are resized back
+  by nearest neighbour).
 
   Args:
-    predict_fn: windows (B, *patch, C) -> {view: probabilities}; jittable.
-    input_path: a supported file, or a folder (see `find_input_files`).
+    predict_fn: window inputs -> {view: probabilities}; jittable.
+    input_path: a supported file, or a folder (see `readers.find_input_files`).
     output_dir: created if needed.
-    eval_cfg: the `config.eval` block (window, batch size, threshold).
+    eval_cfg: the `config.eval` block (window, batch size, threshold, gaussian, mirror_axes).
     patch_size: config.data.patch_size, used when eval.patch_size is empty.
     data_cfg: the training config's `data` block.
     view: the view to use; None: the method's first view.
@@ -761,13 +664,15 @@ def predict_files(predict_fn: ViewsPredictFn, input_path: PathLike, output_dir: 
   Raises:
     DataError: naming the path or file: a missing input, no supported files, an unreadable file,
       an image whose dimensionality or channel count the model does not take, two inputs that
-      would write the same output, an output that would overwrite its input; or naming `view`.
+      would write the same output, an output that would overwrite its input; or naming `view` or
+      the config key (eval.mirror_axes).
   """
-  files = find_input_files(input_path)
   patch, strides = window_geometry(eval_cfg, patch_size)
+  options = _window_options(eval_cfg, len(patch))
+  files = readers.find_input_files(input_path)
   predict_fn = _as_partial(predict_fn)
   out = pathlib.Path(output_dir)
-  targets = [out / _output_name(p) for p in files]
+  targets = [out / readers.output_name(p) for p in files]
   for i, target in enumerate(targets):
     if target in targets[:i]:
       raise DataError(f"{files[i]}: its output {target} would overwrite the prediction of "
@@ -776,47 +681,41 @@ def predict_files(predict_fn: ViewsPredictFn, input_path: PathLike, output_dir: 
       raise DataError(f"{files[i]}: the output would overwrite the input; choose another --output")
   out.mkdir(parents=True, exist_ok=True)
 
-  channels_by_input: dict[int, dict[str, int]] = {}
+  channels_by_spec: dict[tuple, dict[str, int]] = {}
   written = []
   for path, target in zip(files, targets):
-    data = _read_input(path, data_cfg)
-    image = data.image
-    if image.ndim - 1 != len(patch):
-      raise DataError(f"{path}: image {image.shape[:-1]} is {image.ndim - 1}D but the model's "
+    source = readers.read_input(path, data_cfg)
+    case = source.case
+    if case.ndim != len(patch):
+      raise DataError(f"{path}: image {case.spatial_shape} is {case.ndim}D but the model's "
                       f"patch {patch} is {len(patch)}D")
-    c = image.shape[-1]
+    c = case.num_modalities
     if num_channels is not None and c != num_channels:
       raise DataError(f"{path}: image has {c} channel(s), the model takes {num_channels}")
-    if c not in channels_by_input:
-      channels_by_input[c] = _probe_input_channels(predict_fn, eval_cfg, patch, c, path)
-    names = list(channels_by_input[c])
+    inputs = case_inputs(case)
+    spec = window_spec(inputs, int(eval_cfg.batch_size), patch)
+    key = _spec_key(spec)
+    if key not in channels_by_spec:
+      channels_by_spec[key] = _probe_input_channels(predict_fn, spec, c, path)
+    names = list(channels_by_spec[key])
     name = names[0] if view is None else view
     if name not in names:
       raise DataError(f"view: {view!r} is not one of the method's views {names}")
+    voxel, per_case = inputs
     probs = inference.sliding_window_predict(
-        jax.tree_util.Partial(_SelectView(name), predict_fn), image, patch, strides,
-        batch_size=eval_cfg.batch_size, gaussian=eval_cfg.gaussian,
-        shape_bucket=eval_cfg.shape_bucket)
+        jax.tree_util.Partial(_SelectView(name), predict_fn), voxel, patch, strides,
+        per_case=per_case, batch_size=eval_cfg.batch_size, **options)
     labels = _labels(np.asarray(probs), eval_cfg.threshold)
-    num_classes = max(2, channels_by_input[c][name])
-    if data.original_size is not None:
-      if labels.shape != data.original_size:
-        labels = folders2d.resize_mask(labels, data.original_size)
-      _write_png_mask(target, labels, num_classes)
-    elif data.nifti is not None:
-      _write_nifti_labels(target, labels, np.asarray(data.nifti.affine), like=data.nifti)
-    else:
-      _write_nifti_labels(target, labels, _diagonal_affine(la.SPACING))
+    writers.write_input_prediction(target, labels, source, max(2, channels_by_spec[key][name]))
     written.append(target)
   return written
 
 
-def _probe_input_channels(predict_fn: ViewsPredictFn, eval_cfg: ml_collections.ConfigDict,
-                          patch: Sequence[int], num_channels: int, path: pathlib.Path
-                          ) -> dict[str, int]:
+def _probe_input_channels(predict_fn: ViewsPredictFn, spec: Mapping[str, jax.ShapeDtypeStruct],
+                          num_channels: int, path: pathlib.Path) -> dict[str, int]:
   """`view_channels` for C-channel windows; a model that cannot take C channels -> DataError."""
   try:
-    return view_channels(predict_fn, (eval_cfg.batch_size, *patch, num_channels))
+    return view_channels(predict_fn, spec)
   except Exception as err:  # Flax and lax raise their own error types for mismatched shapes.
     raise DataError(f"{path}: the model does not take {num_channels}-channel input: "
                     f"{type(err).__name__}: {err}") from err

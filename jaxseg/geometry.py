@@ -1,9 +1,8 @@
-"""Geometry on binary masks: connected components (METHODS §1.7, §13.4) and the signed distance map (§2).
+"""Geometry on binary masks: connectivity (METHODS §1.7, §13.4) and the signed distance map (§2).
 
-Two kinds of functions live here:
+`full_connectivity` is the neighbourhood of connected components (the largest-connected-component
+post-processing itself lives in `jaxseg.postprocess`). Besides it, only device-side functions:
 
-* Host-side (NumPy/SciPy), not jitted, run once per test case after `jaxseg.inference`:
-  `largest_connected_component` (DTC `getLargestCC`).
 * Device-side (JAX), jittable and vmappable, no host callback: `squared_distance_transform` (an exact
   Euclidean distance transform), `inner_boundary`, and `signed_distance_map` (DTC / SASSNet `compute_sdf`),
   which the DTC and SASSNet train steps call on the labels of the labeled crops at every step, plus
@@ -31,7 +30,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from scipy import ndimage
 
 __all__ = [
     "DEFAULT_BLOCK_ELEMENTS",
@@ -39,7 +37,6 @@ __all__ = [
     "count_degenerate_masks",
     "full_connectivity",
     "inner_boundary",
-    "largest_connected_component",
     "signed_distance_map",
     "squared_distance_transform",
 ]
@@ -52,38 +49,6 @@ def full_connectivity(ndim: int) -> np.ndarray:
   (6 / 4-connectivity), so it must be passed explicitly.
   """
   return np.ones((3,) * ndim, dtype=bool)
-
-
-def largest_connected_component(mask: np.ndarray) -> np.ndarray:
-  """Keeps only the largest connected foreground component (DTC `getLargestCC`).
-
-  Components use full connectivity (26 in 3D, 8 in 2D), as skimage `label` does by default. Among
-  components of equal, maximal size the one whose first voxel comes first in C (raster) order wins, as in
-  the reference (`argmax` of the sizes of skimage's raster-ordered labels).
-
-  Unlike the reference, which asserts that the mask is not empty, an all-background mask is returned
-  unchanged (all False): the evaluator reports the empty prediction instead of crashing.
-
-  Args:
-    mask: (X, Y, Z) or (H, W) binary mask; nonzero voxels are foreground.
-
-  Returns:
-    bool array of the same shape: True exactly on the largest component.
-  """
-  foreground = np.asarray(mask) != 0
-  labels, num_components = ndimage.label(foreground, structure=full_connectivity(foreground.ndim))
-  if num_components == 0:
-    return np.zeros(foreground.shape, dtype=bool)
-  sizes = np.bincount(labels.ravel(), minlength=num_components + 1)[1:]
-  candidates = np.flatnonzero(sizes == sizes.max()) + 1
-  if candidates.size > 1:
-    # Tie: the component met first in raster order (do not rely on scipy's label numbering).
-    flat_labels = labels.ravel()
-    first_voxel = np.array([np.argmax(flat_labels == c) for c in candidates])
-    keep = candidates[np.argmin(first_voxel)]
-  else:
-    keep = candidates[0]
-  return labels == keep
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -12,11 +12,12 @@ ends the run with one line `error: ...` naming the key or file, and exit status 
 from __future__ import annotations
 
 import sys
+from typing import Optional
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxseg import demo, train
+from jaxseg import config_blocks, demo, train
 from jaxseg.data.base import DataError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -48,16 +49,52 @@ def _fail(message: str) -> None:
   sys.exit(2)
 
 
+def _config_path(argv: list[str]) -> Optional[str]:
+  """The value of --config in `argv` (with its preset), or None."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg[len("--config="):]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _fail_unknown_override(argv: list[str]) -> None:
+  """Fails naming the first `--config.x` override whose key the config lacks ("unknown key
+  train.stepz", the closest key and the keys of its block); returns if every key exists or the
+  config does not load (the caller then reports the original error)."""
+  overrides = [a for a in argv[1:] if a.startswith("--config.")]
+  try:
+    # An override that fails while config_flags parses --config leaves the flag unset: load the
+    # file again (it loaded once already, so this is quick).
+    config = flags.FLAGS["config"].value
+    path = _config_path(argv[1:])
+    if config is None and path:
+      config = flags.FLAGS["config"].parser.parse(path)
+    if config is None:
+      return
+    for arg in overrides:
+      key = arg[len("--config."):].split("=", 1)[0]
+      message = config_blocks.unknown_key_message(config, key)
+      if message:
+        _fail(f"bad config override {arg}: {message}")
+  except (OSError, AttributeError, KeyError, TypeError, ValueError):
+    return  # The config file itself failed to load: reported as it is.
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """Parses flags; turns config and override errors into one line instead of a traceback."""
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
+    # An unknown `--config.x` key can surface as an unknown flag.
+    _fail_unknown_override(argv)
     # config_flags embeds the config file's traceback in the message: keep its last line.
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     _fail(f"{lines[0].split(':')[0]}: {lines[-1]}")
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     # A `--config.x` override naming a key the config lacks, or a value of the wrong type.
+    _fail_unknown_override(argv)
     overrides = [a for a in argv[1:] if a.startswith("--config.")]
     # ml_collections nests a KeyError's repr in the message: undo its escapes.
     message = str(e.args[0] if e.args else e).replace("\\n", " ").replace("\\'", "'")

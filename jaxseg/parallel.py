@@ -22,6 +22,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxseg import config_blocks
 from jaxseg.data.base import DataError
 
 DATA_AXIS = "data"
@@ -56,21 +57,8 @@ def check_batch_fits_mesh(data_cfg: Any, mesh: Mesh) -> None:
 # ---------------------------------------------------------------------------------------------------
 # Several processes (hosts): `jax.distributed`.
 
-_DISTRIBUTED_MODES = ("auto", "on", "off")
-
-
-def distributed_config() -> ml_collections.ConfigDict:
-  """The `config.train.distributed` block: whether and how this process joins a multi-process job."""
-  return ml_collections.ConfigDict(dict(
-      # "auto": join when the environment names a job (a coordinator address, below or in
-      # JAX_COORDINATOR_ADDRESS; an `srun` step of several SLURM tasks; an Open MPI launch of several
-      # ranks). "on": always call jax.distributed.initialize() (Cloud TPU pod slices and other
-      # clusters that JAX detects itself). "off": one process.
-      mode="auto",
-      coordinator_address="",  # host:port of process 0 (else JAX_COORDINATOR_ADDRESS).
-      num_processes=0,  # 0: JAX_NUM_PROCESSES, or what the cluster environment says.
-      process_id=-1,  # -1: JAX_PROCESS_ID, or what the cluster environment says.
-  ))
+# The `config.train.distributed` block is config_blocks.distributed_block().
+_DISTRIBUTED_MODES = config_blocks.DISTRIBUTED_MODES
 
 
 def _int_from(value: int, unset: int, env_name: str, key: str) -> Optional[int]:

@@ -23,23 +23,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxseg import checkpoint, evaluate, parallel
+from jaxseg import checkpoint, config_blocks, evaluate, parallel
 from jaxseg.data import device_crops, sources
 from jaxseg.data.base import DataError
 from jaxseg.data.batches import Batch, BatchSpec, zero_batch
-
-
-def train_config() -> ml_collections.ConfigDict:
-  """The `config.train` block."""
-  return ml_collections.ConfigDict(dict(
-      num_steps=1000,
-      log_every=50,  # Console progress line and TensorBoard scalars.
-      checkpoint_every=200,  # And at the end.
-      eval_every=0,  # Validation during training (0: only at the end).
-      keep_checkpoints=2,
-      # Several processes (hosts): parallel.distributed_config(); by default the environment decides.
-      distributed=parallel.distributed_config(),
-  ))
+from jaxseg.methods import base
 
 
 def load_method(config: ml_collections.ConfigDict) -> ModuleType:
@@ -54,6 +42,18 @@ def load_method(config: ml_collections.ConfigDict) -> ModuleType:
       raise
     where = f"module {name}" if "." in name else f"module jaxseg/methods/{name}.py"
     raise DataError(f"config method.name = {name!r}: no {where}") from None
+
+
+def checked_method(config: ml_collections.ConfigDict, files: bool = True) -> ModuleType:
+  """Checks `config` (its shared blocks, then the method's own keys) and returns the method module.
+
+  The first thing every mode does: a bad value fails here, in milliseconds, before any data is read
+  or anything compiled. `files=False` skips the data files (--mode predict reads none).
+  """
+  config_blocks.check_config(config, files=files)
+  method = load_method(config)
+  base.check_method_config(method, config)
+  return method
 
 
 # Keys that may change between a run and its resumption (everything else must match).
@@ -126,15 +126,10 @@ def _print(*args, **kwargs) -> None:
     print(*args, **kwargs)
 
 
-def _predict_images(predict, state, images):
-  # Until the evaluation passes the inputs dict: windows of the image, all modalities present.
-  mask = jax.numpy.ones((images.shape[0], images.shape[-1]), bool)
-  return predict(state, {"image": images, "modality_mask": mask})
-
-
 def _predict_fn(method: ModuleType, state: Any):
+  """window inputs -> {view: probabilities}, the predict function of `evaluate`."""
   # A Partial makes the state a traced argument: new weights do not recompile the window loop.
-  return jax.tree_util.Partial(_predict_images, jax.tree_util.Partial(method.predict), state)
+  return jax.tree_util.Partial(method.predict, state)
 
 
 def _evaluation_cases(config, dataset, final: bool) -> tuple[str, tuple]:
@@ -183,8 +178,15 @@ def _initial_state(method: ModuleType, config: ml_collections.ConfigDict,
   init_key, train_key = jax.random.split(jax.random.PRNGKey(config.seed))
   example = example_batch(config, spec)
   # Jitted: flax initialisation op by op is slow (seconds per network on CPU).
-  state = jax.jit(lambda key: method.init(key, config, example),
-                  out_shardings=parallel.replicated(mesh))(init_key)
+  try:
+    state = jax.jit(lambda key: method.init(key, config, example),
+                    out_shardings=parallel.replicated(mesh))(init_key)
+  except DataError:
+    raise
+  except ValueError as e:
+    # A bad method setting (a model width, a loss name) that the method's checks let through: one
+    # error line naming the method, not a traceback.
+    raise DataError(f"config method {config.method.name!r}: {e}") from e
   return state, train_key
 
 
@@ -241,12 +243,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   Returns the final validation summary (also written to workdir/eval/summary.json).
   """
+  method = checked_method(config)
   workdir = pathlib.Path(workdir)
   parallel.initialize_distributed(config.train.distributed)
   workdir.mkdir(parents=True, exist_ok=True)
   check_same_run(config, workdir)
   parallel.sync("jaxseg: workdir checked")  # Before process 0 writes config.json.
-  method = load_method(config)
   dataset = sources.load_dataset(config.data)
   mesh = parallel.make_mesh()
   parallel.check_batch_fits_mesh(config.data, mesh)
@@ -333,9 +335,9 @@ def _log_validation(writer, summary: dict, step: int) -> None:
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """--mode eval: evaluates the latest checkpoint of `workdir` on the validation split (or on the
   cases of `eval.case_list`)."""
+  method = checked_method(config)
   workdir = pathlib.Path(workdir)
   parallel.initialize_distributed(config.train.distributed)
-  method = load_method(config)
   dataset = sources.load_dataset(config.data)
   spec = BatchSpec.of_case(dataset.labeled[0], config.data.patch_size)
   state, _ = _initial_state(method, config, spec, parallel.make_mesh())
@@ -354,11 +356,11 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def predict_workdir(config: ml_collections.ConfigDict, workdir: str, input_path: str,
                     output_dir: str) -> list:
   """--mode predict: segments the files at `input_path` with the latest checkpoint of `workdir`."""
+  method = checked_method(config, files=False)
   workdir = pathlib.Path(workdir)
   info = workdir / "data_info.json"
   if not info.exists():
     raise DataError(f"workdir {workdir} holds no trained run ({info.name} missing): train first")
-  method = load_method(config)
   saved = json.loads(info.read_text())
   channels = saved["channels"]
   spec = BatchSpec.from_json(saved["batch_spec"]) if "batch_spec" in saved else channels

@@ -85,9 +85,9 @@ def learnable_batch(patch, b_l: int = 2, b_u: int = 2, seed: int = 0):
 def small_config(method, num_classes: int = 2, **overrides):
   """The default `config.data` and `method`'s default config with a V-Net of base width 4."""
   import ml_collections
-  from jaxseg.data.sources import data_config
+  from jaxseg.config_blocks import data_block
   c = ml_collections.ConfigDict()
-  c.data = data_config()
+  c.data = data_block()
   c.data.num_classes = num_classes
   c.method = method.default_config()
   c.method.model.n_filters = 4

@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import _CACHE
-from jaxseg import parallel
+from jaxseg import config_blocks, parallel
 from jaxseg.data.base import DataError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -99,7 +99,7 @@ def test_two_processes_train_agree_and_match_one_process(tmp_path):
 
 
 def _distributed_cfg(**kw):
-  cfg = parallel.distributed_config()
+  cfg = config_blocks.distributed_block()
   cfg.update(kw)
   return cfg
 
@@ -139,8 +139,8 @@ def test_allgather_json_one_process_and_local_rows():
 
 SLURM_SCRIPT = """
 import jax
-from jaxseg import parallel
-assert parallel.initialize_distributed(parallel.distributed_config())
+from jaxseg import config_blocks, parallel
+assert parallel.initialize_distributed(config_blocks.distributed_block())
 print("process", jax.process_index(), "of", jax.process_count(), "devices", jax.device_count())
 """
 

@@ -20,10 +20,10 @@ import pytest
 from PIL import Image
 
 from jaxseg import evaluate as ev
-from jaxseg import geometry, metrics
+from jaxseg import inference, metrics, postprocess, writers
+from jaxseg.config_blocks import data_block, eval_block
 from jaxseg.data import preprocess
 from jaxseg.data.base import Case, DataError
-from jaxseg.data.sources import data_config
 
 SHAPE = (20, 18, 12)
 PATCH = (12, 10, 8)
@@ -31,18 +31,18 @@ SPACING = (1.0, 1.25, 2.0)
 HALO = 0.4  # Foreground for f2 only.
 
 
-def two_views(windows):
-  x = windows[..., :1]
+def two_views(inputs):
+  x = inputs["image"][..., :1]
   return {"f1": jax.nn.sigmoid(10.0 * (x - 0.5)), "f2": jax.nn.sigmoid(10.0 * (x - 0.3))}
 
 
-def one_view(windows):
-  return {"model": jax.nn.sigmoid(10.0 * (windows[..., :1] - 0.5))}
+def one_view(inputs):
+  return {"model": jax.nn.sigmoid(10.0 * (inputs["image"][..., :1] - 0.5))}
 
 
-def three_classes(windows):
+def three_classes(inputs):
   """Softmax over 3 classes: 0 below 0.3, 1 in (0.3, 0.7), 2 above (intensities 0, 0.5, 1)."""
-  x = windows[..., :1]
+  x = inputs["image"][..., :1]
   logits = jnp.concatenate([-20 * (x - 0.15), jnp.zeros_like(x), 20 * (x - 0.85)], axis=-1)
   return {"model": jax.nn.softmax(logits, axis=-1)}
 
@@ -89,7 +89,7 @@ def read_csv(path):
 @pytest.fixture(scope="module")
 def evaluated3d(tmp_path_factory):
   out = tmp_path_factory.mktemp("eval3d")
-  cfg = ev.eval_config()
+  cfg = eval_block()
   cases = cases3d()
   summary = ev.evaluate(jax.tree_util.Partial(two_views), cases, cfg, 2, out, patch_size=PATCH,
                         split_name="test")
@@ -97,7 +97,7 @@ def evaluated3d(tmp_path_factory):
 
 
 def test_eval_config_defaults():
-  cfg = ev.eval_config()
+  cfg = eval_block()
   assert cfg.batch_size == 4 and cfg.threshold == 0.5 and cfg.lcc and cfg.empty_policy == "worst"
   assert ev.window_geometry(cfg, PATCH) == (PATCH, (6, 5, 4))
   cfg.patch_size, cfg.strides = (8, 8, 4), (18, 18, 4)
@@ -113,7 +113,7 @@ def test_csv_matches_case_metrics(evaluated3d):
   for case in cases:
     for view in ("f1", "f2"):
       raw = expected_labels(case.image, view)
-      for post, pred in (("raw", raw), ("lcc", geometry.largest_connected_component(raw))):
+      for post, pred in (("raw", raw), ("lcc", postprocess.largest_connected_component(raw))):
         want = metrics.case_metrics(pred.astype(np.int32), case.label, spacing=case.spacing)[1]
         row = by_key[(case.case_id, view, post, "1")]
         for name in ev.METRIC_NAMES:
@@ -138,7 +138,7 @@ def test_summary_means_views_and_counts(evaluated3d):
       for case in scored:
         pred = expected_labels(case.image, view)
         if post == "lcc":
-          pred = geometry.largest_connected_component(pred).astype(np.int32)
+          pred = postprocess.largest_connected_component(pred).astype(np.int32)
         values.append(metrics.case_metrics(pred, case.label, spacing=case.spacing)[1])
       for name in ev.METRIC_NAMES:
         v = np.array([x[name] for x in values])
@@ -188,15 +188,15 @@ def test_figure_size_and_colours(evaluated3d):
   _, _, out = evaluated3d
   figure = np.asarray(Image.open(out / "figure.png").convert("RGB"))
   # 3D tiles: slice (X, Y) transposed to (18, 20), upscaled x ceil(128 / 20) = 7.
-  scale = math.ceil(ev.FIGURE_MIN_SIDE / max(SHAPE[:2]))
-  assert figure.shape == (SHAPE[1] * scale + ev.FIGURE_CAPTION_HEIGHT, 3 * SHAPE[0] * scale, 3)
+  scale = math.ceil(writers.FIGURE_MIN_SIDE / max(SHAPE[:2]))
+  assert figure.shape == (SHAPE[1] * scale + writers.FIGURE_CAPTION_HEIGHT, 3 * SHAPE[0] * scale, 3)
   green = np.all(figure == (0, 255, 0), axis=-1)
   red = np.all(figure == (255, 0, 0), axis=-1)
   assert green.any() and red.any()
 
 
 def test_one_view_no_views_mean_and_no_outputs():
-  cfg = ev.eval_config()
+  cfg = eval_block()
   cfg.lcc = False
   summary = ev.evaluate(one_view, cases3d()[:1], cfg, 2, patch_size=PATCH)
   assert summary["view_names"] == ["model"] and summary["postprocesses"] == ["raw"]
@@ -212,7 +212,7 @@ def test_multiclass_argmax_and_no_lcc(tmp_path):
   image = label * 0.5
   image[1, 1, 1] = 1.0  # One wrong class-2 voxel.
   case = Case("m0", image[..., None].astype(np.float32), label, (1.0, 1.0, 1.0))
-  summary = ev.evaluate(three_classes, [case], ev.eval_config(), 3, tmp_path, patch_size=(6, 6, 4))
+  summary = ev.evaluate(three_classes, [case], eval_block(), 3, tmp_path, patch_size=(6, 6, 4))
   assert summary["postprocesses"] == ["raw"] and summary["classes"] == [1, 2]
   pred = label.astype(np.int32).copy()
   pred[1, 1, 1] = 2
@@ -234,7 +234,7 @@ def test_2d_pooled_f1_and_mae(tmp_path):
   pred_b = box(shape, (0, 0), (2, 2))
   cases = [make_case("a", pred_a * 1.0, gt_a, spacing=(1.0, 1.0)),
            make_case("b", pred_b * 1.0, gt_b, spacing=(1.0, 1.0))]
-  cfg = ev.eval_config()
+  cfg = eval_block()
   cfg.lcc = False
   summary = ev.evaluate(two_views, cases, cfg, 2, tmp_path, patch_size=(4, 4))
   stats = summary["views"]["f1"]["raw"]["1"]
@@ -246,14 +246,14 @@ def test_2d_pooled_f1_and_mae(tmp_path):
   mask = np.asarray(Image.open(tmp_path / "predictions" / "a_f1.png"))
   np.testing.assert_array_equal(mask, pred_a * 255)
   figure = Image.open(tmp_path / "figure.png")
-  scale = math.ceil(ev.FIGURE_MIN_SIDE / max(shape))
-  assert figure.size == (2 * shape[1] * scale, shape[0] * scale + ev.FIGURE_CAPTION_HEIGHT)
+  scale = math.ceil(writers.FIGURE_MIN_SIDE / max(shape))
+  assert figure.size == (2 * shape[1] * scale, shape[0] * scale + writers.FIGURE_CAPTION_HEIGHT)
 
 
 def test_case_without_label_is_an_error():
   case = cases3d()[0].replace(label=None, source="/data/x.nii.gz")
   with pytest.raises(DataError, match="x.nii.gz"):
-    ev.evaluate(one_view, [case], ev.eval_config(), 2, patch_size=PATCH)
+    ev.evaluate(one_view, [case], eval_block(), 2, patch_size=PATCH)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -261,7 +261,7 @@ def test_case_without_label_is_an_error():
 
 
 def _data_cfg(**changes):
-  cfg = data_config()
+  cfg = data_block()
   cfg.update(changes)
   return cfg
 
@@ -277,7 +277,7 @@ def test_predict_nifti_keeps_affine_and_zooms(tmp_path):
   affine = np.array([[-0.8, 0, 0, 10.0], [0, 0.8, 0, -3.0], [0, 0, 2.5, 1.0], [0, 0, 0, 1]])
   image = _volume()
   nib.save(nib.Nifti1Image(image, affine), tmp_path / "vol.nii.gz")
-  written = ev.predict_files(two_views, tmp_path / "vol.nii.gz", tmp_path / "out", ev.eval_config(),
+  written = ev.predict_files(two_views, tmp_path / "vol.nii.gz", tmp_path / "out", eval_block(),
                              patch_size=PATCH, data_cfg=_data_cfg(), num_channels=1)
   assert written == [tmp_path / "out" / "vol.nii.gz"]
   result = nib.load(written[0])
@@ -286,7 +286,7 @@ def test_predict_nifti_keeps_affine_and_zooms(tmp_path):
   np.testing.assert_array_equal(np.asarray(result.dataobj), image > 0.5)
   # The second view on request.
   written = ev.predict_files(two_views, tmp_path / "vol.nii.gz", tmp_path / "out2",
-                             ev.eval_config(), patch_size=PATCH, data_cfg=_data_cfg(), view="f2")
+                             eval_block(), patch_size=PATCH, data_cfg=_data_cfg(), view="f2")
   np.testing.assert_array_equal(np.asarray(nib.load(written[0]).dataobj), image > 0.3)
 
 
@@ -294,7 +294,7 @@ def test_predict_4d_nifti_with_zscore(tmp_path):
   image = np.stack([_volume(), np.linspace(0, 1, np.prod(SHAPE)).reshape(SHAPE)], axis=-1)
   nib.save(nib.Nifti1Image(image.astype(np.float32), np.eye(4)), tmp_path / "mm.nii")
   data_cfg = _data_cfg(zscore=True)
-  written = ev.predict_files(two_views, tmp_path / "mm.nii", tmp_path / "out", ev.eval_config(),
+  written = ev.predict_files(two_views, tmp_path / "mm.nii", tmp_path / "out", eval_block(),
                              patch_size=PATCH, data_cfg=data_cfg, num_channels=2)
   want = preprocess.zscore(image.astype(np.float32))[..., 0] > 0.5
   result = nib.load(written[0])
@@ -308,7 +308,7 @@ def test_predict_la_h5_folder(tmp_path):
   image = _volume()
   with h5py.File(folder / "mri_norm2.h5", "w") as f:
     f["image"] = image
-  written = ev.predict_files(one_view, tmp_path, tmp_path / "out", ev.eval_config(),
+  written = ev.predict_files(one_view, tmp_path, tmp_path / "out", eval_block(),
                              patch_size=PATCH, data_cfg=_data_cfg(source="la"))
   assert written == [tmp_path / "out" / "CASE_A.nii.gz"]
   result = nib.load(written[0])
@@ -325,13 +325,13 @@ def test_predict_png_folder(tmp_path):
   Image.fromarray(gray.T.copy()).save(inputs / "a.png")
   (inputs / "notes.txt").write_text("not an image")
   (inputs / "._b.png").write_bytes(b"macOS resource fork")
-  written = ev.predict_files(one_view, inputs, tmp_path / "out", ev.eval_config(), patch_size=(4, 4),
+  written = ev.predict_files(one_view, inputs, tmp_path / "out", eval_block(), patch_size=(4, 4),
                              data_cfg=_data_cfg(source="folders2d"))
   assert [p.name for p in written] == ["a.png", "b.png"]
   np.testing.assert_array_equal(np.asarray(Image.open(written[1])), gray)
   np.testing.assert_array_equal(np.asarray(Image.open(written[0])), gray.T)
   # Resized like the training data, labels back at the file's size.
-  written = ev.predict_files(one_view, inputs / "b.png", tmp_path / "out2", ev.eval_config(),
+  written = ev.predict_files(one_view, inputs / "b.png", tmp_path / "out2", eval_block(),
                              patch_size=(4, 4), data_cfg=_data_cfg(image_size=(14, 18)))
   np.testing.assert_array_equal(np.asarray(Image.open(written[0])), gray)
 
@@ -339,32 +339,194 @@ def test_predict_png_folder(tmp_path):
 def test_predict_errors(tmp_path):
   kwargs = dict(patch_size=PATCH, data_cfg=_data_cfg())
   with pytest.raises(DataError, match="missing"):
-    ev.predict_files(one_view, tmp_path / "missing", tmp_path / "out", ev.eval_config(), **kwargs)
+    ev.predict_files(one_view, tmp_path / "missing", tmp_path / "out", eval_block(), **kwargs)
   (tmp_path / "empty").mkdir()
   (tmp_path / "empty" / "readme.md").write_text("")
   with pytest.raises(DataError, match="no supported input files"):
-    ev.predict_files(one_view, tmp_path / "empty", tmp_path / "out", ev.eval_config(), **kwargs)
+    ev.predict_files(one_view, tmp_path / "empty", tmp_path / "out", eval_block(), **kwargs)
   with pytest.raises(DataError, match="readme.md"):
     ev.predict_files(one_view, tmp_path / "empty" / "readme.md", tmp_path / "out",
-                     ev.eval_config(), **kwargs)
+                     eval_block(), **kwargs)
   two_channel = np.zeros((*SHAPE, 2), np.float32)
   nib.save(nib.Nifti1Image(two_channel, np.eye(4)), tmp_path / "two.nii.gz")
   with pytest.raises(DataError, match="two.nii.gz.*2 channel"):
-    ev.predict_files(one_view, tmp_path / "two.nii.gz", tmp_path / "out", ev.eval_config(),
+    ev.predict_files(one_view, tmp_path / "two.nii.gz", tmp_path / "out", eval_block(),
                      num_channels=1, **kwargs)
   Image.fromarray(np.zeros((6, 6, 3), np.uint8)).save(tmp_path / "rgb.png")
   with pytest.raises(DataError, match="rgb.png.*2D"):
-    ev.predict_files(one_view, tmp_path / "rgb.png", tmp_path / "out", ev.eval_config(), **kwargs)
+    ev.predict_files(one_view, tmp_path / "rgb.png", tmp_path / "out", eval_block(), **kwargs)
 
 
 def test_predict_model_rejecting_channels(tmp_path):
   """Without num_channels, a model that cannot take the file's channels is a DataError too."""
   weights = jnp.ones((1, 1))
 
-  def linear_model(w, windows):
-    return {"model": jax.nn.sigmoid(windows @ w)}
+  def linear_model(w, inputs):
+    return {"model": jax.nn.sigmoid(inputs["image"] @ w)}
 
   Image.fromarray(np.zeros((6, 6, 3), np.uint8)).save(tmp_path / "rgb.png")
   with pytest.raises(DataError, match="rgb.png.*3-channel"):
     ev.predict_files(jax.tree_util.Partial(linear_model, weights), tmp_path / "rgb.png",
-                     tmp_path / "out", ev.eval_config(), patch_size=(4, 4), data_cfg=_data_cfg())
+                     tmp_path / "out", eval_block(), patch_size=(4, 4), data_cfg=_data_cfg())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Classes and regions of a multi-class task; the inputs dict; mirroring.
+
+
+def four_classes(inputs):
+  """Softmax over 4 classes: the class c nearest to 3 x intensity (intensities c / 3)."""
+  x = inputs["image"][..., :1]
+  logits = jnp.concatenate([-100.0 * (x - c / 3) ** 2 for c in range(4)], axis=-1)
+  return {"model": jax.nn.softmax(logits, axis=-1)}
+
+
+REGIONS = (("WT", (1, 2, 3)), ("TC", (2, 3)), ("ET", (3,)))
+
+
+def test_classes_regions_and_class_mean_by_hand(tmp_path):
+  """2D, 8 x 12, unit spacing. Ground truth: rows 0-3 hold class 1 in columns 0-3, class 2 in 4-7,
+  class 3 in 8-11. The prediction labels column 8 class 2 instead of 3.
+
+  Class 1: perfect. Class 2: pred 4 x 5 (20 px), gt 4 x 4 (16), overlap 16: Dice 32/36 = 8/9.
+  Surfaces (mask minus its cross erosion, the image edge counting as background): pred 14 px,
+  gt 12 px. pred -> gt: the 4 pred surface pixels of column 8 are 1 from gt's column 7, the others
+  0: ASD = 4/14; gt -> pred: (1, 7) and (2, 7) are 1 from pred's surface, 10 zeros; pooled 26
+  distances, 6 ones: HD95 = 1.
+  Class 3: pred 4 x 3 (12 px), gt 4 x 4 (16): Dice 24/28 = 6/7. Surfaces: pred 10, gt 12; pred ->
+  gt: (1, 9) and (2, 9) are 1, 8 zeros: ASD = 2/10; gt -> pred: column 8's 4 pixels are 1, 8 zeros;
+  HD95 = 1.
+  WT = classes 1-3 and TC = classes 2-3: prediction and ground truth the same region, Dice 1 and
+  distances 0. ET = class 3.
+  """
+  gt = np.zeros((8, 12), np.uint8)
+  gt[0:4, 0:4], gt[0:4, 4:8], gt[0:4, 8:12] = 1, 2, 3
+  pred = gt.copy()
+  pred[0:4, 8] = 2
+  case = Case("q", (pred / 3.0).astype(np.float32)[..., None], gt, (1.0, 1.0))
+  cfg = eval_block()
+  cfg.regions = REGIONS
+  summary = ev.evaluate(four_classes, [case], cfg, 4, tmp_path, patch_size=(4, 4))
+
+  want = {"1": (1.0, 0.0, 0.0), "2": (8 / 9, 1.0, 4 / 14), "3": (6 / 7, 1.0, 2 / 10),
+          "WT": (1.0, 0.0, 0.0), "TC": (1.0, 0.0, 0.0), "ET": (6 / 7, 1.0, 2 / 10)}
+  rows = {r["class"]: r for r in read_csv(tmp_path / "metrics.csv")}
+  assert list(rows) == ["1", "2", "3", "WT", "TC", "ET"]
+  stats = summary["views"]["model"]["raw"]
+  assert list(stats) == ["1", "2", "3", "mean", "WT", "TC", "ET"]
+  for key, (dice, hd95, asd) in want.items():
+    for name, value in (("dice", dice), ("hd95", hd95), ("asd", asd)):
+      assert float(rows[key][name]) == pytest.approx(value, abs=1e-12), (key, name)
+      assert stats[key][f"{name}_mean"] == pytest.approx(value, abs=1e-12), (key, name)
+    assert stats[key]["num_cases"] == 1 and stats[key]["f1_pooled"] == pytest.approx(dice)
+  mean = stats["mean"]
+  assert mean["dice_mean"] == pytest.approx((1 + 8 / 9 + 6 / 7) / 3)
+  assert mean["hd95_mean"] == pytest.approx(2 / 3)
+  assert mean["asd_mean"] == pytest.approx((4 / 14 + 2 / 10) / 3)
+  assert mean["f1_pooled"] == pytest.approx((1 + 8 / 9 + 6 / 7) / 3)
+  assert summary["regions"] == {"WT": [1, 2, 3], "TC": [2, 3], "ET": [3]}
+
+  scores = ev.headline(summary)
+  assert scores["model/dice"] == pytest.approx(mean["dice_mean"])  # Today's key: the class mean.
+  assert scores["model/hd95"] == pytest.approx(2 / 3)
+  assert scores["model/class2/dice"] == pytest.approx(8 / 9)
+  assert scores["model/WT/dice"] == 1.0 and scores["model/ET/asd"] == pytest.approx(0.2)
+  lines = ev.summary_lines(summary)
+  assert any("class mean" in line for line in lines)
+  assert any("region ET [3]" in line and "Dice 85.71" in line for line in lines)
+
+
+def test_binary_headline_keys_unchanged_with_regions_off(evaluated3d):
+  _, summary, _ = evaluated3d
+  assert "regions" not in summary and "mean" not in summary["views"]["f1"]["raw"]
+  assert set(ev.headline(summary)) == {
+      f"{view}/{key}" for view in ("f1", "f2", "views_mean")
+      for key in ("dice", "jaccard", "hd95", "asd", "lcc_dice")}
+
+
+@pytest.mark.parametrize("regions, match", [
+    ((("WT", (1, 4)),), "1..3"),
+    ((("WT", ()),), "non-empty tuple"),
+    ((("2", (1,)),), "class index"),
+    ((("mean", (1,)),), "not 'mean'"),
+    ((("A", (1,)), ("A", (2,))), "unique"),
+    ((("A", 1),), "non-empty tuple"),
+    (("WT",), "pair"),
+])
+def test_bad_regions_fail_before_any_work(regions, match):
+  def never(inputs):
+    raise AssertionError("predict_fn called")
+
+  cfg = eval_block()
+  cfg.regions = regions
+  with pytest.raises(DataError, match=r"config eval\.regions.*" + match):
+    ev.evaluate(never, cases3d()[:1], cfg, 4, patch_size=PATCH)
+
+
+@pytest.mark.parametrize("axes", [(3,), (0, 0), (-1,)])
+def test_bad_mirror_axes_fail_before_any_work(axes, tmp_path):
+  def never(inputs):
+    raise AssertionError("predict_fn called")
+
+  cfg = eval_block()
+  cfg.mirror_axes = axes
+  with pytest.raises(DataError, match=r"config eval\.mirror_axes"):
+    ev.evaluate(never, cases3d()[:1], cfg, 2, patch_size=PATCH)
+  with pytest.raises(DataError, match=r"config eval\.mirror_axes"):
+    ev.predict_files(never, tmp_path / "missing", tmp_path / "out", cfg, patch_size=PATCH,
+                     data_cfg=_data_cfg())
+
+
+def test_inputs_dict_carries_fields_and_modality_mask(tmp_path):
+  """The predict function sees the case's per-voxel fields windowed and its modality mask."""
+
+  def from_prior(inputs):
+    assert inputs["modality_mask"].shape == (4, 2) and inputs["prior"].shape == (4, *PATCH)
+    second_missing = ~inputs["modality_mask"][:, 1]
+    p = jax.nn.sigmoid(10.0 * (inputs["prior"] - 0.5))[..., None]
+    return {"model": jnp.where(second_missing[:, None, None, None, None], p, 0.0)}
+
+  case = cases3d()[0]
+  prior = expected_labels(case.image, "f2").astype(np.float32)  # The halo too.
+  case = case.replace(image=np.concatenate([case.image, np.zeros_like(case.image)], axis=-1),
+                      modality_mask=np.array([True, False]), fields={"prior": prior})
+  cfg = eval_block()
+  cfg.lcc = False
+  ev.evaluate(from_prior, [case], cfg, 2, tmp_path, patch_size=PATCH)
+  labels = np.asarray(nib.load(tmp_path / "predictions" / "c0_model.nii.gz").dataobj)
+  np.testing.assert_array_equal(labels, prior > 0.5)
+
+
+def test_mirror_axes_reach_the_sliding_window():
+  """eval.mirror_axes: predict_views equals the mirrored sliding window of the inputs dict."""
+
+  def skewed(inputs):  # Not flip-equivariant.
+    x = inputs["image"][..., :1]
+    ramp = jnp.arange(x.shape[1], dtype=jnp.float32)[:, None, None, None] / x.shape[1]
+    return {"model": jax.nn.sigmoid(4.0 * x * ramp - 1.0)}
+
+  case = cases3d()[0]
+  cfg = eval_block()
+  cfg.mirror_axes = (0, 2)
+  patch, strides = ev.window_geometry(cfg, PATCH)
+  probs = ev.predict_views(skewed, ev.case_inputs(case), cfg, patch, strides)["model"]
+  voxel, per_case = ev.case_inputs(case)
+  want = inference.sliding_window_predict(lambda x: skewed(x)["model"], voxel, patch, strides,
+                                          per_case=per_case, batch_size=4, mirror_axes=(0, 2),
+                                          shape_bucket=cfg.shape_bucket)
+  np.testing.assert_array_equal(probs, np.asarray(want))
+  cfg.mirror_axes = ()
+  plain = ev.predict_views(skewed, ev.case_inputs(case), cfg, patch, strides)["model"]
+  assert not np.allclose(plain, probs, atol=1e-4)
+
+
+def test_predict_files_pass_all_modalities_present(tmp_path):
+  def needs_all_present(inputs):
+    present = jnp.all(inputs["modality_mask"], axis=-1)[:, None, None, None, None]
+    return {"model": jax.nn.sigmoid(10.0 * (inputs["image"][..., :1] - 0.5)) * present}
+
+  image = _volume()
+  nib.save(nib.Nifti1Image(image, np.eye(4)), tmp_path / "vol.nii.gz")
+  written = ev.predict_files(needs_all_present, tmp_path / "vol.nii.gz", tmp_path / "out",
+                             eval_block(), patch_size=PATCH, data_cfg=_data_cfg())
+  np.testing.assert_array_equal(np.asarray(nib.load(written[0]).dataobj), image > 0.5)

@@ -1,5 +1,7 @@
 """Tests of jaxseg.inference: the reference window grid, the fake-network outputs of DTC and SSL4MIS
-`test_single_case` (golden files), batch-size invariance, Gaussian weighting, 2D, and compilation reuse.
+`test_single_case` (golden files), batch-size invariance, Gaussian weighting, 2D, compilation reuse,
+input pytrees (per-voxel fields windowed alike, per-case entries broadcast) and mirror test-time
+augmentation.
 
 Tolerances: averaged probabilities atol 1e-6 (float32; jnp vs torch sigmoid/softmax differ by an ulp);
 label maps and window grids exactly.
@@ -7,6 +9,7 @@ label maps and window grids exactly.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import jax
@@ -15,7 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import load_golden
-from jaxseg import inference
+from jaxseg import inference, postprocess
 
 WINDOW_CASES = [
     "v100x120x70_p112x112x80_s18_4",
@@ -138,7 +141,7 @@ def test_dtc_test_single_case(name):
   for channel in range(2):
     np.testing.assert_allclose(np.asarray(scores[..., 0]), case["out_score_map"][..., channel], rtol=0,
                                atol=1e-6)
-  labels = inference.probabilities_to_labels(scores)
+  labels = postprocess.probabilities_to_labels(scores)
   np.testing.assert_array_equal(np.asarray(labels), case["out_label_map"])
 
 
@@ -152,7 +155,7 @@ def test_ssl4mis_test_single_case(name):
                                             batch_size=8)
   assert scores.shape == (*image.shape[:-1], num_classes)
   np.testing.assert_allclose(np.asarray(scores.sum(-1)), 1.0, atol=1e-6)
-  labels = inference.probabilities_to_labels(scores)
+  labels = postprocess.probabilities_to_labels(scores)
   np.testing.assert_array_equal(np.asarray(labels), case["out_label_map"])
 
 
@@ -268,20 +271,147 @@ def test_sliding_window_rejects_bad_shapes():
 
 
 # ---------------------------------------------------------------------------------------------------
-# Decisions.
+# Input pytrees and mirroring.
 
 
-def test_probabilities_to_labels_threshold_is_strict():
-  probs = jnp.array([[0.5], [0.5000001], [0.2], [0.9]], jnp.float32)
-  np.testing.assert_array_equal(np.asarray(inference.probabilities_to_labels(probs)), [0, 1, 0, 1])
-  np.testing.assert_array_equal(np.asarray(inference.probabilities_to_labels(probs, threshold=0.8)),
-                                [0, 0, 0, 1])
+def _naive_inputs_window(predict_fn, inputs, per_case, patch_size, strides, weight=None,
+                         mirror_axes=()):
+  """Loop-over-windows NumPy reference for dict inputs: every per-voxel entry padded and cut alike,
+  per-case entries given a batch axis; with `mirror_axes`, each window's probabilities are the mean
+  over every subset of those axes (the empty one first) of the flipped-back predictions."""
+  spatial = next(iter(inputs.values())).shape[:len(patch_size)]
+  starts, pad_width = inference.window_starts(spatial, patch_size, strides)
+  padded = {k: np.pad(v, (*pad_width, *[(0, 0)] * (v.ndim - len(patch_size)))) for k, v in inputs.items()}
+  weight = np.ones(patch_size, np.float32) if weight is None else np.asarray(weight)
+  subsets = [()] + [c for r in range(1, len(mirror_axes) + 1)
+                    for c in itertools.combinations(mirror_axes, r)]
+  totals, counts = None, np.zeros(tuple(s + l + r for s, (l, r) in zip(spatial, pad_width)), np.float32)
+  for start in starts:
+    region = tuple(slice(s, s + p) for s, p in zip(start, patch_size))
+    window = {k: v[region][None] for k, v in padded.items()}
+    predictions = []
+    for axes in subsets:
+      flip = tuple(1 + a for a in axes)
+      flipped = {k: np.flip(v, flip) for k, v in window.items()}
+      probs = np.asarray(predict_fn({**flipped, **{k: np.asarray(v)[None] for k, v in per_case.items()}}))
+      predictions.append(np.flip(probs, flip)[0])
+    probs = sum(predictions[1:], predictions[0]) / len(predictions)
+    if totals is None:
+      totals = np.zeros((*counts.shape, probs.shape[-1]), np.float32)
+    totals[region] += weight[..., None] * probs
+    counts[region] += weight
+  crop = tuple(slice(left, left + size) for (left, _), size in zip(pad_width, spatial))
+  return (totals / counts[..., None])[crop]
 
 
-def test_probabilities_to_labels_argmax_ties_go_to_first_class():
-  probs = jnp.array([[0.5, 0.5], [0.4, 0.6]], jnp.float32)
-  np.testing.assert_array_equal(np.asarray(inference.probabilities_to_labels(probs)), [0, 1])
-  probs3 = jnp.array([[0.3, 0.35, 0.35], [0.2, 0.2, 0.6], [1 / 3, 1 / 3, 1 / 3]], jnp.float32)
-  labels = inference.probabilities_to_labels(probs3)
-  assert labels.dtype == jnp.int32
-  np.testing.assert_array_equal(np.asarray(labels), [1, 2, 0])
+def _position_dependent(inputs):
+  """Not flip-equivariant: a ramp along every window axis, the image, a per-voxel prior, a
+  (..., 2)-valued field and the per-case mask; 2 classes."""
+  image = inputs["image"][..., 0]
+  ramp = sum(jnp.arange(n, dtype=jnp.float32).reshape([n if i == a else 1 for i in range(image.ndim - 1)])
+             / n * (a + 1) for a, n in enumerate(image.shape[1:]))
+  mask = inputs["modality_mask"].astype(jnp.float32)  # (B, C)
+  logit = (image * ramp + inputs["prior"] - 0.5 * inputs["vector"][..., 1]
+           + mask[:, 1].reshape((-1,) + (1,) * (image.ndim - 1)))
+  return jax.nn.softmax(jnp.stack([jnp.zeros_like(logit), logit], axis=-1), axis=-1)
+
+
+def _inputs_case(shape, seed=5):
+  rng = np.random.default_rng(seed)
+  return ({"image": rng.normal(size=(*shape, 1)).astype(np.float32),
+           "prior": rng.uniform(size=shape).astype(np.float32),
+           "vector": rng.normal(size=(*shape, 2)).astype(np.float32)},
+          {"modality_mask": np.array([True, False, True])})
+
+
+def test_inputs_dict_windows_every_field_alike_and_broadcasts_per_case():
+  inputs, per_case = _inputs_case((13, 9, 7))  # x = 13 < 16: every field padded alike.
+  patch, strides = (16, 6, 4), (5, 2, 3)
+  seen = {}
+
+  def predict(window_inputs):
+    seen.update(jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), window_inputs))
+    return _position_dependent(window_inputs)
+
+  scores = inference.sliding_window_predict(predict, inputs, patch, strides, per_case=per_case,
+                                            batch_size=3, shape_bucket=8)
+  assert seen == {"image": ((3, *patch, 1), jnp.float32), "prior": ((3, *patch), jnp.float32),
+                  "vector": ((3, *patch, 2), jnp.float32), "modality_mask": ((3, 3), jnp.bool_)}
+  expected = _naive_inputs_window(_position_dependent, inputs, per_case, patch, strides)
+  assert scores.shape == (13, 9, 7, 2)
+  np.testing.assert_allclose(np.asarray(scores), expected, rtol=0, atol=1e-6)
+
+
+def test_mirroring_averages_the_flipped_back_predictions():
+  """Exactly nnU-Net's mirroring: one window (the whole volume), flips along axes 0 and 2."""
+  inputs, per_case = _inputs_case((6, 5, 4), seed=6)
+  patch = (6, 5, 4)
+  scores = inference.sliding_window_predict(_position_dependent, inputs, patch, patch,
+                                            per_case=per_case, batch_size=2, mirror_axes=(0, 2))
+  batch = {**{k: v[None] for k, v in inputs.items()}, **{k: v[None] for k, v in per_case.items()}}
+
+  def flipped(axes):  # Prediction of the input flipped along `axes`, flipped back.
+    flip = tuple(1 + a for a in axes)
+    x = {k: (np.flip(v, flip) if k in inputs else v) for k, v in batch.items()}
+    return np.flip(np.asarray(_position_dependent(x)), flip)[0]
+
+  by_hand = (flipped(()) + flipped((0,)) + flipped((2,)) + flipped((0, 2))) / 4
+  assert not np.allclose(flipped(()), flipped((0,)), atol=1e-3)  # Not flip-equivariant.
+  np.testing.assert_allclose(np.asarray(scores), by_hand, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("gaussian", [False, True])
+def test_mirroring_with_overlapping_windows_matches_naive_loop(gaussian):
+  inputs, per_case = _inputs_case((11, 10, 9), seed=7)
+  patch, strides = (6, 6, 4), (3, 4, 2)
+  weight = inference.gaussian_importance_map(patch) if gaussian else None
+  expected = _naive_inputs_window(_position_dependent, inputs, per_case, patch, strides, weight,
+                                  mirror_axes=(0, 1, 2))
+  scores = inference.sliding_window_predict(_position_dependent, inputs, patch, strides,
+                                            per_case=per_case, batch_size=4, gaussian=gaussian,
+                                            mirror_axes=(0, 1, 2))
+  np.testing.assert_allclose(np.asarray(scores), expected, rtol=0, atol=1e-6)
+  plain = inference.sliding_window_predict(_position_dependent, inputs, patch, strides,
+                                           per_case=per_case, batch_size=4, gaussian=gaussian)
+  assert not np.allclose(np.asarray(scores), np.asarray(plain), atol=1e-4)
+
+
+def test_mirroring_off_changes_nothing_bit_for_bit():
+  case = load_golden("dtc_test_single_case__padded")
+  image = case["in_image"][..., None]
+  patch, strides = tuple(case["in_patch_size"]), _golden_strides(case)
+  default = inference.sliding_window_predict(dtc_fake_probs, image, patch, strides, batch_size=3)
+  off = inference.sliding_window_predict(dtc_fake_probs, image, patch, strides, batch_size=3,
+                                         mirror_axes=())
+  as_dict = inference.sliding_window_predict(lambda x: dtc_fake_probs(x["image"]), {"image": image},
+                                             patch, strides, batch_size=3, mirror_axes=[],
+                                             per_case={"modality_mask": np.ones(1, bool)})
+  np.testing.assert_array_equal(np.asarray(off), np.asarray(default))
+  np.testing.assert_array_equal(np.asarray(as_dict), np.asarray(default))
+  np.testing.assert_array_equal(np.asarray(postprocess.probabilities_to_labels(off)),
+                                case["out_label_map"])
+
+
+def test_mirror_combinations_follow_nnunet_order():
+  assert inference.mirror_combinations((0, 1, 2)) == [(0,), (1,), (2,), (0, 1), (0, 2), (1, 2),
+                                                      (0, 1, 2)]
+  assert inference.mirror_combinations(()) == []
+
+
+def test_inputs_and_mirror_axes_are_checked():
+  inputs, per_case = _inputs_case((8, 8, 8))
+  with pytest.raises(ValueError, match="mirror_axes"):
+    inference.sliding_window_predict(_position_dependent, inputs, (4, 4, 4), (2, 2, 2),
+                                     per_case=per_case, mirror_axes=(0, 3))
+  with pytest.raises(ValueError, match="mirror_axes"):
+    inference.sliding_window_predict(_position_dependent, inputs, (4, 4, 4), (2, 2, 2),
+                                     per_case=per_case, mirror_axes=(1, 1))
+  with pytest.raises(ValueError, match="spatial axes"):
+    inference.sliding_window_predict(_position_dependent, {**inputs, "prior": np.zeros((8, 8, 7))},
+                                     (4, 4, 4), (2, 2, 2), per_case=per_case)
+  with pytest.raises(ValueError, match="also per-voxel"):
+    inference.sliding_window_predict(_position_dependent, inputs, (4, 4, 4), (2, 2, 2),
+                                     per_case={"prior": np.ones(())})
+  with pytest.raises(ValueError, match="per_case"):
+    inference.sliding_window_predict(dtc_fake_probs, inputs["image"], (4, 4, 4), (2, 2, 2),
+                                     per_case=per_case)

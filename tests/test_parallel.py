@@ -16,14 +16,14 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     import ml_collections
-    from jaxseg import parallel
+    from jaxseg import config_blocks, parallel
     from jaxseg.data import sources
     from jaxseg.methods import supervised
 
     import os
     assert len(jax.devices()) == int(os.environ["NUM_DEVICES"])
     config = ml_collections.ConfigDict()
-    config.data = sources.data_config()
+    config.data = config_blocks.data_block()
     config.data.update(dict(source="synthetic", num_labeled=4, num_validation=0,
                             batch_labeled=4, batch_unlabeled=0, patch_size=(32, 32)))
     config.data.synthetic.update(dict(num_cases=6, shape=(40, 40)))

@@ -296,3 +296,25 @@ def check_positive(block: ml_collections.ConfigDict, key: str, allow_zero: bool 
       value == 0 and not allow_zero):
     bound = ">= 0" if allow_zero else "> 0"
     raise DataError(f"config {where}.{key} = {value!r} must be a number {bound}")
+
+
+def check_method_config(method: Any, config: ml_collections.ConfigDict) -> None:
+  """Runs the method module's own checks of `config` (`check_config`, which also checks its
+  `REQUIREMENTS` against the data block), before any data are read or anything compiled; the
+  trainer calls it right after the shared blocks' checks.
+
+  Raises:
+    DataError: the method's, naming the full key (e.g. "config method.rampup_block = 0 must be an
+      integer >= 1"); a plain ValueError of the method becomes one naming the method; a module
+      without `check_config` or `REQUIREMENTS` is not a method (docs/adding_a_method.md).
+  """
+  missing = [n for n in ("REQUIREMENTS", "check_config") if not hasattr(method, n)]
+  if missing:
+    raise DataError(f"config method.name = {config.method.name!r}: module {method.__name__} lacks "
+                    f"{missing} of the method contract (docs/adding_a_method.md)")
+  try:
+    method.check_config(config)
+  except DataError:
+    raise
+  except ValueError as e:
+    raise DataError(f"config method {config.method.name!r}: {e}") from e

@@ -4,12 +4,13 @@ import numpy as np
 import pytest
 
 from conftest import LA_ROOT
+from jaxseg import config_blocks
 from jaxseg.data import la, sources
 from jaxseg.data.base import DataError
 
 
 def tiny_synthetic(**changes):
-  cfg = sources.data_config()
+  cfg = config_blocks.data_block()
   cfg.synthetic.num_cases = 8
   cfg.synthetic.shape = (24, 24, 16)
   cfg.num_labeled, cfg.num_validation = 2, 2
@@ -63,7 +64,7 @@ def test_la_protocol_split_on_real_data(tmp_path):
   (tmp_path / la.CASES_DIR).mkdir()
   for i in ids:
     os.symlink(LA_ROOT / la.CASES_DIR / i, tmp_path / la.CASES_DIR / i)
-  cfg = sources.data_config("la")
+  cfg = config_blocks.data_block("la")
   cfg.update(dict(root=str(tmp_path), num_labeled=2, num_validation=2, patch_size=(112, 112, 80)))
   ds = sources.load_dataset(cfg)
   assert ds.split.labeled == tuple(ids[:2]) and ds.split.validation == tuple(ids[-2:])
@@ -99,7 +100,8 @@ def _fake_la_root(tmp_path, train_ids, test_ids):
 
 def test_evaluation_list_is_read_from_the_root_and_must_not_hold_training_cases(tmp_path):
   root = _fake_la_root(tmp_path, ["T1", "T2", "T3", "T4"], ["E1", "E2"])
-  cfg = sources.data_config("la")
+  cfg = config_blocks.data_block()
+  cfg.source = "la"
   cfg.root, cfg.num_labeled, cfg.num_validation = str(root), 1, 1
   ds = sources.load_dataset(cfg)
   cases = sources.load_evaluation_cases(cfg, "test.list", ds)

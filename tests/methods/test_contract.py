@@ -13,12 +13,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxseg import evaluate, train
+from jaxseg import config_blocks, train
 from jaxseg.data import sources
-from jaxseg.data.sources import data_config
 
 MODULE = "jaxseg_tests.toy_field_method"
-SHAPE = (16, 14, 12)
+SHAPE = (20, 18, 16)
 
 
 @pytest.fixture
@@ -50,7 +49,7 @@ def toy(monkeypatch):
 def toy_config(toy, num_steps: int = 4, on_device: bool = False) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.name, c.job, c.seed = "toy", "train", 0
-  c.data = data_config()
+  c.data = config_blocks.data_block()
   c.data.synthetic.num_cases, c.data.synthetic.shape = 8, SHAPE
   c.data.synthetic.num_modalities = 2
   c.data.num_labeled, c.data.num_validation = 2, 2
@@ -58,9 +57,9 @@ def toy_config(toy, num_steps: int = 4, on_device: bool = False) -> ml_collectio
   c.data.on_device = on_device
   c.method = toy.default_config()
   c.method.name = MODULE
-  c.train = train.train_config()
+  c.train = config_blocks.train_block()
   c.train.num_steps, c.train.checkpoint_every, c.train.log_every = num_steps, 2, 1
-  c.eval = evaluate.eval_config()
+  c.eval = config_blocks.eval_block()
   c.eval.lcc = False
   return c
 

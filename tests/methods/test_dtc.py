@@ -14,13 +14,13 @@ import pytest
 from conftest import learnable_batch, prediction_inputs
 from jaxseg.data.base import DataError
 from jaxseg.data.batches import Batch
-from jaxseg.data.sources import data_config
+from jaxseg.config_blocks import data_block
 from jaxseg.methods import dtc
 
 
 def _config(preset: str = "paper", **method) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.data = data_config()
+  c.data = data_block()
   c.method = dtc.default_config()
   c.method.preset = preset
   c.method.model.n_filters = 4

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import learnable_batch, prediction_inputs
 from jaxseg.data.batches import Batch
-from jaxseg.data.sources import data_config
+from jaxseg.config_blocks import data_block
 from jaxseg.methods import duo
 
 PATCH_2D = (32, 32)
@@ -18,7 +18,7 @@ PATCH_2D = (32, 32)
 
 def _config(preset: str = "paper", **method) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.data = data_config()
+  c.data = data_block()
   c.data.labeled_groups = 2
   c.method = duo.default_config()
   c.method.preset = preset

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from jaxseg.data.base import DataError
-from jaxseg.data.sources import data_config
+from jaxseg.config_blocks import data_block
 from jaxseg.methods import adversarial, base, ema, peers
 
 
@@ -102,7 +102,7 @@ def test_ema_teacher_follows_the_student():
 
 def _config(**data) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.data = data_config()
+  c.data = data_block()
   c.data.update(data)
   c.method = ml_collections.ConfigDict(dict(name="m", k=3, w=0.5, choice="a"))
   return c

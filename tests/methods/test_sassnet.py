@@ -14,7 +14,7 @@ from skimage import segmentation
 
 from conftest import learnable_batch, prediction_inputs
 from jaxseg.data.batches import Batch
-from jaxseg.data.sources import data_config
+from jaxseg.config_blocks import data_block
 from jaxseg.methods import base, sassnet
 
 PATCH = (16, 16, 16)
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("fast_compile")
 
 def _config(**method) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.data = data_config()
+  c.data = data_block()
   c.method = sassnet.default_config()
   c.method.model.n_filters = 4
   c.method.discriminator.ndf = 4

@@ -1,0 +1,137 @@
+"""Helpers of the step-recomputation tests (tests/methods/test_*.py): a TrainState moved to a late
+step, the PyTorch optimiser updates written out, and tree comparisons.
+
+The recomputation tests run one method `train_step` from a state at step 3000 (learning-rate
+schedule, ramps and EMA decay all away from their start values, optimiser buffers non-zero) and
+compare it with the same step computed in the test from the written-out losses and these updates.
+They run in float64 (`jax.enable_x64`): the method and the test then agree to ~1e-12, so that
+the parameter UPDATES (not only the parameters, which a step moves by ~1e-4 relative) can be
+compared tightly and a wrong loss weight, key or network shows. The agreement is bounded by the
+optimiser's hyperparameters, which its state holds in float32 (momentum 0.9 is 0.899999976):
+updates agree to ~3e-8 relative, hence rtol 1e-7 on updates.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Steps of the late-step tests: past the first x0.1 decay of the LA schedule (every 2500 steps).
+LATE_STEP = 3000
+
+
+def to_float64(tree: Any) -> Any:
+  """Every floating leaf as float64 (keys and integers unchanged); call under enable_x64."""
+  def cast(a):
+    if isinstance(a, (jax.Array, np.ndarray)) and jnp.issubdtype(a.dtype, jnp.floating):
+      return jnp.asarray(a, jnp.float64)
+    return a
+  return jax.tree.map(cast, tree)
+
+
+def _field(path) -> str:
+  """The last attribute name on a pytree path (the optimiser state's field: count, trace, mu, nu)."""
+  names = [k.name for k in path if isinstance(k, jax.tree_util.GetAttrKey)]
+  return names[-1] if names else ""
+
+
+def at_step(state, step: int, seed: int, scale: float = 1e-2):
+  """`state` (a base.TrainState) as if `step` updates had been made, with non-zero buffers.
+
+  Sets TrainState.step and every `count` of the optimiser state (the schedule's and Adam's bias
+  correction), and fills the momentum / moment buffers with deterministic values: trace (SGD
+  momentum) and mu (Adam's first moment) ~ N(0, scale²); nu (Adam's and RMSprop's second moments)
+  = (N(0, scale²))² + scale² > 0.
+
+  Returns:
+    (the new state, {field: buffer tree} of the buffers set, e.g. {"trace": ...}).
+  """
+  rng = np.random.default_rng(seed)
+  buffers: dict[str, list] = {}
+
+  def fill(path, leaf):
+    field = _field(path)
+    if field == "count":
+      return jnp.asarray(step, leaf.dtype)
+    if field in ("trace", "mu", "nu"):
+      value = scale * rng.standard_normal(leaf.shape)
+      if field == "nu":
+        value = value * value + scale * scale
+      value = jnp.asarray(value, leaf.dtype)
+      buffers.setdefault(field, []).append(value)
+      return value
+    return leaf
+
+  opt_state = jax.tree_util.tree_map_with_path(fill, state.opt_state)
+  params_def = jax.tree.structure(state.params)
+  trees = {k: jax.tree.unflatten(params_def, v) for k, v in buffers.items()}
+  return state.replace(step=jnp.asarray(step, jnp.int32), opt_state=opt_state), trees
+
+
+def step_learning_rate(lr: float, t: int, decay_every: int = 0, factor: float = 0.1) -> float:
+  """torch StepLR: lr·factor^⌊t / decay_every⌋ (constant when decay_every = 0)."""
+  return lr * factor ** (t // decay_every) if decay_every else lr
+
+
+def sgd(params, grads, trace, lr: float, momentum: float, weight_decay: float):
+  """torch.optim.SGD: d = g + wd·p; buf = m·buf + d; p -= lr·buf. Returns (params, buf)."""
+  buf = jax.tree.map(lambda p, g, b: momentum * b + (g + weight_decay * p), params, grads, trace)
+  return jax.tree.map(lambda p, b: p - lr * b, params, buf), buf
+
+
+def adam(params, grads, mu, nu, count: int, lr: float, beta1: float, beta2: float, eps: float,
+         weight_decay: float = 0.0):
+  """torch.optim.Adam (coupled decay): g += wd·p; m = β₁m + (1−β₁)g; v = β₂v + (1−β₂)g²;
+  p -= lr·m̂ / (√v̂ + eps), m̂ = m / (1 − β₁^k), v̂ = v / (1 − β₂^k), k = count + 1 (this update)."""
+  k = count + 1
+  g = jax.tree.map(lambda p, g: g + weight_decay * p, params, grads)
+  mu = jax.tree.map(lambda m, g: beta1 * m + (1 - beta1) * g, mu, g)
+  nu = jax.tree.map(lambda v, g: beta2 * v + (1 - beta2) * g * g, nu, g)
+  new = jax.tree.map(
+      lambda p, m, v: p - lr * (m / (1 - beta1 ** k)) / (jnp.sqrt(v / (1 - beta2 ** k)) + eps),
+      params, mu, nu)
+  return new, mu, nu
+
+
+def rmsprop(params, grads, nu, lr: float, alpha: float, eps: float, weight_decay: float = 0.0):
+  """torch.optim.RMSprop without momentum: v = αv + (1−α)g²; p -= lr·g / (√v + eps)."""
+  g = jax.tree.map(lambda p, g: g + weight_decay * p, params, grads)
+  nu = jax.tree.map(lambda v, g: alpha * v + (1 - alpha) * g * g, nu, g)
+  return jax.tree.map(lambda p, g, v: p - lr * g / (jnp.sqrt(v) + eps), params, g, nu), nu
+
+
+def _named_leaves(tree):
+  return [(jax.tree_util.keystr(path), np.asarray(leaf))
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def assert_trees_close(actual, expected, rtol: float, atol: float = 0.0, what: str = ""):
+  """Leaf by leaf, same structure; the message names the leaf."""
+  assert jax.tree.structure(actual) == jax.tree.structure(expected), what
+  for (name, a), (_, b) in zip(_named_leaves(actual), _named_leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=atol, err_msg=f"{what}{name}")
+
+
+def assert_updates_close(before, actual, expected, rtol: float, what: str = ""):
+  """actual − before ≈ expected − before, leaf by leaf, to rtol of each leaf's largest update.
+
+  A step moves parameters by ~1e-4 of their size: comparing the parameters themselves would hide
+  a wrong gradient; comparing the updates does not.
+  """
+  assert jax.tree.structure(actual) == jax.tree.structure(expected), what
+  for (name, p0), (_, a), (_, b) in zip(_named_leaves(before), _named_leaves(actual),
+                                        _named_leaves(expected)):
+    want = b - p0
+    scale = np.abs(want).max()
+    assert scale > 0, f"{what}{name}: the expected update is zero"
+    np.testing.assert_allclose(a - p0, want, rtol=rtol, atol=rtol * scale, err_msg=f"{what}{name}")
+
+
+def assert_metrics_equal(metrics: dict, expected: dict, rtol: float):
+  """The logged metrics: exactly the expected keys, each value to rtol (metrics are float32)."""
+  assert set(metrics) == set(expected), sorted(set(metrics) ^ set(expected))
+  for key, value in expected.items():
+    np.testing.assert_allclose(float(metrics[key]), float(value), rtol=rtol, err_msg=key)

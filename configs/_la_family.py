@@ -25,8 +25,7 @@ from typing import Any, Optional
 
 import ml_collections
 
-from jaxseg import config_blocks
-from jaxseg.methods import base
+from jaxseg import config_blocks, optim
 
 LA_NUM_STEPS = 6000
 SYNTHETIC_NUM_STEPS = 400
@@ -89,7 +88,7 @@ def la_family_config(name: str, method: ml_collections.ConfigDict, preset: str =
   c.method = method
   c.train = config_blocks.train_block()
   c.eval = config_blocks.eval_block()
-  c.method.optimizer = base.optimizer_config(
+  c.method.optimizer = optim.optimizer_config(
       "sgd", 0.01, momentum=0.9, weight_decay=1e-4, decay_every=2500, decay_factor=0.1)
   c.data = config_blocks.data_block()
   c.data.batch_labeled, c.data.batch_unlabeled = 2, 2

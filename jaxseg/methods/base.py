@@ -12,9 +12,10 @@ in `method.name`) providing:
       Checks `REQUIREMENTS` against the `data` block (`check_requirements`) and its own block;
       raises a `DataError` naming the key. The trainer calls it before any data are read.
   init(rng, config, example_batch) -> State
-      Builds the networks and optimisers. `State` is a `flax.struct.dataclass` holding one
-      `TrainState` per trained network (segmenters, critic; `peers.Peers` for networks trained
-      side by side; an `ema.Teacher` for EMA teachers) and static hyperparameters.
+      Builds the networks and their optimisers (`jaxseg.optim.method_optimizer`). `State` is a
+      `flax.struct.dataclass` holding one `TrainState` per trained network (segmenters, critic;
+      `peers.Peers` for networks trained side by side; an `ema.Teacher` for EMA teachers) and
+      static hyperparameters.
   train_step(state, batch, rng) -> (state, metrics)
       Pure; jitted and sharded by the trainer. `batch` is a `jaxseg.data.batches.Batch`, an open
       pytree: `batch.labeled` and `batch.unlabeled` are dicts of arrays ("image", "label" in the
@@ -47,6 +48,7 @@ import ml_collections
 import optax
 from flax.training import train_state
 
+from jaxseg import optim
 from jaxseg.data.base import DataError
 
 
@@ -107,58 +109,6 @@ def forward_eval(state: TrainState, x: jax.Array, params: Any = None):
   if state.batch_stats:
     variables["batch_stats"] = state.batch_stats
   return state.apply_fn(variables, x, train=False)
-
-
-def learning_rate_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
-  """lr(t) = lr * decay_factor ** floor(t / decay_every) (constant when decay_every = 0)."""
-  if cfg.decay_every:
-    return optax.exponential_decay(cfg.learning_rate, transition_steps=cfg.decay_every,
-                                   decay_rate=cfg.decay_factor, staircase=True)
-  return optax.constant_schedule(cfg.learning_rate)
-
-
-def optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """The PyTorch optimiser named by `cfg.name`, with PyTorch's semantics (METHODS.md §13.4).
-
-  - sgd: coupled L2 weight decay (added to the gradient), heavy-ball momentum, optional nesterov.
-  - adam: coupled weight decay (torch.optim.Adam), betas and eps as given.
-  - rmsprop: alpha = decay, eps outside the square root (torch.optim.RMSprop).
-  """
-  lr = learning_rate_schedule(cfg)
-  decay = [optax.add_decayed_weights(cfg.weight_decay)] if cfg.weight_decay else []
-  # inject_hyperparams keeps the current learning rate in the optimiser state (see
-  # `learning_rate`), so that it can be logged; the updates are unchanged.
-  if cfg.name == "sgd":
-    base = optax.inject_hyperparams(optax.sgd)(lr, momentum=cfg.momentum or None,
-                                               nesterov=cfg.nesterov)
-  elif cfg.name == "adam":
-    base = optax.inject_hyperparams(optax.adam)(lr, b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps)
-  elif cfg.name == "rmsprop":
-    base = optax.inject_hyperparams(optax.rmsprop, static_args=("eps_in_sqrt",))(
-        lr, decay=cfg.alpha, eps=cfg.eps, eps_in_sqrt=False)
-  else:
-    raise ValueError(f"config optimizer name {cfg.name!r} is not one of sgd, adam, rmsprop")
-  return optax.chain(*decay, base)
-
-
-def learning_rate(state: TrainState) -> jax.Array:
-  """The learning rate the latest update of `state` used (an `optimizer(...)` state).
-
-  Read it on the state a step returns: after the update of step t it is lr(t).
-  """
-  # The schedule's own state is also keyed "learning_rate"; the value is the array one.
-  return optax.tree_utils.tree_get(state.opt_state, "learning_rate",
-                                   filtering=lambda _, value: isinstance(value, jax.Array))
-
-
-def optimizer_config(name: str = "sgd", learning_rate: float = 0.01, **changes
-                     ) -> ml_collections.ConfigDict:
-  """An optimiser block with every field `optimizer` reads (PyTorch defaults)."""
-  c = ml_collections.ConfigDict(dict(
-      name=name, learning_rate=learning_rate, momentum=0.9, nesterov=False, weight_decay=0.0,
-      decay_every=0, decay_factor=0.1, beta1=0.9, beta2=0.999, alpha=0.99, eps=1e-8))
-  c.update(changes)
-  return c
 
 
 # A model block's `dtype`: the compute dtype. Parameters, optimizer states, BatchNorm statistics and
@@ -312,6 +262,7 @@ def check_method_config(method: Any, config: ml_collections.ConfigDict) -> None:
   if missing:
     raise DataError(f"config method.name = {config.method.name!r}: module {method.__name__} lacks "
                     f"{missing} of the method contract (docs/adding_a_method.md)")
+  optim.check_method_optimizers(config)
   try:
     method.check_config(config)
   except DataError:

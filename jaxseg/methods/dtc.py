@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxseg import geometry, losses, models, schedules
+from jaxseg import geometry, losses, models, optim, schedules
 from jaxseg.data.base import DataError
 from jaxseg.data.batches import Batch
 from jaxseg.methods import base
@@ -50,8 +50,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.consistency_rampup = 40  # Ramp length in blocks of `rampup_block` steps.
   c.rampup_block = 150
   c.model = ml_collections.ConfigDict(dict(name="vnet_sdf", n_filters=16, dtype="float32"))
-  c.optimizer = base.optimizer_config("sgd", 0.01, momentum=0.9, weight_decay=1e-4,
-                                      decay_every=2500, decay_factor=0.1)
+  c.optimizer = optim.optimizer_config("sgd", 0.01, momentum=0.9, weight_decay=1e-4,
+                                       decay_every=2500, decay_factor=0.1)
   return c
 
 
@@ -159,7 +159,7 @@ def init(rng: jax.Array, config: ml_collections.ConfigDict, example_batch: Batch
   cfg = config.method
   hparams = apply_preset(cfg)
   model = models.get_model(cfg.model.name, **base.model_kwargs(cfg.model))
-  seg = base.create_train_state(model, base.optimizer(cfg.optimizer), rng,
+  seg = base.create_train_state(model, optim.method_optimizer(config), rng,
                                 jnp.asarray(example_batch.labeled["image"][:1]))
   return State(seg=seg, hparams=hparams)
 
@@ -176,7 +176,7 @@ def train_step(state: State, batch: Batch, rng: jax.Array):
 
   seg, loss, terms = base.gradient_step(state.seg, objective)
   return state.replace(seg=seg), base.scalar_metrics(
-      loss=loss, **terms, learning_rate=base.learning_rate(seg),
+      loss=loss, **terms, learning_rate=optim.learning_rate(seg),
       sdf_full_masks=geometry.count_degenerate_masks(batch.labeled["label"]))
 
 

@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxseg import losses, models
+from jaxseg import losses, models, optim
 from jaxseg.data.base import DataError
 from jaxseg.data.batches import Batch
 from jaxseg.methods import adversarial, base, peers
@@ -81,8 +81,8 @@ def default_config() -> ml_collections.ConfigDict:
       name="unet", features=(8, 16, 32, 64), norm="batch", upsample="linear_align_corners",
       dtype="float32"))
   c.critic = ml_collections.ConfigDict(dict(name="duo_critic", ndf=64, dtype="float32"))
-  c.optimizer = base.optimizer_config("sgd", 1e-2, momentum=0.9, weight_decay=0.0)
-  c.critic_optimizer = base.optimizer_config("rmsprop", 5e-5, alpha=0.99, eps=1e-8, momentum=0.0)
+  c.optimizer = optim.optimizer_config("sgd", 1e-2, momentum=0.9, weight_decay=0.0)
+  c.critic_optimizer = optim.optimizer_config("rmsprop", 5e-5, alpha=0.99, eps=1e-8, momentum=0.0)
   return c
 
 
@@ -256,9 +256,9 @@ def init(rng: jax.Array, config: ml_collections.ConfigDict, example_batch: Batch
   x = jnp.asarray(example_batch.labeled["image"][:1])
   keys = jax.random.split(rng, 3)
   seg = peers.create_peers(
-      VIEWS, lambda key: base.create_train_state(unet, base.optimizer(cfg.optimizer), key, x),
+      VIEWS, lambda key: base.create_train_state(unet, optim.method_optimizer(config), key, x),
       keys[:2])
-  critic_state = base.create_train_state(critic, base.optimizer(cfg.critic_optimizer), keys[2],
+  critic_state = base.create_train_state(critic, optim.method_optimizer(config, "critic_optimizer"), keys[2],
                                          jnp.zeros((1, *x.shape[1:-1], 1), jnp.float32))
   return State(seg=seg, critic=critic_state, hparams=hparams)
 
@@ -338,8 +338,8 @@ def train_step(state: State, batch: Batch, rng: jax.Array):
   _, labels = split_views(batch)
   for _ in range(hp.k_c):
     critic, critic_aux = critic_step(critic, probs, labels, hp)
-  rates = dict(learning_rate=base.learning_rate(seg[VIEWS[0]]),
-               learning_rate_critic=base.learning_rate(critic))
+  rates = dict(learning_rate=optim.learning_rate(seg[VIEWS[0]]),
+               learning_rate_critic=optim.learning_rate(critic))
   return state.replace(seg=seg, critic=critic), base.scalar_metrics(**seg_aux, **critic_aux,
                                                                     **rates)
 

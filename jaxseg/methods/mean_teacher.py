@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxseg import losses, models, schedules
+from jaxseg import losses, models, optim, schedules
 from jaxseg.data.base import DataError
 from jaxseg.data.batches import Batch
 from jaxseg.methods import base, supervised
@@ -59,8 +59,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.consistency_rampup = 40.0  # Ramp length in blocks.
   c.rampup_block = 150  # Steps per block (`iter_num // 150`).
   c.model = ml_collections.ConfigDict(dict(name="vnet", n_filters=16, dtype="float32"))
-  c.optimizer = base.optimizer_config("sgd", 0.01, momentum=0.9, weight_decay=1e-4,
-                                      decay_every=2500, decay_factor=0.1)
+  c.optimizer = optim.optimizer_config("sgd", 0.01, momentum=0.9, weight_decay=1e-4,
+                                       decay_every=2500, decay_factor=0.1)
   return c
 
 
@@ -175,7 +175,7 @@ def init_state(rng: jax.Array, config: ml_collections.ConfigDict, example_batch:
       jax.random.split(rng))
   student_vars, teacher_vars = (jax.tree.map(lambda a, i=i: a[i], both) for i in range(2))
   student = base.TrainState.create(apply_fn=model.apply, params=student_vars["params"],
-                                   tx=base.optimizer(cfg.optimizer),
+                                   tx=optim.method_optimizer(config),
                                    batch_stats=student_vars.get("batch_stats", {}))
   teacher = Teacher(params=teacher_vars["params"],
                     batch_stats=teacher_vars.get("batch_stats", {}))
@@ -216,7 +216,7 @@ def finish_step(state: State, student: base.TrainState, teacher_stats: Any, aux:
   """The EMA update after the student's step: (new state, metrics)."""
   teacher, decay = follow(state.teacher, student.params, state.student.step,
                          state.hparams.ema_decay, teacher_stats)
-  metrics = base.scalar_metrics(**aux, learning_rate=base.learning_rate(student), ema_decay=decay)
+  metrics = base.scalar_metrics(**aux, learning_rate=optim.learning_rate(student), ema_decay=decay)
   return state.replace(student=student, teacher=teacher), metrics
 
 

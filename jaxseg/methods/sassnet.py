@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxseg import geometry, losses, models, schedules
+from jaxseg import geometry, losses, models, optim, schedules
 from jaxseg.data.base import DataError
 from jaxseg.data.batches import Batch
 from jaxseg.methods import adversarial, base, dtc
@@ -56,9 +56,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.rampup_block = 150
   c.model = ml_collections.ConfigDict(dict(name="vnet_sdf", n_filters=16, dtype="float32"))
   c.discriminator = ml_collections.ConfigDict(dict(name="sassnet_discriminator", ndf=64, dtype="float32"))
-  c.optimizer = base.optimizer_config("sgd", 0.01, momentum=0.9, weight_decay=1e-4,
-                                      decay_every=2500, decay_factor=0.1)
-  c.discriminator_optimizer = base.optimizer_config("adam", 1e-4, beta1=0.9, beta2=0.99)
+  c.optimizer = optim.optimizer_config("sgd", 0.01, momentum=0.9, weight_decay=1e-4,
+                                       decay_every=2500, decay_factor=0.1)
+  c.discriminator_optimizer = optim.optimizer_config("adam", 1e-4, beta1=0.9, beta2=0.99)
   return c
 
 
@@ -186,11 +186,12 @@ def init(rng: jax.Array, config: ml_collections.ConfigDict, example_batch: Batch
     raise DataError(f"config method.model.name = {cfg.model.name!r}: sassnet needs a segmenter "
                      "with 'sdf' and 'seg' outputs (vnet_sdf)")
   seg_key, disc_key = jax.random.split(rng)
-  seg = base.create_train_state(segmenter, base.optimizer(cfg.optimizer), seg_key, x)
+  seg = base.create_train_state(segmenter, optim.method_optimizer(config), seg_key, x)
   sdm = jnp.zeros(outputs["sdf"].shape, jnp.float32)
   variables = discriminator.init({"params": disc_key, "dropout": disc_key}, sdm, x, train=False)
   disc = base.TrainState.create(apply_fn=discriminator.apply, params=variables["params"],
-                                tx=base.optimizer(cfg.discriminator_optimizer), batch_stats={})
+                                tx=optim.method_optimizer(config, "discriminator_optimizer"),
+                                batch_stats={})
   return State(seg=seg, disc=disc, hparams=hparams)
 
 
@@ -252,8 +253,8 @@ def train_step(state: State, batch: Batch, rng: jax.Array):
   seg, seg_metrics = generator_step(state.seg, state.disc, batch, seg_key, state.hparams)
   disc, disc_metrics = discriminator_step(state.disc, seg, batch, disc_key)
   return state.replace(seg=seg, disc=disc), base.scalar_metrics(
-      **seg_metrics, **disc_metrics, learning_rate=base.learning_rate(seg),
-      learning_rate_discriminator=base.learning_rate(disc),
+      **seg_metrics, **disc_metrics, learning_rate=optim.learning_rate(seg),
+      learning_rate_discriminator=optim.learning_rate(disc),
       sdf_full_masks=geometry.count_degenerate_masks(batch.labeled["label"]))
 
 

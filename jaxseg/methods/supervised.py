@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxseg import losses, models
+from jaxseg import losses, models, optim
 from jaxseg.data.base import DataError
 from jaxseg.data.batches import Batch
 from jaxseg.methods import base
@@ -27,7 +27,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       name="unet", features=(8, 16, 32, 64), norm="batch", upsample="linear_align_corners",
       dtype="float32"))
-  c.optimizer = base.optimizer_config("sgd", 0.01, momentum=0.9)
+  c.optimizer = optim.optimizer_config("sgd", 0.01, momentum=0.9)
   return c
 
 
@@ -63,7 +63,7 @@ def init(rng: jax.Array, config: ml_collections.ConfigDict, example_batch: Batch
   model = models.get_model(cfg.model.name, num_classes=output_channels(cfg.loss,
                                                                        config.data.num_classes),
                            **base.model_kwargs(cfg.model))
-  seg = base.create_train_state(model, base.optimizer(cfg.optimizer), rng,
+  seg = base.create_train_state(model, optim.method_optimizer(config), rng,
                                 jnp.asarray(example_batch.labeled["image"][:1]))
   hparams = ml_collections.FrozenConfigDict(
       dict(loss=cfg.loss, num_classes=config.data.num_classes))
@@ -92,7 +92,7 @@ def train_step(state: State, batch: Batch, rng: jax.Array):
 
   seg, loss, _ = base.gradient_step(state.seg, objective)
   return state.replace(seg=seg), base.scalar_metrics(loss=loss,
-                                                     learning_rate=base.learning_rate(seg))
+                                                     learning_rate=optim.learning_rate(seg))
 
 
 def predict(state: State, inputs: dict) -> dict:

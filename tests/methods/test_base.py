@@ -1,57 +1,41 @@
-"""The optimisers match PyTorch's update rules, and expose their learning rate."""
+"""The pieces every method shares (the optimisers, formerly tested here: tests/test_optim.py)."""
 
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
-import optax
 import pytest
 
+from jaxseg import optim
+from jaxseg.data.base import DataError
 from jaxseg.methods import base
 
 
-def run(cfg, grads, steps=3):
-  tx = base.optimizer(cfg)
-  params = {"w": jnp.array([1.0, -2.0])}
-  state = tx.init(params)
-  for g in grads[:steps]:
-    updates, state = tx.update({"w": jnp.asarray(g)}, state, params)
-    params = optax.apply_updates(params, updates)
-  return np.asarray(params["w"]), state
+def test_model_kwargs_maps_the_compute_dtype_and_lists_to_tuples():
+  cfg = ml_collections.ConfigDict(dict(name="vnet", n_filters=4, dtype="bfloat16",
+                                       strides=[2, 2, 1]))
+  assert base.model_kwargs(cfg) == dict(n_filters=4, dtype=jnp.bfloat16, strides=(2, 2, 1))
+  cfg.dtype = "float32"
+  assert base.model_kwargs(cfg)["dtype"] is None  # The model's own default: float32.
 
 
-GRADS = [np.array([0.5, -1.0]), np.array([0.25, 0.5]), np.array([-1.0, 2.0])]
+def test_model_kwargs_rejects_an_unknown_dtype_naming_the_key():
+  cfg = ml_collections.ConfigDict(dict(name="vnet", dtype="float16"))
+  with pytest.raises(DataError, match=r"config method\.\*\.dtype of model 'vnet' is 'float16'"):
+    base.model_kwargs(cfg)
 
 
-def test_sgd_momentum_coupled_weight_decay_as_torch():
-  cfg = base.optimizer_config("sgd", 0.1, momentum=0.9, weight_decay=0.01)
-  got, _ = run(cfg, GRADS)
-  # torch.optim.SGD: d = g + wd * p; buf = momentum * buf + d; p -= lr * buf.
-  p, buf = np.array([1.0, -2.0]), np.zeros(2)
-  for g in GRADS:
-    buf = 0.9 * buf + (g + 0.01 * p)
-    p = p - 0.1 * buf
-  np.testing.assert_allclose(got, p, rtol=1e-6)
+def test_scalar_metrics_are_float32_scalars():
+  metrics = base.scalar_metrics(loss=jnp.asarray(1.5, jnp.bfloat16), step=3)
+  assert {k: (v.dtype, v.shape) for k, v in metrics.items()} == {
+      "loss": (np.float32, ()), "step": (np.float32, ())}
 
 
-def test_rmsprop_eps_outside_the_square_root_as_torch():
-  cfg = base.optimizer_config("rmsprop", 0.01, alpha=0.99, eps=1e-8)
-  got, _ = run(cfg, GRADS)
-  p, v = np.array([1.0, -2.0]), np.zeros(2)
-  for g in GRADS:
-    v = 0.99 * v + 0.01 * g * g
-    p = p - 0.01 * g / (np.sqrt(v) + 1e-8)
-  np.testing.assert_allclose(got, p, rtol=1e-6)
-
-
-def test_step_decay_and_the_logged_learning_rate():
-  cfg = base.optimizer_config("sgd", 0.01, decay_every=2, decay_factor=0.1)
-  schedule = base.learning_rate_schedule(cfg)
-  assert [float(schedule(t)) for t in range(5)] == pytest.approx([0.01, 0.01, 1e-3, 1e-3, 1e-4])
-  tx = base.optimizer(cfg)
-  state = base.TrainState.create(apply_fn=None, params={"w": jnp.zeros(2)}, tx=tx)
-  for t in range(5):
-    before = np.asarray(state.params["w"])
-    state = state.apply_gradients(grads={"w": jnp.ones(2)})
-    # The rate step t used, both as logged and as applied (plain SGD with momentum, grad 1).
-    assert float(base.learning_rate(state)) == pytest.approx(float(schedule(t)))
-    if t == 0:
-      np.testing.assert_allclose(np.asarray(state.params["w"]), before - float(schedule(0)))
+def test_check_method_config_checks_the_optimiser_blocks_before_the_method_hook():
+  class Method:  # A method whose own check would pass.
+    @staticmethod
+    def check_config(config):
+      pass
+  config = ml_collections.ConfigDict(dict(method=dict(
+      name="x", discriminator_optimizer=optim.optimizer_config("adam", 1e-4, beta2=1.0))))
+  with pytest.raises(DataError, match=r"^config method\.discriminator_optimizer\.beta2 = 1\.0 "):
+    base.check_method_config(Method, config)

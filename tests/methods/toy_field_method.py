@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxseg import losses
+from jaxseg import losses, optim
 from jaxseg.methods import base
 
 FIELD = "weight"
@@ -26,7 +26,7 @@ REQUIREMENTS = base.Requirements(classes="binary")
 def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.name = "toy_field_method"
-  c.optimizer = base.optimizer_config("sgd", 0.1, momentum=0.9)
+  c.optimizer = optim.optimizer_config("sgd", 0.1, momentum=0.9)
   return c
 
 
@@ -55,8 +55,7 @@ def masked_image(inputs: dict) -> jax.Array:
 def init(rng, config, example_batch) -> State:
   check_config(config)
   x = jnp.asarray(example_batch.labeled["image"][:1])
-  return State(net=base.create_train_state(OneConv(), base.optimizer(config.method.optimizer),
-                                           rng, x))
+  return State(net=base.create_train_state(OneConv(), optim.method_optimizer(config), rng, x))
 
 
 def weighted_bce(logits: jax.Array, labels: jax.Array, weight: jax.Array) -> jax.Array:

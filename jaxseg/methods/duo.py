@@ -82,7 +82,8 @@ def default_config() -> ml_collections.ConfigDict:
       dtype="float32"))
   c.critic = ml_collections.ConfigDict(dict(name="duo_critic", ndf=64, dtype="float32"))
   c.optimizer = optim.optimizer_config("sgd", 1e-2, momentum=0.9, weight_decay=0.0)
-  c.critic_optimizer = optim.optimizer_config("rmsprop", 5e-5, alpha=0.99, eps=1e-8, momentum=0.0)
+  c.critic_optimizer = optim.optimizer_config("rmsprop", 5e-5, alpha=0.99, eps=1e-8,
+                                              momentum=0.0)
   return c
 
 
@@ -258,8 +259,9 @@ def init(rng: jax.Array, config: ml_collections.ConfigDict, example_batch: Batch
   seg = peers.create_peers(
       VIEWS, lambda key: base.create_train_state(unet, optim.method_optimizer(config), key, x),
       keys[:2])
-  critic_state = base.create_train_state(critic, optim.method_optimizer(config, "critic_optimizer"), keys[2],
-                                         jnp.zeros((1, *x.shape[1:-1], 1), jnp.float32))
+  critic_state = base.create_train_state(
+      critic, optim.method_optimizer(config, "critic_optimizer"), keys[2],
+      jnp.zeros((1, *x.shape[1:-1], 1), jnp.float32))
   return State(seg=seg, critic=critic_state, hparams=hparams)
 
 

@@ -32,6 +32,8 @@ def test_scalar_metrics_are_float32_scalars():
 
 def test_check_method_config_checks_the_optimiser_blocks_before_the_method_hook():
   class Method:  # A method whose own check would pass.
+    REQUIREMENTS = None  # Only present: check_config would read it.
+
     @staticmethod
     def check_config(config):
       pass

@@ -95,7 +95,7 @@ def load_la_case(root: PathLike, case_id: str) -> Case:
   if not (np.issubdtype(image.dtype, np.floating) or np.issubdtype(image.dtype, np.integer)):
     raise DataError(f"{path}: image must be numeric, got dtype {image.dtype}")
   case = Case(case_id=case_id, image=image.astype(np.float32, copy=False)[..., np.newaxis],
-              label=label, spacing=SPACING, affine=None, source=str(path))
+              label=label, spacing=SPACING, affine=None, source=str(path), modalities=("mri",))
   check_case(case, num_classes=NUM_CLASSES)
   # Only after the range check: a cast before it would wrap e.g. -1 to 255.
   return case.replace(label=label.astype(np.uint8, copy=False))

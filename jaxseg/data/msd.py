@@ -170,7 +170,8 @@ def load_msd_pair(pair: MsdPair, manifest: MsdManifest) -> Case:
   _check_label_range(label, manifest.num_classes, pair.label)
   spacing = tuple(float(z) for z in image_nii.header.get_zooms()[:3])
   case = Case(case_id=pair.case_id, image=image, label=label, spacing=spacing,
-              affine=np.asarray(image_nii.affine, dtype=np.float64), source=str(pair.image))
+              affine=np.asarray(image_nii.affine, dtype=np.float64), source=str(pair.image),
+              modalities=manifest.modalities)
   check_case(case, num_classes=manifest.num_classes)
   label_dtype = np.uint8 if manifest.num_classes <= 256 else np.int32
   return case.replace(label=label.astype(label_dtype))

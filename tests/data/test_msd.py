@@ -110,6 +110,7 @@ def test_load_msd_multimodal_channels_last(msd_root):
   case = cases[1]
   assert case.image.shape == SPATIAL + (2,) and case.image.dtype == np.float32
   assert case.num_modalities == 2
+  assert case.modalities == ("FLAIR", "T1w") and case.present.tolist() == [True, True]
   np.testing.assert_allclose(case.image, _image(1, 2))  # Modality m stays on channel m.
   assert case.label.shape == SPATIAL and case.label.dtype == np.uint8
   np.testing.assert_array_equal(case.label, _label(1))

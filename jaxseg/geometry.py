@@ -1,4 +1,5 @@
-"""Geometry on binary masks: connectivity (METHODS §1.7, §13.4) and the signed distance map (§2).
+"""Geometry on binary masks: connectivity (docs/evaluation.md, post-processing: skimage's full
+connectivity, not scipy's default face connectivity) and the signed distance map (docs/methods/dtc.md).
 
 `full_connectivity` is the neighbourhood of connected components (the largest-connected-component
 post-processing itself lives in `jaxseg.postprocess`). Besides it, only device-side functions:
@@ -10,7 +11,7 @@ post-processing itself lives in `jaxseg.postprocess`). Besides it, only device-s
 
 Masks are 2-D (H, W) or 3-D (X, Y, Z) (any number of axes works), bool or numeric (nonzero = foreground).
 
-The exact EDT is the separable transform of METHODS §2: the squared distance to the nearest target element is
+The exact EDT is the separable squared-distance transform: the squared distance to the nearest target element is
 g_k(i) = min_j [g_{k-1}(j) + (i - j)²], one 1-D pass per axis. The first pass (along the longest axis) is the
 1-D distance to the nearest target of the line, found with a cumulative max / min of target indices (O(n));
 every further pass is a min-plus product of each line with the n×n matrix of squared offsets, done over
@@ -52,7 +53,7 @@ def full_connectivity(ndim: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Device-side (JAX): exact Euclidean distance transform and the DTC signed distance map (METHODS §2).
+# Device-side (JAX): exact Euclidean distance transform and the DTC signed distance map (docs/methods/dtc.md).
 
 # A transform is exact while every value it adds up stays an integer below 2**24 (float32's exact range).
 # Elements with no target yet hold _FAR = 2**23; real squared distances are at most the sum of the squared
@@ -207,7 +208,7 @@ def inner_boundary(mask: jax.Array, axes: Optional[Sequence[int]] = None) -> jax
 
 
 def signed_distance_map(mask: jax.Array, *, block_elements: int = DEFAULT_BLOCK_ELEMENTS) -> jax.Array:
-  """DTC / SASSNet `compute_sdf`: the normalised signed distance map of each sample (METHODS §2).
+  """DTC / SASSNet `compute_sdf`: the normalised signed distance map of each sample (docs/methods/dtc.md).
 
   Per sample, with pos = EDT(mask) (distance of each foreground voxel to the nearest background voxel) and
   neg = EDT(~mask) (distance of each background voxel to the nearest foreground voxel), both over the crop

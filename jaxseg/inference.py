@@ -1,4 +1,4 @@
-"""Sliding-window inference over whole volumes (METHODS §1.6), jitted end to end.
+"""Sliding-window inference over whole volumes (docs/evaluation.md, sliding window), jitted end to end.
 
 The reference (`test_single_case` in DTC / UA-MT / SASSNet / SSL4MIS) zero-pads any axis that is smaller
 than the patch, visits a regular grid of windows (x outer, ..., z inner), sums the per-window foreground
@@ -154,7 +154,7 @@ def sliding_window_predict(
     mesh: Optional[Mesh] = None,
     shape_bucket: int = 0,
 ) -> jax.Array:
-  """Averaged per-voxel probabilities of a whole volume from overlapping windows (METHODS §1.6).
+  """Averaged per-voxel probabilities of a whole volume from overlapping windows (docs/evaluation.md).
 
   Pads like the reference (`window_starts`), evaluates every window with `predict_fn` in batches of
   `batch_size` (the last batch padded with copies of a valid window whose results are discarded), sums

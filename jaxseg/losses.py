@@ -1,4 +1,5 @@
-"""The loss-function zoo (METHODS §4, §10, §13.4), ported from the reference PyTorch code.
+"""The loss-function zoo, ported from the reference PyTorch code (UA-MT, DTC, SASSNet, SSL4MIS,
+Duo-SegNet, ASDNet, MONAI, nnU-Net).
 
 Every loss is a pure, jittable and differentiable function of JAX arrays. Conventions:
 
@@ -270,7 +271,7 @@ def soft_dice_ce_loss(logits: jax.Array, labels: jax.Array, batch_dice: bool = T
 
 
 # --------------------------------------------------------------------------------------------------------
-# ASDNet generalized Dice and sample attention (METHODS §10).
+# ASDNet generalized Dice and sample attention (Nie et al., MICCAI 2018; `ginobilinie/asdnet`).
 
 
 def _generalized_dice_from_sums(intersection: jax.Array, prob_sum: jax.Array,
@@ -325,7 +326,7 @@ def generalized_dice_loss_per_sample(logits: jax.Array, labels: jax.Array, num_c
 
 
 def per_sample_foreground_dice(logits: jax.Array, labels: jax.Array, num_classes: int) -> jax.Array:
-  """Hard Dice of argmax(logits) per sample, averaged over the foreground classes (METHODS §10.3 dsc).
+  """Hard Dice of argmax(logits) per sample, averaged over the foreground classes (the dsc of ASDNet's sample attention).
 
   dsc_n = mean_{c ≥ 1} 2|P_c ∩ Y_c| / (|P_c| + |Y_c|), with 1 for a class absent from both prediction and
   label. Piecewise constant, so it has zero gradient.
@@ -352,13 +353,13 @@ def per_sample_foreground_dice(logits: jax.Array, labels: jax.Array, num_classes
 
 def sample_attention_generalized_dice_loss(logits: jax.Array, labels: jax.Array, num_classes: int,
                                            beta: float = 2.0) -> jax.Array:
-  """ASDNet sample-attention Dice (Eq. 2), per sample as jaxseg implements it (METHODS §10.3).
+  """ASDNet sample-attention Dice (Eq. 2), per sample as jaxseg implements it.
 
   loss = mean_n (1 − sg(dsc_n))^β · gdl_n, where gdl_n is the generalized Dice loss of sample n alone and
   dsc_n its hard foreground Dice (`per_sample_foreground_dice`) under stop-gradient. Well-segmented samples
   are down-weighted; the gradient of sample n is (1 − dsc_n)^β / N times the gradient of gdl_n. (The paper's
   dsc is "the sample's mean Dice over categories"; the released code's own sample attention is a different,
-  off-by-default factor from D's output, METHODS §10.2.)
+  off-by-default factor computed from D's output, w = 12.5·(p̄ − 0.5)² − 0.5, applied as (1 + w).)
 
   Args:
     logits: (N, *spatial, C).

@@ -1,6 +1,7 @@
 """Host-side segmentation metrics, numerically equal to `medpy.metric.binary` (MedPy 0.5.2).
 
-Everything here runs in NumPy/SciPy float64 on the host (METHODS.md §1.8); nothing is jitted.
+Everything here runs in NumPy/SciPy float64 on the host; nothing is jitted. Definitions and the empty-mask
+policies: docs/evaluation.md (metrics).
 
 Conventions shared by every function:
 

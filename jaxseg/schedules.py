@@ -1,4 +1,4 @@
-"""Ramp-up / ramp-down schedules of the LA family (METHODS §3).
+"""Ramp-up / ramp-down schedules of the LA family (docs/la_protocol.md, training: ramps).
 
 Ports of `utils/ramps.py`, byte-identical in UA-MT, DTC, SASSNet and SSL4MIS, plus the LA consistency-weight
 convention w(t) = w_max · sigmoid_rampup(⌊t / 150⌋, 40).

@@ -1,4 +1,4 @@
-"""Host-side augmentation of the LA family (METHODS.md §1.4), in numpy, per sample.
+"""Host-side augmentation of the LA family (docs/data.md, batches and augmentation), in numpy, per sample.
 
 1. rotate by k*90 degrees in the (x, y) plane, k ~ U{0..3}, then flip one of the axes 0 or 1 (a flip
    is always applied), exactly like the reference `RandomRotFlip`. Because the flip is never skipped,

@@ -1,4 +1,4 @@
-"""Two-stream batches (METHODS.md §1.3): labeled samples first, then unlabeled ones.
+"""Two-stream batches (docs/data.md, batches and augmentation): labeled samples first, then unlabeled ones.
 
 - Labeled stream: each "epoch" is a fresh random permutation of the labeled cases cut into groups of
   `batch_labeled`; an odd leftover is dropped. With `labeled_groups = g` (Duo-SegNet's views
@@ -123,7 +123,7 @@ class TwoStreamBatches(Iterator[Batch]):
     batch_unlabeled: unlabeled samples per batch (B_u, may be 0).
     patch_size: spatial size of the crops.
     seed: the data seed; batch t depends only on (seed, t).
-    augment: rotate/flip before cropping (METHODS.md §1.4); crops are always taken.
+    augment: rotate/flip before cropping (docs/data.md); crops are always taken.
     pad_to_patch: zero-pad volumes not larger than the patch (reference rule), else raise.
     labeled_groups: number of contiguous parts of the labeled list, sampled side by side.
   """

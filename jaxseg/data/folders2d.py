@@ -1,4 +1,4 @@
-"""2D image/mask folders (the data form of Duo-SegNet, METHODS.md §9.6).
+"""2D image/mask folders (the data form of Duo-SegNet; docs/data.md, 2D image folders).
 
     root/
       images/   a.png  b.tif  ...

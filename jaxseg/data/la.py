@@ -1,6 +1,6 @@
 """Left Atrium 2018 (preprocessed h5 form of UA-MT / DTC / SASSNet): cases from the standard layout.
 
-Layout (METHODS.md §1.1; shared/data/la2018/README.md):
+Layout (docs/data.md, LA 2018; how the volumes were preprocessed: docs/la_protocol.md):
 
     root/
       train.list                              case IDs, one per line (test.list where it exists)

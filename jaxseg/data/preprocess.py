@@ -1,7 +1,7 @@
 """Intensity preprocessing per modality: percentile clipping and z-scoring.
 
 Statistics are taken per channel (modality) over the whole image or volume, background included:
-no foreground mask is used. LA is already z-scored by its preprocessing (METHODS.md §1.1) and does
+no foreground mask is used. LA is already z-scored by its preprocessing (docs/la_protocol.md) and does
 not need this; it is meant for MSD / BraTS-like NIfTI sources.
 """
 

@@ -2,7 +2,7 @@
 
 Every config holds a `data` block made by `config_blocks.data_block()` (and checked, before any
 data is read, by `config_blocks.check_config`); `load_dataset(config.data)` reads the named source,
-preprocesses, splits (labeled = first N, validation = last K, unlabeled = the rest, METHODS.md §1.2)
+preprocesses, splits (labeled = first N, validation = last K, unlabeled = the rest; docs/data.md, splits)
 and drops the labels of the unlabeled cases; `make_batches` builds the two-stream iterator. Errors
 name the config key (`data.root`, `data.source`, ...) or the file.
 """

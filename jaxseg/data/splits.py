@@ -1,7 +1,7 @@
 """Deterministic labeled / unlabeled / validation splits of a case list.
 
-The LA protocol (METHODS.md §1.2): labeled = the first N IDs of the list in file order, validation =
-the last K IDs, unlabeled = everything in between. No randomness is involved, so a split is fully
+The LA protocol (docs/la_protocol.md, data and split): labeled = the first N IDs of the list in
+file order, validation = the last K IDs, unlabeled = everything in between. No randomness is involved, so a split is fully
 described by the list and (N, K); it is written into every run's workdir all the same.
 """
 

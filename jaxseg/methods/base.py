@@ -134,7 +134,8 @@ def model_kwargs(cfg: ml_collections.ConfigDict) -> dict:
 
 
 def all_images(batch) -> jax.Array:
-  """concat(x_𝓛, x_𝓤): the whole batch, labeled first, for one forward call (METHODS §1.3)."""
+  """concat(x_𝓛, x_𝓤): the whole batch, labeled first, for one forward call (BN statistics over all
+  samples, as the LA references; docs/la_protocol.md)."""
   return jnp.concatenate([batch.labeled["image"], batch.unlabeled["image"]])
 
 

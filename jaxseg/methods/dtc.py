@@ -1,9 +1,9 @@
-"""DTC: dual-task consistency between a segmentation head and a level-set head (METHODS.md §7).
+"""DTC: dual-task consistency between a segmentation head and a level-set head (docs/methods/dtc.md).
 
 One V-Net (`vnet_sdf`) with two heads on the same features: a segmentation logit s (f₁) and a tanh
-level set z (f₂) that regresses the normalised signed distance map T(y) of the label (§2: negative
+level set z (f₂) that regresses the normalised signed distance map T(y) of the label (negative
 inside, positive outside). The transform back to a mask is T⁻¹(z) = σ(−k·z), k = 1500 (the paper's
-σ(k·z) has a sign slip; the code's σ(−1500·z) is the consistent form). The loss (§7.1–7.3):
+σ(k·z) has a sign slip; the code's σ(−1500·z) is the consistent form). The loss:
 
     L = L_seg + β·L_LSF + λ(t)·L_DTC
     L_seg = dice_sq(σ(s_𝓛), y)                      (labeled samples)
@@ -40,7 +40,7 @@ RELEASED_BETA = 0.3
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """The `method` block (METHODS §7.3–7.5)."""
+  """The `method` block (docs/methods/dtc.md, hyperparameters)."""
   c = ml_collections.ConfigDict()
   c.name = "dtc"
   c.preset = "paper"  # "paper" | "released" (see `apply_preset`).
@@ -90,7 +90,7 @@ class State:
 
 
 # ------------------------------------------------------------------------------------------------
-# Losses (METHODS §7.2–7.3). Level sets z and logits s are (B, *spatial, 1); labels (B, *spatial).
+# Losses (docs/methods/dtc.md, the loss as implemented). Level sets z and logits s are (B, *spatial, 1); labels (B, *spatial).
 
 
 def level_set_to_mask(level_set: jax.Array, k: float = 1500.0) -> jax.Array:

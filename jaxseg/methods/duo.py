@@ -1,17 +1,19 @@
-"""Duo-SegNet: two segmenters, two views, one per-pixel critic (METHODS.md §9).
+"""Duo-SegNet: two segmenters, two views, one per-pixel critic (docs/methods/duo.md).
 
-Paper (§9.1): segmenters F₁, F₂ learn from the labeled views X¹, X² and from each other on the
-unlabeled images U, while a per-pixel critic tells their probability maps from ground-truth masks:
+Paper (Peiris et al., 2021): segmenters F₁, F₂ learn from the labeled views X¹, X² and from each
+other on the unlabeled images U, while a per-pixel critic tells their probability maps from
+ground-truth masks:
 
     min_{θ₁, θ₂} max_ψ  λ_s·L_s + λ_u·L_u + λ_c·L_c.
 
-Per batch: `k_s` descent steps of both segmenters (one SGD over both networks, as in the reference)
+Per batch: `k_s` descent steps of both segmenters (each with its own SGD state, `peers.Peers`: the
+reference's one SGD over both networks is the same update)
 on λ_s·L_s + λ_u·L_u + λ_c·L_c, then `k_c` critic steps (RMSprop) on L_adv1 — the critic never sees
 unlabeled predictions. D(m) = σ(critic(m)) is the critic's per-pixel probability that the map m is a
 ground-truth mask (the reference's convention, D = 1 − ψ); every pixel sum of the paper is a
 per-pixel mean (`losses.binary_cross_entropy`, PyTorch `BCELoss` with its log clamp at −100).
 
-Effective losses per preset (`apply_preset`; METHODS §9.2–9.3; p^i = F_i(X^i), u_i = F_i(U)):
+Effective losses per preset (`apply_preset`; docs/methods/duo.md, presets; p^i = F_i(X^i), u_i = F_i(U)):
 
 | term | `paper` (default) | `released` (`himashi92/Duo-SegNet`) |
 |---|---|---|
@@ -25,11 +27,11 @@ so `released` descends 0.5·Σ_i bce(p^i, Y^i) + 0.2·Σ_i bce(D(u_i), 1) (its D
 gradient, its labeled adversarial term is detached). L_u is computed and logged in both presets
 (weight 0 in `released`); `loss_c` is the preset's L_c.
 
-Batch-norm and modes (METHODS §13.1):
+Batch-norm and modes (docs/methods/duo.md, one step; docs/networks.md, batch statistics):
 - Each segmenter forwards its view and the unlabeled images in ONE train-mode call, F_i(concat(X^i,
   U)), so its BN batch statistics span the view's labeled and the unlabeled samples and its running
   statistics are updated once per segmenter step. The reference calls F_i(X^i) and F_i(U) separately
-  with batch size 1 (§9.3): there each call normalises with one image's statistics and the running
+  with batch size 1: there each call normalises with one image's statistics and the running
   statistics move twice per step. The losses are otherwise the same.
 - The critic is always in train mode, as in the reference (which never calls `critic.eval()`): each
   critic call normalises with its own batch statistics. Calls are made per view and per stream, in
@@ -59,14 +61,16 @@ from jaxseg.methods import adversarial, base, peers
 PRESETS = ("paper", "released")
 VIEWS = ("f1", "f2")
 
-# What the released code's gradients reduce to (METHODS §9.2): its L_u (`.item()`) and Dice (NumPy)
-# carry no gradient, its labeled adversarial term sees detached maps, its critic weighs real and
-# fake by 1. λ_s = 0.5 (calc_loss's bce_weight) and λ_c = 0.2 are the config defaults.
+# What the released code's gradients reduce to (`himashi92/Duo-SegNet` train.py, loss.py): its L_u
+# (`.item()`) and Dice (NumPy) carry no gradient, its labeled adversarial term sees detached maps,
+# its critic weighs real and fake by 1. λ_s = 0.5 (calc_loss's bce_weight) and λ_c = 0.2 are the
+# config defaults.
 _RELEASED = dict(lambda_u=0.0, w_dice=0.0, eta_segmenter=0.0, critic_real=1.0, critic_fake=1.0)
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """The `method` block: the `paper` preset with the reference's weights (METHODS §9.3, §9.5)."""
+  """The `method` block: the `paper` preset with the reference's weights and optimisers
+  (docs/methods/duo.md, hyperparameters)."""
   c = ml_collections.ConfigDict()
   c.name = "duo"
   c.preset = "paper"  # "paper" | "released" (see `apply_preset`).
@@ -151,7 +155,7 @@ class State:
 
 
 # ------------------------------------------------------------------------------------------------
-# Losses (METHODS §9.3), on probabilities / critic outputs D ∈ [0, 1].
+# Losses (docs/methods/duo.md, one step), on probabilities / critic outputs D ∈ [0, 1].
 
 
 def supervised_loss(probs: Sequence[jax.Array], labels: Sequence[jax.Array],

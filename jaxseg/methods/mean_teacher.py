@@ -1,4 +1,4 @@
-"""Mean Teacher on the LA V-Net (METHODS.md §6.2; EMA §3; batches and optimiser §1.3–1.5).
+"""Mean Teacher on the LA V-Net (docs/methods/mean_teacher.md; batches and optimiser: docs/la_protocol.md).
 
 A student V-Net (num_classes logits, softmax outside) is trained by SGD on
 
@@ -6,11 +6,11 @@ A student V-Net (num_classes logits, softmax outside) is trained by SGD on
     w(t) = consistency · sigmoid_rampup(⌊t / rampup_block⌋, consistency_rampup)   (0.1, 40, 150),
 
 where s = the student's logits of the whole batch concat(x_𝓛, x_𝓤) in ONE train-mode call (BN
-statistics span all samples, METHODS §1.3) and t_𝓤 = the teacher's logits of x_𝓤 + ξ,
+statistics span all samples) and t_𝓤 = the teacher's logits of x_𝓤 + ξ,
 ξ = clip(N(0, 0.1²), ±0.2). There is no released LA Mean Teacher script: this is the UA-MT recipe
 (`yulequan/UA-MT code/train_LA_meanteacher_certainty_unlabel.py`) without the uncertainty mask.
 
-The teacher (METHODS §3, §13.1):
+The teacher (`jaxseg/methods/ema.py`; docs/methods/mean_teacher.md):
 - its parameters are an EMA of the student's, θ′ ← α_t θ′ + (1 − α_t) θ after each student step,
   α_t = min(1 − 1/(t + 1), ema_decay) with t the step just taken (0 first), so after the first step
   the teacher is a copy of the student. It is initialised independently of the student, as the
@@ -51,7 +51,8 @@ ConsistencyFn = Callable[[jax.Array], tuple[jax.Array, dict]]
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """The `method` block: the LA configuration of METHODS §6.2 (width and optimiser: §1.5)."""
+  """The `method` block: UA-MT's LA recipe without the mask (width 16; SGD 0.01, momentum 0.9, coupled
+  weight decay 1e-4, ×0.1 every 2500 steps: docs/la_protocol.md)."""
   c = ml_collections.ConfigDict()
   c.name = "mean_teacher"
   c.ema_decay = 0.99  # The cap of α_t.

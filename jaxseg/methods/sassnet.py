@@ -1,8 +1,9 @@
-"""SASSNet: shape-aware adversarial semi-supervised segmentation (METHODS.md §8).
+"""SASSNet: shape-aware adversarial semi-supervised segmentation (docs/methods/sassnet.md).
 
 One V-Net (`vnet_sdf`) with a segmentation logit s and a tanh signed distance map (SDM) z, and a
-discriminator D (`sassnet_discriminator`, §8.4) that reads an (SDM, image) pair and tells labeled
-(class 1) from unlabeled (class 0) samples. Training alternates, every iteration (§8.2):
+discriminator D (`sassnet_discriminator`, docs/networks.md) that reads an (SDM, image) pair and tells labeled
+(class 1) from unlabeled (class 0) samples. Training alternates, every iteration, as
+`kleinzcy/SASSnet code/train_gan_sdfloss.py`:
 
 1. **Segmenter step** (segmenter in train mode, ONE forward of concat(x_𝓛, x_𝓤); D in **eval mode**,
    its parameters constants):
@@ -10,9 +11,9 @@ discriminator D (`sassnet_discriminator`, §8.4) that reads an (SDM, image) pair
        L_G = dice_sq(σ(s_𝓛), y) + β·mse(z_𝓛, T(y)) + w(t)·CE(D(z_𝓤, x_𝓤), 1)
        w(t) = β_max · sigmoid_rampup(⌊t / 150⌋, 40)
 
-   The supervised part is DTC's (`dtc.supervised_loss`, §7.2; T(y) the normalised SDF of §2). The
+   The supervised part is DTC's (`dtc.supervised_loss`; T(y) the normalised SDF, docs/methods/dtc.md). The
    adversarial term is the GAN surrogate: the segmenter wants D to take its unlabeled SDMs for
-   labeled ones. SGD, §1.5.
+   labeled ones. SGD with the LA schedule (docs/la_protocol.md).
 2. **Discriminator step** (after the segmenter update): the **updated** segmenter in **eval mode**
    (running BN statistics, no dropout) recomputes z for all samples, without gradient; D in train
    mode (channel dropout on) descends
@@ -24,7 +25,7 @@ discriminator D (`sassnet_discriminator`, §8.4) that reads an (SDM, image) pair
    in D).
 
 β = 0.3 (the paper's α), β_max = 0.01 with 16 labels and 0.015 with 8 (the reference README). The
-`paper` and `released` presets are identical (§8.3). At test time only σ(s) is used.
+`paper` and `released` presets are identical (the code agrees with the paper). At test time only σ(s) is used.
 """
 
 from __future__ import annotations
@@ -46,10 +47,10 @@ LABELED, UNLABELED = 1, 0  # The discriminator's classes.
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """The `method` block (METHODS §8.3–8.5); β_max = 0.01 is the 16-label setting."""
+  """The `method` block (docs/methods/sassnet.md, hyperparameters); β_max = 0.01 is the 16-label setting."""
   c = ml_collections.ConfigDict()
   c.name = "sassnet"
-  c.preset = "paper"  # "paper" | "released": identical for SASSNet (METHODS §8.3).
+  c.preset = "paper"  # "paper" | "released": identical for SASSNet (its code agrees with the paper).
   c.beta = 0.3  # Weight of the SDF regression mse(z_L, T(y)) (the paper's α).
   c.beta_max = 0.01  # Final weight of the adversarial term (0.015 with 8 labels).
   c.consistency_rampup = 40  # Ramp length in blocks of `rampup_block` steps.
@@ -102,7 +103,7 @@ class State:
 
 
 # ------------------------------------------------------------------------------------------------
-# Losses (METHODS §4 critic table, §8.2). D's outputs are logits (B, 2).
+# Losses (docs/methods/sassnet.md, one iteration). D's outputs are logits (B, 2).
 
 
 def discriminator_targets(num_labeled: int, num_unlabeled: int) -> jax.Array:

@@ -1,4 +1,4 @@
-"""Supervised baseline: one segmenter trained on the labeled samples only (METHODS.md §6.1).
+"""Supervised baseline: one segmenter trained on the labeled samples only (docs/methods/supervised.md).
 
 The baseline of every comparison: same backbone and labeled data as the semi-supervised method it
 is compared with, unlabeled samples ignored. Two loss forms:

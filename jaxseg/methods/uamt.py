@@ -1,4 +1,4 @@
-"""UA-MT: Mean Teacher with an uncertainty-masked consistency (METHODS.md §6.3; §3, §6.2, §13).
+"""UA-MT: Mean Teacher with an uncertainty-masked consistency (docs/methods/uamt.md).
 
 Reference: `yulequan/UA-MT code/train_LA_meanteacher_certainty_unlabel.py`. Per step t:
 
@@ -13,7 +13,7 @@ Reference: `yulequan/UA-MT code/train_LA_meanteacher_certainty_unlabel.py`. Per 
 4. L_c = Σ m·softmax_mse(s_𝓤, t_𝓤) / (C·Σm + 1e-16): the mean over masked voxels and channels.
 5. L = 0.5·(CE + dice_sq)(𝓛) + w(t)·L_c, w as Mean Teacher (0.1, 40 blocks of 150); EMA 0.99.
 
-Presets (`method.preset`, METHODS §0.2): "paper" (the default) is the code generalised to C classes
+Presets (`method.preset`): "paper" (the default) is the code generalised to C classes
 (ln C and C); "released" keeps the code's hard-coded ln 2 and factor 2 whatever C is (as SSL4MIS
 does for C = 4). The two are the same for C = 2.
 
@@ -55,7 +55,7 @@ RELEASED_CLASSES = 2
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """The `method` block: Mean Teacher's (METHODS §6.2) plus the preset and the threshold ramp."""
+  """The `method` block: Mean Teacher's plus the preset and the threshold ramp."""
   c = mean_teacher.default_config()
   c.name = "uamt"
   c.preset = "paper"  # "paper" (ln C, C) | "released" (ln 2, 2 whatever C is).

@@ -10,7 +10,7 @@
 | `unet` | `UNet` (generic; Duo-SegNet's defaults) | |
 | `duo_unet` | `UNet` | Duo-SegNet `model/UNet.py` (31,390,721 params) |
 | `unet3d` | `UNet` | SSL4MIS `unet_3D` (5,884,050 params, 2 classes) |
-| `unet2d` | `UNet` | SSL4MIS 2D `UNet` (METHODS §5.3) |
+| `unet2d` | `UNet` | SSL4MIS 2D `UNet` (docs/networks.md) |
 | `vnet` | `VNet` | UA-MT `vnet.py` (9,448,866 params) |
 | `vnet_sdf` | `VNet` | DTC `vnet_sdf.py` (9,448,866 params) |
 | `duo_critic` | `PixelCritic` | Duo-SegNet `PixelDiscriminator` (8,704 params) |

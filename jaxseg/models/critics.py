@@ -1,7 +1,7 @@
 """Critics (discriminators) of the adversarial methods.
 
 `PixelCritic` is Duo-SegNet's per-pixel critic (`himashi92/Duo-SegNet model/model_discriminator.py`
-`PixelDiscriminator(input_nc=1, ndf=64, norm_layer=nn.BatchNorm2d)`, METHODS §9.4): all 1×1 convs,
+`PixelDiscriminator(input_nc=1, ndf=64, norm_layer=nn.BatchNorm2d)`; docs/networks.md): all 1×1 convs,
 
     Conv 1→64 (bias) → LReLU(0.2) → Conv 64→128 (no bias) → BN → LReLU(0.2) → Conv 128→1 (no bias)
 
@@ -10,8 +10,8 @@ sigmoid is applied outside (the reference builds it with use_sigmoid=False and a
 in the loss). Being 1×1, it is rank-generic (2D and 3D).
 
 `SDFDiscriminator` is SASSNet's image-level discriminator (`kleinzcy/SASSnet
-code/networks/discriminator.py` `FC3DDiscriminator(num_classes=1, ndf=64, n_channel=1)`, METHODS
-§8.4): it scores a (signed distance map, image) pair as coming from a labeled (class 1) or an
+code/networks/discriminator.py` `FC3DDiscriminator(num_classes=1, ndf=64, n_channel=1)`;
+docs/networks.md): it scores a (signed distance map, image) pair as coming from a labeled (class 1) or an
 unlabeled (class 0) sample. All convs are k4 s2 p1 with bias, no normalisation:
 
     conv0(SDM) 1→ndf + conv1(image) C→ndf → LReLU(0.2) → Dropout3d(0.5)
@@ -19,8 +19,8 @@ unlabeled (class 0) sample. All convs are k4 s2 p1 with bias, no normalisation:
     → conv4 4ndf→8ndf → LReLU → global mean pool → Linear 8ndf→2 (logits)
 
 11,020,290 parameters at ndf = 64 with a 1-channel image. The reference pools with AvgPool3d(7, 7,
-5), which is global only at 112×112×80 (METHODS §13.3); here the pool is global at every input size,
-so the module is rank-generic (2D and 3D) and any crop size works.
+5), which is global only at 112×112×80 (the feature size there after four stride-2 convs); here
+the pool is global at every input size, so the module is rank-generic (2D and 3D) and any crop size works.
 """
 
 from __future__ import annotations

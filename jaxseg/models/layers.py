@@ -1,10 +1,10 @@
-"""Building blocks shared by the segmenters and critics (METHODS §13.1–13.3).
+"""Building blocks shared by the segmenters and critics (docs/networks.md, PyTorch conventions).
 
 Every layer is rank-generic: the number of spatial dimensions d is taken from the input, which is
 channels-last, (N, *spatial, C): (N, H, W, C) in 2D and (N, X, Y, Z, C) in 3D. The same module code
 therefore serves 2D and 3D models.
 
-PyTorch conventions reproduced here (METHODS §13):
+PyTorch conventions reproduced here:
 
 * **Padding** is symmetric and explicit (`padding=p` means p voxels on both sides of every spatial
   axis), never Flax's asymmetric `"SAME"`.
@@ -20,7 +20,7 @@ PyTorch conventions reproduced here (METHODS §13):
   default one-pass E[x²] − E[x]² loses accuracy in float32 when |mean| ≫ std).
 * **Transposed convolution k2 s2 p0** (`ConvTranspose2x`) is a per-voxel dense layer
   C_in → 2^d·C_out followed by depth-to-space, not XLA's input-dilated convolution, whose backward pass
-  is ≈30× slower (METHODS §13.2). It is numerically `nn.ConvTranspose(strides=2, padding="VALID")`.
+  is ≈30× slower (jax-ml/jax#31662, openxla/xla#34273). It is numerically `nn.ConvTranspose(strides=2, padding="VALID")`.
 * **Linear interpolation** (`resize_linear`, `upsample_linear`) by per-axis interpolation matrices,
   with both `align_corners` conventions of `torch.nn.functional.interpolate`.
 """
@@ -261,7 +261,7 @@ class ConvTranspose2x(nn.Module):
   parameters ("kernel" (2,)*d + (C_in, C_out), "bias" (C_out,)), and to PyTorch's
   `ConvTranspose{d}d(C_in, C_out, 2, stride=2)`. Each input voxel i writes the 2^d output voxels 2i + a
   (a ∈ {0, 1}^d), so the layer is a per-voxel matmul (C_in → 2^d·C_out) and a depth-to-space; this avoids
-  XLA's input-dilated convolution, whose gradient is ≈30× slower (METHODS §13.2).
+  XLA's input-dilated convolution, whose gradient is ≈30× slower (jax-ml/jax#31662).
 
   Orientation: Flax (like `lax.conv_transpose(..., transpose_kernel=False)`) applies the kernel
   unflipped to the dilated input, so out[2i + a] = x[i] · kernel[1 − a]. A PyTorch weight w

@@ -1,4 +1,4 @@
-"""U-Nets for 2D and 3D (METHODS §5.2, §5.3, §9.4).
+"""U-Nets for 2D and 3D (docs/networks.md).
 
 One `UNet` module covers the U-Nets of the reference code; the kernel rank comes from the input, so
 the same configuration runs on (N, H, W, C) and (N, X, Y, Z, C). The presets reproduce:
@@ -8,7 +8,7 @@ the same configuration runs on (N, H, W, C) and (N, X, Y, Z, C). The presets rep
 * `ssl4mis_unet3d`: SSL4MIS `unet_3D` (filters 16…256, InstanceNorm without affine, trilinear
   align_corners=False upsampling, element-wise Dropout(0.3) after the centre and before the head,
   Kaiming-normal init): 5,884,050 parameters for 1 input channel and 2 classes.
-* `ssl4mis_unet2d`: SSL4MIS 2D `UNet` as METHODS §5.3 states it (filters 16…256, BN, LeakyReLU(0.01),
+* `ssl4mis_unet2d`: SSL4MIS 2D `UNet` (filters 16…256, BN, LeakyReLU(0.01),
   encoder dropout [0.05, 0.1, 0.2, 0.3, 0.5] inside the blocks, 2×2 s2 transposed-conv upsampling,
   3×3 head).
 
@@ -151,7 +151,7 @@ class UNet(nn.Module):
 
 
 def duo_unet(**overrides: Any) -> UNet:
-  """Duo-SegNet's U-Net (`himashi92/Duo-SegNet model/UNet.py`, METHODS §9.4).
+  """Duo-SegNet's U-Net (`himashi92/Duo-SegNet model/UNet.py`; docs/networks.md).
 
   Feed RGB (N, H, W, 3) (grayscale replicated to 3 channels); returns one logit (N, H, W, 1).
   Blocks 2 × [Conv 3×3 p1 (bias) → BN → ReLU], filters 64…1024, max-pool 2, bilinear ×2 upsampling with
@@ -164,7 +164,7 @@ def duo_unet(**overrides: Any) -> UNet:
 
 
 def ssl4mis_unet3d(num_classes: int = 2, **overrides: Any) -> UNet:
-  """SSL4MIS `unet_3D` (`HiLab-git/SSL4MIS code/networks/unet_3D.py`, METHODS §5.2).
+  """SSL4MIS `unet_3D` (`HiLab-git/SSL4MIS code/networks/unet_3D.py`; docs/networks.md).
 
   Filters [16, 32, 64, 128, 256]; blocks 2 × [Conv 3³ (bias) → InstanceNorm (no affine, ε 1e-5) → ReLU];
   max-pool 2; element-wise Dropout(0.3) after the centre block; trilinear ×2 (align_corners=False),
@@ -180,7 +180,7 @@ def ssl4mis_unet3d(num_classes: int = 2, **overrides: Any) -> UNet:
 
 
 def ssl4mis_unet2d(num_classes: int = 2, **overrides: Any) -> UNet:
-  """SSL4MIS 2D `UNet` as METHODS §5.3 specifies it (`HiLab-git/SSL4MIS code/networks/unet.py`).
+  """SSL4MIS 2D `UNet` (`HiLab-git/SSL4MIS code/networks/unet.py`; docs/networks.md).
 
   Filters [16, 32, 64, 128, 256]; blocks Conv 3×3 → BN → LeakyReLU(0.01) → Dropout(p) → Conv 3×3 → BN →
   LeakyReLU with encoder p = [0.05, 0.1, 0.2, 0.3, 0.5] and decoder p = 0; up = ConvTranspose 2×2 s2 to

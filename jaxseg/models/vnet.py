@@ -1,4 +1,4 @@
-"""The V-Net of the LA family (METHODS §5.1): UA-MT `code/networks/vnet.py`, DTC `vnet_sdf.py`.
+"""The V-Net of the LA family (docs/networks.md): UA-MT `code/networks/vnet.py`, DTC `vnet_sdf.py`.
 
 Not Milletari's V-Net: no residuals, 3^d kernels, ReLU, skips added (not concatenated). With base width
 n = 16 and BatchNorm it has 9,448,866 parameters with either head set (`vnet`: one 16→2 head;

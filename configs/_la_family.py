@@ -3,7 +3,7 @@
 Not a config file itself (hence the underscore): each of
 `configs/{supervised_vnet,mean_teacher,uamt,dtc,sassnet}.py` loads it by path,
 `config_blocks.load_sibling(__file__, "_la_family")`, calls `la_family_config` with its method block
-and preset, then sets what is its own. Presets (METHODS.md §1):
+and preset, then sets what is its own. Presets (docs/la_protocol.md):
 
 - "" (default): the embedded synthetic 3D data (24 volumes of 64x64x48; labeled = first 4,
   validation = last 4, unlabeled = the other 16), 32^3 crops, 2 labeled + 2 unlabeled per batch,

@@ -1,4 +1,4 @@
-"""DTC: dual-task consistency (segmentation + level-set heads of one V-Net), METHODS.md §7.
+"""DTC: dual-task consistency (segmentation + level-set heads of one V-Net), docs/methods/dtc.md.
 
   python -m jaxseg.main --config configs/dtc.py
   python -m jaxseg.main --config configs/dtc.py:la8 --config.data.root=/path/to/la2018

@@ -20,7 +20,7 @@ from jaxseg import config_blocks
 from jaxseg.methods import duo
 
 # 2D slices resized to 256x256, 1 sample per stream, labeled = the first 20 % of the training list,
-# halved into X^1 and X^2; the validation carve-out is the last 20 % (METHODS.md §9.5-9.6). The
+# halved into X^1 and X^2; the validation carve-out is the last 20 % (docs/methods/duo.md, data protocol). The
 # reference normalises with ImageNet statistics; we z-score each image (its test images were left
 # unnormalised, a bug we do not copy).
 _FOLDERS2D = {

@@ -7,9 +7,9 @@
 Default: the embedded synthetic 3D data (labeled = first 4 of 24 volumes, validation = last 4,
 unlabeled = the other 16), 32^3 crops, 2 labeled + 2 unlabeled per batch, a V-Net of base width 8,
 400 steps, the consistency ramp squeezed into them (40 blocks of 10 steps). `:la8` / `:la16` follow
-the LA 2018 protocol (METHODS.md §1, §6.2): labeled = the first 8 / 16 of train.list, 112x112x80
-crops, base width 16, SGD 0.01 x0.1 every 2500 steps, 6000 steps, w(t) = 0.1·sigmoid_rampup(t //
-150, 40), EMA 0.99. The student is evaluated.
+the LA 2018 protocol (docs/la_protocol.md, docs/methods/mean_teacher.md): labeled = the first 8 / 16
+of train.list, 112x112x80 crops, base width 16, SGD 0.01 x0.1 every 2500 steps, 6000 steps,
+w(t) = 0.1·sigmoid_rampup(t // 150, 40), EMA 0.99. The student is evaluated.
 
 Measured (seed 0, last iteration, raw predictions, commit b88f739): default, 2-core CPU, 5 min 40 s;
 validation (last 4 synthetic volumes) Dice 37.0 %, Jaccard 22.7 %, 95HD 29.3, ASD 13.3 voxels

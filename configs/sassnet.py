@@ -1,4 +1,4 @@
-"""SASSNet: a two-head V-Net and a discriminator of its signed distance maps, METHODS.md §8.
+"""SASSNet: a two-head V-Net and a discriminator of its signed distance maps, docs/methods/sassnet.md.
 
   python -m jaxseg.main --config configs/sassnet.py
   python -m jaxseg.main --config configs/sassnet.py:la8 --config.data.root=/path/to/la2018

@@ -1,4 +1,4 @@
-"""Supervised V-Net: the baseline of every LA table (labeled data only), METHODS.md §6.1.
+"""Supervised V-Net: the baseline of every LA table (labeled data only), docs/methods/supervised.md.
 
   python -m jaxseg.main --config configs/supervised_vnet.py
   python -m jaxseg.main --config configs/supervised_vnet.py:la8 --config.data.root=/path/to/la2018
@@ -18,7 +18,8 @@ Measured (seed 0, last iteration, raw predictions; distances in voxels):
 - :la8, one H200 (jax 0.11.2), commit b88f739: 6000 steps at 23.8 steps/s, about 5 min 20 s with
   loading and evaluation; validation = the last 8 of train.list: Dice 70.0 % (std 29.8; one case
   predicted empty, scored 0 and the image diagonal), Jaccard 60.2 %, 95HD 50.7, ASD 39.1. One seed on
-  8 validation cases; the published 79.99 % (METHODS.md §14.2) is on the 20-case test split.
+  8 validation cases; the published 79.99 % (the V-Net row of the SASSNet and DTC papers' LA tables,
+  Li et al. 2020, Luo et al. 2021; docs/la_protocol.md) is on the 20-case test split.
 """
 
 import ml_collections

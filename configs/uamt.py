@@ -9,8 +9,8 @@
 Default: the embedded synthetic 3D data (labeled = first 4 of 24 volumes, validation = last 4,
 unlabeled = the other 16), 32^3 crops, 2 labeled + 2 unlabeled per batch, a V-Net of base width 8,
 400 steps, the consistency ramp squeezed into them (40 blocks of 10 steps) and the uncertainty
-threshold ramped over the 400 steps. `:la8` / `:la16` follow the LA 2018 protocol (METHODS.md §1,
-§6.3): labeled = the first 8 / 16 of train.list, 112x112x80 crops, base width 16, SGD 0.01 x0.1
+threshold ramped over the 400 steps. `:la8` / `:la16` follow the LA 2018 protocol (docs/la_protocol.md,
+docs/methods/uamt.md): labeled = the first 8 / 16 of train.list, 112x112x80 crops, base width 16, SGD 0.01 x0.1
 every 2500 steps, 6000 steps, T = 8 teacher passes, threshold ramp over 6000 steps, w(t) =
 0.1·sigmoid_rampup(t // 150, 40), EMA 0.99. The student is evaluated.
 

@@ -1,8 +1,9 @@
 """Deterministic labeled / unlabeled / validation splits of a case list.
 
 The LA protocol (docs/la_protocol.md, data and split): labeled = the first N IDs of the list in
-file order, validation = the last K IDs, unlabeled = everything in between. No randomness is involved, so a split is fully
-described by the list and (N, K); it is written into every run's workdir all the same.
+file order, validation = the last K IDs, unlabeled = everything in between. No randomness is
+involved, so a split is fully described by the list and (N, K); it is written into every run's
+workdir all the same.
 """
 
 from __future__ import annotations

@@ -146,7 +146,7 @@ def test_parameter_count_matches_ours(n_filters, channels, num_classes):
   theirs_count = sum(p.numel() for p in theirs.parameters() if p.requires_grad)
   assert theirs_count == ours_count
   if (n_filters, channels, num_classes) == (16, 1, 2):
-    assert theirs_count == 9_448_866  # METHODS §5.1.
+    assert theirs_count == 9_448_866  # The LA V-Net's count (docs/networks.md).
 
 
 def test_transposed_conv_mapping():

@@ -1,4 +1,4 @@
-"""Every config and preset loads; the LA presets carry the LA protocol (METHODS.md §1)."""
+"""Every config and preset loads; the LA presets carry the LA protocol (docs/la_protocol.md)."""
 
 import pytest
 
@@ -36,7 +36,7 @@ LA_FAMILY = ["supervised_vnet", "dtc", "sassnet", "mean_teacher", "uamt"]
 @pytest.mark.parametrize("name", LA_FAMILY)
 @pytest.mark.parametrize("preset, labeled", [("la8", 8), ("la16", 16)])
 def test_la_family_presets_follow_the_protocol(name, preset, labeled):
-  """METHODS.md §1: labeled = first N of train.list, validation = last 8, 112x112x80, 2 + 2 (4
+  """docs/la_protocol.md: labeled = first N of train.list, validation = last 8, 112x112x80, 2 + 2 (4
   labeled for the supervised baseline), SGD 0.01 momentum 0.9 wd 1e-4 x0.1 every 2500, 6000 steps,
   window strides (18, 18, 4), V-Net of width 16, ramps of 40 blocks of 150 steps."""
   config = load(CONFIGS_DIR / f"{name}.py").get_config(preset)

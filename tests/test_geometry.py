@@ -17,7 +17,7 @@ from conftest import load_golden
 from jaxseg import geometry
 
 # ---------------------------------------------------------------------------------------------------
-# Signed distance map (METHODS §2): exact EDT in JAX.
+# Signed distance map (docs/methods/dtc.md): exact EDT in JAX.
 
 SDF_CASES = ["blobs", "border", "single_voxel", "empty_and_blob"]
 SDF_ATOL = 1e-5  # float32 computation against the float64 reference

@@ -1,4 +1,4 @@
-"""Tests of jaxseg.methods.dtc (DTC, METHODS.md §7): golden values of the released loss block,
+"""Tests of jaxseg.methods.dtc (DTC, docs/methods/dtc.md): golden values of the released loss block,
 hand-computed terms, gradients of both heads, presets, and a few training steps."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tests of jaxseg.methods.duo (Duo-SegNet, METHODS.md §9) on tiny 2D and 3D batches."""
+"""Tests of jaxseg.methods.duo (Duo-SegNet, docs/methods/duo.md) on tiny 2D and 3D batches."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def jit_train_step():
 
 
 # ------------------------------------------------------------------------------------------------
-# Losses against NumPy transcriptions of METHODS §9.3.
+# Losses against NumPy transcriptions of docs/methods/duo.md (one step, presets).
 
 
 def _bce(p, y):
@@ -119,7 +119,7 @@ def test_presets_give_the_effective_weights():
 
 
 # ------------------------------------------------------------------------------------------------
-# Gradients against the written-out objectives (METHODS §9.2, §9.3).
+# Gradients against the written-out objectives (docs/methods/duo.md, presets).
 
 
 def _bce_jnp(p, y):
@@ -127,7 +127,8 @@ def _bce_jnp(p, y):
 
 
 def _written_out_objective(state: duo.State, batch: Batch, preset: str):
-  """The segmenters' loss written out from METHODS §9.2 (released), §9.3 (paper)."""
+  """The segmenters' loss written out from docs/methods/duo.md (`paper`; `released`: the released
+  code's effective gradients)."""
   unet_apply, critic = state.seg["f1"].apply_fn, state.critic
   half = batch.labeled["image"].shape[0] // 2
   y = jnp.asarray(batch.labeled["label"], jnp.float32)[..., None]
@@ -226,7 +227,7 @@ def test_training_decreases_supervised_loss(state2d, batch2d, jit_train_step):
     history.append({k: float(v) for k, v in metrics.items()})
   assert set(history[0]) == {"loss_s", "loss_u", "loss_c", "loss_total", "loss_critic", "d_real",
                              "d_fake", "d_unlabeled", "learning_rate", "learning_rate_critic"}
-  assert history[0]["learning_rate"] == pytest.approx(1e-2)  # SGD, METHODS §9.5
+  assert history[0]["learning_rate"] == pytest.approx(1e-2)  # SGD 1e-2, the reference's
   assert history[0]["learning_rate_critic"] == pytest.approx(5e-5)  # RMSprop
   assert all(np.isfinite(v) for m in history for v in m.values())
   assert all(0 <= m[k] <= 1 for m in history for k in ("d_real", "d_fake", "d_unlabeled"))

@@ -1,4 +1,4 @@
-"""Tests of jaxseg.methods.mean_teacher (METHODS.md §6.2, §3): losses against NumPy, the EMA
+"""Tests of jaxseg.methods.mean_teacher (docs/methods/mean_teacher.md): losses against NumPy, the EMA
 teacher, the noise, the student's single forward, a few jitted V-Net steps on tiny 3D data, predict.
 
 One jitted train step is compiled per module (16^3 volumes, V-Net base width 4) and shared by the

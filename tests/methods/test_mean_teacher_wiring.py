@@ -131,7 +131,7 @@ def test_predict_is_the_student_softmax(run):
 
 
 def test_default_hyperparameters():
-  """The LA recipe (METHODS §6.2): EMA cap 0.99, w_max 0.1 over 40 blocks of 150 steps (the
+  """The LA recipe (docs/methods/mean_teacher.md): EMA cap 0.99, w_max 0.1 over 40 blocks of 150 steps (the
   optimiser block is pinned with the presets in tests/test_configs.py)."""
   config = mean_teacher.default_config().to_dict()
   del config["optimizer"]

@@ -1,4 +1,4 @@
-"""Tests of jaxseg.methods.sassnet (SASSNet, METHODS.md §8): every loss term against NumPy and the
+"""Tests of jaxseg.methods.sassnet (SASSNet, docs/methods/sassnet.md): every loss term against NumPy and the
 reference's golden loss block, the modes and the order of the two steps, and a few training steps
 on tiny 16^3 batches."""
 
@@ -83,7 +83,7 @@ def train_result(state, batch, step_keys, jit_train_step):
 
 
 # ------------------------------------------------------------------------------------------------
-# NumPy transcriptions (METHODS §2, §4, §8.2).
+# NumPy transcriptions (docs/methods/sassnet.md; the SDF: docs/methods/dtc.md).
 
 
 def _ce(logits, targets):
@@ -269,7 +269,7 @@ def test_a_few_train_steps(state, batch, train_result, jit_train_step):
                              "adversarial_weight", "loss_discriminator", "d_accuracy",
                              "learning_rate", "learning_rate_discriminator", "sdf_full_masks"}
   assert all(np.isfinite(v) for m in history for v in m.values())
-  assert history[0]["learning_rate"] == pytest.approx(0.01)  # SGD, METHODS §1.5
+  assert history[0]["learning_rate"] == pytest.approx(0.01)  # SGD 0.01, the LA schedule
   assert history[0]["learning_rate_discriminator"] == pytest.approx(1e-4)  # Adam, §8.5
   assert all(m["d_accuracy"] in (0, 0.25, 0.5, 0.75, 1) for m in history)
   assert all(m["sdf_full_masks"] == 0 for m in history)

@@ -1,4 +1,4 @@
-"""Tests of jaxseg.methods.uamt (METHODS.md §6.3): uncertainty, threshold, mask and masked
+"""Tests of jaxseg.methods.uamt (docs/methods/uamt.md): uncertainty, threshold, mask and masked
 consistency against the reference's golden outputs and NumPy; the T teacher passes (keys, vmapped
 rounds = separate calls, the reference's grouping); a few jitted V-Net steps on tiny 3D data;
 presets. One jitted train step per module (16^3 volumes, V-Net base width 4), shared by fixtures.
@@ -65,7 +65,7 @@ def _leaves(tree):
 
 
 # ------------------------------------------------------------------------------------------------
-# NumPy transcriptions (METHODS §6.3).
+# NumPy transcriptions (docs/methods/uamt.md).
 
 
 def _softmax(x):

@@ -104,7 +104,7 @@ def test_norm_options(norm):
 
 
 # ------------------------------------------------------------------------------------------------
-# SASSNet's discriminator (METHODS §8.4).
+# SASSNet's discriminator (docs/networks.md).
 
 
 def _conv_k4_s2_p1(x, kernel, bias):
@@ -165,7 +165,7 @@ def test_sdf_discriminator_parameter_count_and_layout():
   n_params = lambda v: sum(math.prod(a.shape) for a in jax.tree.leaves(v["params"]))
   full = (1, 112, 112, 80)
   variables = _sdf_shapes(sassnet_discriminator(), (*full, 1), (*full, 1))
-  assert n_params(variables) == 11_020_290  # METHODS §8.4
+  assert n_params(variables) == 11_020_290  # docs/networks.md
   assert set(variables) == {"params"}  # no normalisation, no BN statistics
   assert jax.tree.map(lambda a: a.shape, variables["params"]) == {
       "conv0": {"kernel": (4, 4, 4, 1, 64), "bias": (64,)},
@@ -175,7 +175,7 @@ def test_sdf_discriminator_parameter_count_and_layout():
       "conv4": {"kernel": (4, 4, 4, 256, 512), "bias": (512,)},
       "classifier": {"kernel": (512, 2), "bias": (2,)},
   }
-  # With the segmenter: the 20,469,156 of METHODS §14.8 (seed 001: 20.46 M).
+  # With the segmenter: 20,469,156 (the 20.46 M that DTC's comparison tables give SASSNet).
   assert n_params(variables) + count_params(get_model("vnet_sdf"), (*full, 1)) == 20_469_156
   # The registry builds the same module; the image stem follows the image channels.
   two_channels = _sdf_shapes(get_model("sassnet_discriminator"), (1, 16, 16, 16, 1),

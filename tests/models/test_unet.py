@@ -37,7 +37,7 @@ def _ssl4mis_unet2d_torch_count(c_in: int, num_classes: int) -> int:
 
 
 def test_parameter_counts():
-  # METHODS §14.8; eval_shape only, so full-size models cost nothing.
+  # The counts of docs/networks.md; eval_shape only, so full-size models cost nothing.
   assert count_params(duo_unet(), (1, 256, 256, 3)) == 31_390_721
   assert count_params(get_model("duo_unet"), (1, 32, 32, 3)) == 31_390_721
   assert count_params(ssl4mis_unet3d(num_classes=2), (1, 112, 112, 80, 1)) == 5_884_050

@@ -178,6 +178,9 @@ def eval_block() -> ml_collections.ConfigDict:
     empty_policy: how empty masks are scored, one of EMPTY_POLICIES (metrics.py).
     num_figure_cases: cases drawn in figure.png (>= 0).
     save_predictions: write each case's label map per view.
+    view: --mode predict: the view whose labels are written: "" = the method's first view (Duo:
+      "f1"), a view name, or "mean" = the average of all views' probabilities, then the usual
+      decision rule. Evaluation scores every view regardless.
   """
   c = ml_collections.ConfigDict()
   c.patch_size = ()
@@ -193,6 +196,7 @@ def eval_block() -> ml_collections.ConfigDict:
   c.empty_policy = "worst"
   c.num_figure_cases = 3
   c.save_predictions = True
+  c.view = ""
   return c
 
 
@@ -359,6 +363,9 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "eval.empty_policy": _choice(EMPTY_POLICIES),
     "eval.num_figure_cases": _count(0),
     "eval.save_predictions": _BOOL,
+    # The method's views are known once its predict function is traced: evaluate.predict_files
+    # checks the name.
+    "eval.view": _STRING,
 }
 
 

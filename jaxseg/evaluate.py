@@ -8,11 +8,12 @@ largest-connected-component post-processing, and writes (`jaxseg.writers`)
     out_dir/
       metrics.csv       one row per case x view x postprocess x class (or region)
       summary.json      per view and postprocess: per class (region) mean / std over the cases
-      figure.png        ground-truth (green) and prediction (red) contours on a few cases
+      figure.png        a few cases: image | ground truth | prediction per view, Dice in the titles
       predictions/      <case>_<view>.nii.gz (3D, uint8) or <case>_<view>.png (2D)
 
 `predict_files` is `--mode predict`: it segments NIfTI, LA-style h5 or 2D image files
-(`jaxseg.data.readers`) with one view and writes one label file per input.
+(`jaxseg.data.readers`) with one view (eval.view: the first, a named one, or the mean of all) and
+writes one label file per input.
 
 A method's predict function takes the window inputs of a case, {"image": (B, *patch, C) float32,
 "modality_mask": (B, C) bool, **fields} (the windows of the case's per-voxel `Case.fields`), and
@@ -53,7 +54,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from PIL import Image
 from jax.sharding import Mesh
 
 from jaxseg import inference, metrics, parallel, postprocess, writers
@@ -68,6 +68,7 @@ __all__ = [
     "case_inputs",
     "check_mirror_axes",
     "check_regions",
+    "choose_view",
     "evaluate",
     "headline",
     "image_inputs",
@@ -242,6 +243,49 @@ class _SelectView:
     return predict_fn(window_inputs)[self.name]
 
 
+@dataclasses.dataclass(frozen=True)
+class _MeanViews:
+  """The mean over the views of `predict_fn(window_inputs)` (all of K channels): eval.view = "mean".
+
+  The sliding window averages linearly, so averaging per window equals averaging the views'
+  averaged probabilities; the decision rule is applied to the mean.
+  """
+
+  def __call__(self, predict_fn: ViewsPredictFn, window_inputs: dict) -> jax.Array:
+    views = [jnp.asarray(p, jnp.float32) for p in predict_fn(window_inputs).values()]
+    return sum(views[1:], views[0]) / len(views)
+
+
+MEAN_VIEW = "mean"  # eval.view: the average of all views' probabilities.
+
+
+def choose_view(setting: str, channels: Mapping[str, int]) -> tuple[str, int]:
+  """(view, K) that `--mode predict` writes for eval.view = `setting`.
+
+  Args:
+    setting: "" (the method's first view), a view name, or "mean" (the average of all views; a
+      view named "mean" wins).
+    channels: {view: K} in the method's order (`view_channels`).
+
+  Raises:
+    DataError: naming eval.view and listing the method's views, for an unknown name, or "mean"
+      over views of different channel counts.
+  """
+  names = list(channels)
+  if not setting:
+    return names[0], channels[names[0]]
+  if setting in channels:
+    return setting, channels[setting]
+  if setting == MEAN_VIEW:
+    if len(set(channels.values())) != 1:
+      raise DataError(f"config eval.view = 'mean': the method's views {channels} have different "
+                      "channel counts; choose one view")
+    return MEAN_VIEW, channels[names[0]]
+  raise DataError(f"config eval.view = {setting!r} is not one of the method's views "
+                  f"{', '.join(names)}; use one of them, 'mean' (their average) or '' (the first, "
+                  f"{names[0]})")
+
+
 def window_batch_size(eval_cfg: ml_collections.ConfigDict, mesh: Optional[Mesh] = None) -> int:
   """Windows per network call: `eval.batch_size`, rounded up to a multiple of the mesh's devices."""
   n = mesh.size if mesh is not None else 1
@@ -384,7 +428,7 @@ def evaluate(predict_fn: ViewsPredictFn, cases: Iterable[Case], eval_cfg: ml_col
   window_seconds = 0.0
   rows: list[dict] = []
   pooled: dict[tuple[str, str, Union[int, str]], np.ndarray] = {}
-  tiles: list[Image.Image] = []
+  figure_cases: list[writers.FigureCase] = []
   for case in cases[jax.process_index()::jax.process_count()]:
     inputs = case_inputs(case)
     channels = channels_by_spec[_spec_key(window_spec(inputs, batch_size, patch))]
@@ -392,6 +436,7 @@ def evaluate(predict_fn: ViewsPredictFn, cases: Iterable[Case], eval_cfg: ml_col
     probs = predict_views(predict_fn, inputs, eval_cfg, patch, strides, channels, mesh)
     window_seconds += time.perf_counter() - window_start  # predict_views returns host arrays.
     labels = {view: _labels(p, eval_cfg.threshold) for view, p in probs.items()}
+    first_row = len(rows)
     for view, view_labels in labels.items():
       for post in postprocesses:
         pred = postprocess.postprocess_labels(view_labels, post)
@@ -405,8 +450,11 @@ def evaluate(predict_fn: ViewsPredictFn, cases: Iterable[Case], eval_cfg: ml_col
       if save_predictions:
         writers.save_case_prediction(out / PREDICTIONS_DIR / f"{case.case_id}_{view}",
                                      view_labels, case, num_classes)
-    if out is not None and len(tiles) < eval_cfg.num_figure_cases:
-      tiles.append(writers.figure_tile(case, labels[view_names[0]]))
+    if out is not None and len(figure_cases) < eval_cfg.num_figure_cases:
+      dice = {view: {r["class"]: r["dice"] for r in rows[first_row:]
+                     if r["view"] == view and r["postprocess"] == RAW and r["class"] in classes}
+              for view in labels}
+      figure_cases.append(writers.figure_case(case, labels, dice))
 
   if jax.process_count() > 1:
     rows, pooled = _gather_scores(rows, pooled, [case.case_id for case in cases])
@@ -444,8 +492,11 @@ def evaluate(predict_fn: ViewsPredictFn, cases: Iterable[Case], eval_cfg: ml_col
     out.mkdir(parents=True, exist_ok=True)
     writers.write_metrics_csv(out / "metrics.csv", rows)
     writers.write_summary(out / "summary.json", summary)
-    if tiles:
-      writers.write_figure(out / "figure.png", tiles)
+    if figure_cases:
+      where = "the slice with the most ground-truth foreground; " if len(patch) == 3 else ""
+      writers.write_figure(out / "figure.png", figure_cases, num_classes,
+                           header=f"{split_name}: {len(figure_cases)} of {len(cases)} cases; "
+                                  f"{where}Dice of the whole case")
   return summary
 
 
@@ -632,8 +683,9 @@ def summary_lines(summary: dict) -> list[str]:
 def predict_files(predict_fn: ViewsPredictFn, input_path: PathLike, output_dir: PathLike,
                   eval_cfg: ml_collections.ConfigDict, *, patch_size: Sequence[int],
                   data_cfg: ml_collections.ConfigDict, view: Optional[str] = None,
-                  num_channels: Optional[int] = None) -> list[pathlib.Path]:
-  """Segments files with one view of a method and writes one label file per input.
+                  num_channels: Optional[int] = None,
+                  log: Optional[Callable[[str], None]] = print) -> list[pathlib.Path]:
+  """Segments files with one view of a method (or their mean) and writes one label file per input.
 
   Inputs are read like the training data (`jaxseg.data.readers.read_input`, `data_cfg`): NIfTI (3D,
   or 4D multi-modal channels-last), LA-style h5 (`image` dataset) or 2D images (folders2d's reader,
@@ -651,12 +703,14 @@ def predict_files(predict_fn: ViewsPredictFn, input_path: PathLike, output_dir: 
     predict_fn: window inputs -> {view: probabilities}; jittable.
     input_path: a supported file, or a folder (see `readers.find_input_files`).
     output_dir: created if needed.
-    eval_cfg: the `config.eval` block (window, batch size, threshold, gaussian, mirror_axes).
+    eval_cfg: the `config.eval` block (window, batch size, threshold, gaussian, mirror_axes, view).
     patch_size: config.data.patch_size, used when eval.patch_size is empty.
     data_cfg: the training config's `data` block.
-    view: the view to use; None: the method's first view.
+    view: the view to use (`choose_view`): a name, "mean" or "" (the first); None: eval.view.
     num_channels: the channels the model was trained on; None: any count the model accepts
       (checked by tracing it on the file's channel count).
+    log: called once with the line saying which view is used (e.g. "predicting with view f1 of
+      the method's views f1, f2 (choose with --config.eval.view: a view, mean)"); None: silent.
 
   Returns:
     The written files, in input order.
@@ -664,8 +718,8 @@ def predict_files(predict_fn: ViewsPredictFn, input_path: PathLike, output_dir: 
   Raises:
     DataError: naming the path or file: a missing input, no supported files, an unreadable file,
       an image whose dimensionality or channel count the model does not take, two inputs that
-      would write the same output, an output that would overwrite its input; or naming `view` or
-      the config key (eval.mirror_axes).
+      would write the same output, an output that would overwrite its input; or naming the config
+      key (eval.view, eval.mirror_axes).
   """
   patch, strides = window_geometry(eval_cfg, patch_size)
   options = _window_options(eval_cfg, len(patch))
@@ -681,8 +735,9 @@ def predict_files(predict_fn: ViewsPredictFn, input_path: PathLike, output_dir: 
       raise DataError(f"{files[i]}: the output would overwrite the input; choose another --output")
   out.mkdir(parents=True, exist_ok=True)
 
+  setting = str(eval_cfg.get("view", "") if view is None else view)
   channels_by_spec: dict[tuple, dict[str, int]] = {}
-  written = []
+  written, logged = [], False
   for path, target in zip(files, targets):
     source = readers.read_input(path, data_cfg)
     case = source.case
@@ -697,16 +752,22 @@ def predict_files(predict_fn: ViewsPredictFn, input_path: PathLike, output_dir: 
     key = _spec_key(spec)
     if key not in channels_by_spec:
       channels_by_spec[key] = _probe_input_channels(predict_fn, spec, c, path)
-    names = list(channels_by_spec[key])
-    name = names[0] if view is None else view
-    if name not in names:
-      raise DataError(f"view: {view!r} is not one of the method's views {names}")
+    name, k = choose_view(setting, channels_by_spec[key])
+    if not logged and log is not None:
+      names = list(channels_by_spec[key])
+      what = ("the mean of the views " + ", ".join(names) if name == MEAN_VIEW and name not in names
+              else f"view {name} of the method's views {', '.join(names)}")
+      choice = " (choose with --config.eval.view: a view or mean)" if len(names) > 1 else ""
+      log(f"predicting with {what}{choice}")
+      logged = True
+    select = (_MeanViews() if name == MEAN_VIEW and name not in channels_by_spec[key]
+              else _SelectView(name))
     voxel, per_case = inputs
     probs = inference.sliding_window_predict(
-        jax.tree_util.Partial(_SelectView(name), predict_fn), voxel, patch, strides,
+        jax.tree_util.Partial(select, predict_fn), voxel, patch, strides,
         per_case=per_case, batch_size=eval_cfg.batch_size, **options)
     labels = _labels(np.asarray(probs), eval_cfg.threshold)
-    writers.write_input_prediction(target, labels, source, max(2, channels_by_spec[key][name]))
+    writers.write_input_prediction(target, labels, source, max(2, k))
     written.append(target)
   return written
 

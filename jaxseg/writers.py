@@ -5,20 +5,23 @@
 * `write_summary`: the summary as JSON (NaN / inf -> null, `json_safe`).
 * `save_case_prediction`, `write_input_prediction`: label maps, 3D as uint8 NIfTI (the case's or
   the input's affine), 2D as PNG (binary: 0 / 255, viewable; else class indices).
-* `figure_tile`, `write_figure`: ground-truth (green) and prediction (red) contours over the image.
+* `figure_case`, `write_figure`: figure.png, one row per case (the slice with the most foreground):
+  image | ground truth | prediction per view, one colour per class, the case's Dice per view in the
+  titles, and a legend.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import pathlib
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import nibabel as nib
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
 from jaxseg.data import folders2d, la
@@ -27,11 +30,21 @@ from jaxseg.data.readers import InputFile
 
 __all__ = [
     "CSV_COLUMNS",
-    "FIGURE_CAPTION_HEIGHT",
+    "FIGURE_CLASS_COLOURS",
+    "FIGURE_FONT_SIZE",
     "FIGURE_MIN_SIDE",
+    "FigureCase",
+    "FigureLayout",
+    "FigurePanel",
     "METRIC_NAMES",
+    "class_colour",
     "diagonal_affine",
-    "figure_tile",
+    "dice_title",
+    "draw_figure",
+    "figure_case",
+    "figure_font",
+    "figure_layout",
+    "figure_slice",
     "json_safe",
     "save_case_prediction",
     "write_figure",
@@ -47,12 +60,18 @@ __all__ = [
 METRIC_NAMES = ("dice", "jaccard", "hd95", "asd", "assd", "hd", "mae")
 CSV_COLUMNS = ("case", "view", "postprocess", "class", *METRIC_NAMES, "pred_empty", "gt_empty")
 
-# Figure layout: tiles are upscaled by an integer factor (nearest) until their longer side is at
-# least this many pixels, so that tiny volumes stay readable; the caption band sits above each tile.
-FIGURE_MIN_SIDE = 128
-FIGURE_CAPTION_HEIGHT = 16
-_GT_COLOUR = (0, 255, 0)
-_PRED_COLOUR = (255, 0, 0)
+# figure.png layout, in pixels: each case's images are upscaled by an integer factor (nearest) until
+# their longer side is at least FIGURE_MIN_SIDE, so that a 32 x 32 slice reads as well as a
+# 183 x 140 LA one; titles and the legend use FIGURE_FONT_SIZE.
+FIGURE_MIN_SIDE = 192
+FIGURE_MARGIN = 10
+FIGURE_FONT_SIZE = 14
+# Class c is drawn in FIGURE_CLASS_COLOURS[(c - 1) % 8], filled FIGURE_FILL_ALPHA opaque; yellow is
+# kept for the ground-truth outline over the predictions.
+FIGURE_CLASS_COLOURS = ((230, 40, 40), (40, 120, 240), (40, 190, 70), (220, 60, 220),
+                        (0, 200, 200), (240, 140, 20), (140, 80, 220), (150, 100, 50))
+FIGURE_OUTLINE_COLOUR = (255, 230, 0)
+FIGURE_FILL_ALPHA = 0.45
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -154,52 +173,262 @@ def write_nifti_labels(path: pathlib.Path, labels: np.ndarray, affine: np.ndarra
 # Figure.
 
 
-def figure_tile(case: Case, labels: np.ndarray) -> Image.Image:
-  """One captioned RGB tile: grayscale image, ground-truth contour green, prediction contour red.
+@dataclasses.dataclass(frozen=True)
+class FigureCase:
+  """What figure.png shows of one case: one 2D slice, its labels, and the case's Dice per view.
 
-  3D: the slice along the last axis through the ground-truth centroid (the prediction's when the
-  ground truth is empty, else the middle), transposed so that x runs left to right. Gray = channel 0,
-  or the channel mean for 3-channel 2D (RGB) images, stretched between its 1st and 99th percentiles.
-  Foreground = any class > 0.
+  Attributes:
+    case_id: the case's name.
+    image: (H, W) float32 in [0, 1]: rows top to bottom, columns left to right (3D: the transposed
+      (X, Y) slice, so that x runs left to right).
+    label: (H, W) int32 ground truth of the slice.
+    predictions: {view: (H, W) int32 labels of the slice}, in the method's view order.
+    dice: {view: {class: the Dice of the whole case (every slice), NaN when undefined}}.
+    where: the slice shown, e.g. "slice z = 40 of 88" (0-based index along the last axis); "" in 2D.
   """
-  image, gt, pred = case.image, case.label > 0, labels > 0
+
+  case_id: str
+  image: np.ndarray
+  label: np.ndarray
+  predictions: dict
+  dice: dict
+  where: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class FigurePanel:
+  """One image of figure.png: `kind` is "image", "ground truth" or "prediction" (of `view`); `box`
+  = (left, top, width, height) of the upscaled image in pixels; `title` = the lines above it."""
+
+  case: int
+  kind: str
+  view: str
+  box: tuple[int, int, int, int]
+  title: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class FigureLayout:
+  """Where everything of figure.png goes (pixels; `figure_layout`).
+
+  Attributes:
+    size: (width, height) of the figure.
+    header: (left, top, text) of the line above the panels, or None.
+    panels: one row per case: its image, its ground truth, then one prediction per view.
+    legend: (left, top, style, colour, text) per entry; style "fill" (a class's colour) or
+      "outline" (the ground-truth outline drawn over the predictions).
+    scales: each case's integer upscaling factor.
+  """
+
+  size: tuple[int, int]
+  header: Optional[tuple[int, int, str]]
+  panels: tuple[FigurePanel, ...]
+  legend: tuple[tuple[int, int, str, tuple[int, int, int], str], ...]
+  scales: tuple[int, ...]
+
+
+def figure_font(size: int = FIGURE_FONT_SIZE):
+  """PIL's built-in scalable font at `size` pixels (Pillow >= 10.1 with FreeType), else its fixed
+  bitmap font (about 11 pixels): no font file is needed."""
+  try:
+    return ImageFont.load_default(size=size)
+  except (TypeError, ImportError, OSError):
+    return ImageFont.load_default()
+
+
+def _text_width(font, text: str) -> int:
+  return int(math.ceil(font.getlength(text))) if text else 0
+
+
+def figure_slice(label: np.ndarray, predictions: Sequence[np.ndarray] = ()) -> int:
+  """The index along the last axis of the slice shown for a 3D case.
+
+  Args:
+    label: (X, Y, Z) ground truth; foreground = any class > 0.
+    predictions: (X, Y, Z) labels of the views.
+
+  Returns:
+    The slice with the most ground-truth foreground voxels; when the ground truth is empty, the one
+    with the most predicted foreground (summed over the views); when both are empty, the middle
+    slice Z // 2. Ties go to the lowest index.
+  """
+  for masks in ([label], list(predictions)):
+    if not masks:
+      continue
+    counts = sum(np.count_nonzero(np.asarray(m) > 0, axis=(0, 1)) for m in masks)
+    if np.any(counts):
+      return int(np.argmax(counts))
+  return int(label.shape[-1] // 2)
+
+
+def figure_case(case: Case, labels: Mapping[str, np.ndarray],
+                dice: Mapping[str, Mapping[int, float]]) -> FigureCase:
+  """The slice of `case` that figure.png shows (`figure_slice`), with its labels and Dice.
+
+  Args:
+    case: a labeled case, image (*spatial, C).
+    labels: {view: (*spatial,) predicted labels}, in the method's order.
+    dice: {view: {class: Dice of the whole case}}.
+
+  The gray image is channel 0, or the channel mean for 3-channel 2D (RGB) images, stretched
+  between its 1st and 99th percentiles (of the slice).
+  """
+  image, label, preds, where = case.image, case.label, dict(labels), ""
   if case.ndim == 3:
-    z = _centroid_index(gt, pred)
-    image, gt, pred = (a[:, :, z].swapaxes(0, 1) for a in (image, gt, pred))
+    z = figure_slice(label, list(preds.values()))
+    take = lambda a: np.asarray(a)[:, :, z].swapaxes(0, 1)
+    image, label = take(image), take(label)
+    preds = {view: take(p) for view, p in preds.items()}
+    where = f"slice z = {z} of {case.spatial_shape[-1]}"
   gray = image.mean(axis=-1) if case.ndim == 2 and image.shape[-1] == 3 else image[..., 0]
-  scale = max(1, math.ceil(FIGURE_MIN_SIDE / max(gray.shape)))
-  gray, gt, pred = (np.kron(a, np.ones((scale, scale), a.dtype)) for a in (gray, gt, pred))
+  gray = np.asarray(gray, np.float64)
   low, high = np.percentile(gray, [1, 99])
   gray = np.clip((gray - low) / (high - low), 0, 1) if high > low else np.zeros_like(gray)
-  rgb = np.repeat((255 * gray).astype(np.uint8)[..., None], 3, axis=-1)
-  rgb[_contour(gt)] = _GT_COLOUR
-  rgb[_contour(pred)] = _PRED_COLOUR  # Drawn last: where the contours coincide, red shows.
-  tile = Image.new("RGB", (rgb.shape[1], rgb.shape[0] + FIGURE_CAPTION_HEIGHT))
-  tile.paste(Image.fromarray(rgb), (0, FIGURE_CAPTION_HEIGHT))
-  ImageDraw.Draw(tile).text((2, 2), case.case_id, fill=(255, 255, 255))
-  return tile
+  return FigureCase(case.case_id, gray.astype(np.float32), np.asarray(label, np.int32),
+                    {view: np.asarray(p, np.int32) for view, p in preds.items()},
+                    {view: {int(c): float(d) for c, d in by_class.items()}
+                     for view, by_class in dice.items()}, where)
 
 
-def _centroid_index(gt: np.ndarray, pred: np.ndarray) -> int:
-  """Index along the last axis through the centroid of gt (else pred, else the middle)."""
-  for mask in (gt, pred):
+def dice_title(dice: Mapping[int, float]) -> str:
+  """"Dice 0.812" (one class); "Dice 0.81 (1: 0.90, 2: 0.72)" (the mean over the defined classes,
+  then each class); "n/a" where undefined (no foreground in ground truth nor prediction)."""
+  fmt = lambda v: "n/a" if not math.isfinite(v) else f"{v:.3f}"
+  values = [float(v) for v in dice.values()]
+  if len(values) == 1:
+    return f"Dice {fmt(values[0])}"
+  finite = [v for v in values if math.isfinite(v)]
+  mean = float(np.mean(finite)) if finite else math.nan
+  return f"Dice {fmt(mean)} (" + ", ".join(f"{c}: {fmt(v)}" for c, v in dice.items()) + ")"
+
+
+def _panel_titles(case: FigureCase) -> list[tuple[str, str, tuple[str, ...]]]:
+  """(kind, view, title lines) of a case's panels, left to right."""
+  titles = [("image", "", (case.case_id, case.where or "image")),
+            ("ground truth", "", ("ground truth", "" if case.label.any() else "(empty)"))]
+  for view in case.predictions:
+    titles.append(("prediction", view, (f"prediction {view}", dice_title(case.dice.get(view, {})))))
+  return titles
+
+
+def _legend_entries(num_classes: int) -> list[tuple[str, tuple[int, int, int], str]]:
+  if num_classes == 2:
+    entries = [("fill", FIGURE_CLASS_COLOURS[0], "foreground (class 1)")]
+  else:
+    entries = [("fill", class_colour(c), f"class {c}") for c in range(1, num_classes)]
+  return entries + [("outline", FIGURE_OUTLINE_COLOUR, "ground-truth outline (on the predictions)")]
+
+
+def class_colour(c: int) -> tuple[int, int, int]:
+  """The colour of class c >= 1 in figure.png (the palette repeats after 8 classes)."""
+  return FIGURE_CLASS_COLOURS[(c - 1) % len(FIGURE_CLASS_COLOURS)]
+
+
+def figure_layout(cases: Sequence[FigureCase], num_classes: int, header: str = "") -> FigureLayout:
+  """The layout of figure.png: one row per case, columns image | ground truth | one per view.
+
+  Each case's images are upscaled by the integer factor that brings their longer side to at least
+  FIGURE_MIN_SIDE pixels; a column is as wide as its widest image or title line, so text always
+  fits; the legend (one entry per class colour and the outline) wraps below the rows.
+  """
+  font, line = figure_font(), FIGURE_FONT_SIZE + 4
+  margin, gap = FIGURE_MARGIN, FIGURE_MARGIN
+  scales = [max(1, math.ceil(FIGURE_MIN_SIDE / max(c.image.shape))) for c in cases]
+  titles = [_panel_titles(c) for c in cases]
+  columns = max((len(t) for t in titles), default=0)
+  widths = [0] * columns
+  for case, scale, panels in zip(cases, scales, titles):
+    for j, (_, _, lines) in enumerate(panels):
+      widths[j] = max(widths[j], case.image.shape[1] * scale,
+                      *(_text_width(font, text) for text in lines))
+  top = margin
+  header_entry = None
+  if header:
+    header_entry = (margin, top, header)
+    top += line + gap // 2
+  panels = []
+  for i, (case, scale, row) in enumerate(zip(cases, scales, titles)):
+    h, w = case.image.shape[0] * scale, case.image.shape[1] * scale
+    left = margin
+    for j, (kind, view, lines) in enumerate(row):
+      box = (left + (widths[j] - w) // 2, top + len(lines) * line, w, h)
+      panels.append(FigurePanel(i, kind, view, box, lines))
+      left += widths[j] + gap
+    top += max(len(lines) for _, _, lines in row) * line + h + gap
+  width = max(margin + sum(widths) + gap * max(columns - 1, 0) + margin,
+              2 * margin + (_text_width(font, header) if header else 0), 320)
+  legend, x, y = [], margin, top
+  swatch = FIGURE_FONT_SIZE
+  for style, colour, text in _legend_entries(num_classes):
+    entry_width = swatch + 6 + _text_width(font, text)
+    if x > margin and x + entry_width > width - margin:
+      x, y = margin, y + line
+    legend.append((x, y, style, colour, text))
+    x += entry_width + 2 * gap
+  width = max(width, *(e[0] + swatch + 6 + _text_width(font, e[4]) + margin for e in legend))
+  return FigureLayout((int(width), int(y + line + margin)), header_entry, tuple(panels), tuple(legend),
+                      tuple(scales))
+
+
+def _contour(mask: np.ndarray, width: int = 1) -> np.ndarray:
+  """Boundary pixels of a 2D bool mask: the mask minus its erosion (4-neighbour, `width` times)."""
+  return mask & ~ndimage.binary_erosion(mask, iterations=width)
+
+
+def _panel_pixels(case: FigureCase, panel: FigurePanel, scale: int,
+                  num_classes: int) -> np.ndarray:
+  """(H * scale, W * scale, 3) uint8 of one panel: the gray image; the ground truth or the
+  prediction filled in the class colours (45 % opaque) with their outlines; on predictions the
+  ground-truth outline in FIGURE_OUTLINE_COLOUR."""
+  up = lambda a: np.kron(a, np.ones((scale, scale), a.dtype))
+  gray = up((255 * case.image).round().astype(np.uint8))
+  rgb = np.repeat(gray[..., None], 3, axis=-1).astype(np.float32)
+  if panel.kind == "image":
+    return rgb.astype(np.uint8)
+  labels = up(case.label if panel.kind == "ground truth" else case.predictions[panel.view])
+  width = 2 if scale >= 3 else 1
+  outlines = []
+  for c in range(1, max(num_classes, int(labels.max(initial=0)) + 1)):
+    mask = labels == c
     if mask.any():
-      return int(round(np.nonzero(mask)[-1].mean()))
-  return mask.shape[-1] // 2
+      rgb[mask] = (1 - FIGURE_FILL_ALPHA) * rgb[mask] + FIGURE_FILL_ALPHA * np.array(class_colour(c))
+      outlines.append((_contour(mask, width), class_colour(c)))
+  for mask, colour in outlines:
+    rgb[mask] = colour
+  if panel.kind == "prediction":
+    gt = up(case.label)
+    for c in range(1, int(gt.max(initial=0)) + 1):
+      rgb[_contour(gt == c, width)] = FIGURE_OUTLINE_COLOUR
+  return rgb.round().astype(np.uint8)
 
 
-def _contour(mask: np.ndarray) -> np.ndarray:
-  """Boundary pixels of a 2D bool mask (mask minus its 4-neighbour erosion)."""
-  return mask & ~ndimage.binary_erosion(mask)
+def draw_figure(cases: Sequence[FigureCase], num_classes: int, header: str = "") -> Image.Image:
+  """figure.png as an RGB image (white background, black text; `figure_layout`)."""
+  layout = figure_layout(cases, num_classes, header)
+  figure = Image.new("RGB", layout.size, (255, 255, 255))
+  draw, font, line = ImageDraw.Draw(figure), figure_font(), FIGURE_FONT_SIZE + 4
+  if layout.header is not None:
+    draw.text(layout.header[:2], layout.header[2], fill=(0, 0, 0), font=font)
+  for panel in layout.panels:
+    left, top, w, h = panel.box
+    case = cases[panel.case]
+    pixels = _panel_pixels(case, panel, layout.scales[panel.case], num_classes)
+    figure.paste(Image.fromarray(pixels), (left, top))
+    for k, text in enumerate(panel.title):
+      y = top - (len(panel.title) - k) * line
+      draw.text((left + w // 2 - _text_width(font, text) // 2, y), text, fill=(0, 0, 0), font=font)
+  swatch = FIGURE_FONT_SIZE
+  for x, y, style, colour, text in layout.legend:
+    if style == "fill":
+      draw.rectangle((x, y + 2, x + swatch, y + 2 + swatch), fill=colour, outline=(0, 0, 0))
+    else:
+      draw.rectangle((x, y + 2, x + swatch, y + 2 + swatch), fill=(128, 128, 128), outline=colour,
+                     width=3)
+    draw.text((x + swatch + 6, y + 2), text, fill=(0, 0, 0), font=font)
+  return figure
 
 
-def write_figure(path: pathlib.Path, tiles: Sequence[Image.Image]) -> None:
-  """figure.png: the tiles side by side, top-aligned, on black."""
-  width = sum(t.width for t in tiles)
-  height = max(t.height for t in tiles)
-  figure = Image.new("RGB", (width, height))
-  left = 0
-  for tile in tiles:
-    figure.paste(tile, (left, 0))
-    left += tile.width
-  figure.save(path)
+def write_figure(path: pathlib.Path, cases: Sequence[FigureCase], num_classes: int,
+                 header: str = "") -> None:
+  """figure.png of `cases` (`draw_figure`)."""
+  draw_figure(cases, num_classes, header).save(path)

@@ -184,15 +184,30 @@ def test_nifti_predictions_keep_affine(evaluated3d):
       np.testing.assert_array_equal(data, expected_labels(case.image, view))
 
 
-def test_figure_size_and_colours(evaluated3d):
-  _, _, out = evaluated3d
-  figure = np.asarray(Image.open(out / "figure.png").convert("RGB"))
-  # 3D tiles: slice (X, Y) transposed to (18, 20), upscaled x ceil(128 / 20) = 7.
-  scale = math.ceil(writers.FIGURE_MIN_SIDE / max(SHAPE[:2]))
-  assert figure.shape == (SHAPE[1] * scale + writers.FIGURE_CAPTION_HEIGHT, 3 * SHAPE[0] * scale, 3)
-  green = np.all(figure == (0, 255, 0), axis=-1)
-  red = np.all(figure == (255, 0, 0), axis=-1)
-  assert green.any() and red.any()
+def test_figure_shows_cases_views_and_their_dice(evaluated3d):
+  """figure.png: the first eval.num_figure_cases cases, each at its slice with the most
+  ground-truth foreground, image | ground truth | f1 | f2, each view's whole-case Dice in its title."""
+  cases, _, out = evaluated3d
+  rows = read_csv(out / "metrics.csv")
+  shown = []
+  for case in cases[:eval_block().num_figure_cases]:
+    labels = {view: expected_labels(case.image, view) for view in ("f1", "f2")}
+    dice = {view: {1: float(next(r["dice"] for r in rows if r["case"] == case.case_id
+                                 and r["view"] == view and r["postprocess"] == "raw"))}
+            for view in labels}
+    shown.append(writers.figure_case(case, labels, dice))
+  header = ("test: 3 of 4 cases; the slice with the most ground-truth foreground; Dice of the "
+            "whole case")
+  layout = writers.figure_layout(shown, 2, header=header)
+  figure = Image.open(out / "figure.png").convert("RGB")
+  assert figure.size == layout.size
+  assert [p.title[0] for p in layout.panels[:4]] == ["c0", "ground truth", "prediction f1",
+                                                     "prediction f2"]
+  assert layout.panels[2].title[1] == f"Dice {shown[0].dice['f1'][1]:.3f}"
+  assert 0 < shown[0].dice["f1"][1] < 1 and shown[0].where == "slice z = 3 of 12"
+  pixels = np.asarray(figure)
+  assert np.all(pixels == writers.FIGURE_OUTLINE_COLOUR, axis=-1).any()
+  assert np.all(pixels == writers.class_colour(1), axis=-1).any()
 
 
 def test_one_view_no_views_mean_and_no_outputs():
@@ -246,8 +261,9 @@ def test_2d_pooled_f1_and_mae(tmp_path):
   mask = np.asarray(Image.open(tmp_path / "predictions" / "a_f1.png"))
   np.testing.assert_array_equal(mask, pred_a * 255)
   figure = Image.open(tmp_path / "figure.png")
+  # 2D: no slicing; two cases of 6 x 5 pixels upscaled to at least FIGURE_MIN_SIDE, 4 panels each.
   scale = math.ceil(writers.FIGURE_MIN_SIDE / max(shape))
-  assert figure.size == (2 * shape[1] * scale, shape[0] * scale + writers.FIGURE_CAPTION_HEIGHT)
+  assert figure.size[0] > 4 * shape[1] * scale and figure.size[1] > 2 * shape[0] * scale
 
 
 def test_case_without_label_is_an_error():
@@ -530,3 +546,43 @@ def test_predict_files_pass_all_modalities_present(tmp_path):
   written = ev.predict_files(needs_all_present, tmp_path / "vol.nii.gz", tmp_path / "out",
                              eval_block(), patch_size=PATCH, data_cfg=_data_cfg())
   np.testing.assert_array_equal(np.asarray(nib.load(written[0]).dataobj), image > 0.5)
+
+
+def _two_probability_views(inputs):
+  """f1 = the intensity itself, f2 = 0.6 everywhere: their mean is > 0.5 where x > 0.4."""
+  x = inputs["image"][..., :1]
+  return {"f1": x, "f2": jnp.full_like(x, 0.6)}
+
+
+@pytest.mark.parametrize("view, foreground, said", [
+    ("", lambda x: x > 0.5, "predicting with view f1 of the method's views f1, f2 (choose with "
+                            "--config.eval.view: a view or mean)"),
+    ("f2", lambda x: x >= 0, "predicting with view f2 of the method's views f1, f2"),
+    ("mean", lambda x: x > 0.4, "predicting with the mean of the views f1, f2"),
+])
+def test_predict_view_choice_is_printed_and_mean_averages(tmp_path, capsys, view, foreground,
+                                                          said):
+  image = np.zeros(SHAPE, np.float32)
+  image[box(SHAPE, (2, 2, 1), (8, 8, 5))] = 0.45  # Foreground of the mean only, not of f1.
+  image[box(SHAPE, (10, 9, 6), (16, 15, 11))] = 0.8
+  image[box(SHAPE, (0, 12, 0), (4, 18, 4))] = 0.3
+  nib.save(nib.Nifti1Image(image, np.eye(4)), tmp_path / "vol.nii.gz")
+  cfg = eval_block()
+  cfg.view = view
+  written = ev.predict_files(_two_probability_views, tmp_path / "vol.nii.gz", tmp_path / "out",
+                             cfg, patch_size=PATCH, data_cfg=_data_cfg())
+  np.testing.assert_array_equal(np.asarray(nib.load(written[0]).dataobj), foreground(image))
+  assert said in capsys.readouterr().out
+
+
+def test_predict_unknown_view_lists_the_methods_views(tmp_path):
+  nib.save(nib.Nifti1Image(np.zeros(SHAPE, np.float32), np.eye(4)), tmp_path / "vol.nii.gz")
+  cfg = eval_block()
+  cfg.view = "f3"
+  with pytest.raises(DataError, match=r"eval.view = 'f3' is not one of the method's views f1, f2"):
+    ev.predict_files(two_views, tmp_path / "vol.nii.gz", tmp_path / "out", cfg, patch_size=PATCH,
+                     data_cfg=_data_cfg(), log=None)
+  assert not (tmp_path / "out" / "vol.nii.gz").exists()
+  assert ev.choose_view("", {"model": 1}) == ("model", 1)
+  with pytest.raises(DataError, match="different channel counts"):
+    ev.choose_view("mean", {"a": 1, "b": 2})

@@ -106,24 +106,78 @@ def test_input_predictions_written_like_their_inputs(tmp_path):
   np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "p.png")), small * 255)
 
 
-def test_figure_tiles_size_and_colours(tmp_path):
-  shape = (20, 18, 12)
-  gt = np.zeros(shape, np.uint8)
-  gt[6:14, 4:12, 3:9] = 1
-  pred = np.zeros(shape, np.int32)
-  pred[5:13, 4:12, 3:9] = 1
-  case = _case(gt * 1.0, gt)
-  tile = writers.figure_tile(case, pred)
-  # 3D tiles: slice (X, Y) transposed to (18, 20), upscaled x ceil(128 / 20) = 7.
-  scale = math.ceil(writers.FIGURE_MIN_SIDE / max(shape[:2]))
-  assert tile.size == (shape[0] * scale, shape[1] * scale + writers.FIGURE_CAPTION_HEIGHT)
-  writers.write_figure(tmp_path / "f.png", [tile, tile, tile])
-  figure = np.asarray(Image.open(tmp_path / "f.png").convert("RGB"))
-  assert figure.shape == (shape[1] * scale + writers.FIGURE_CAPTION_HEIGHT, 3 * shape[0] * scale, 3)
-  green = np.all(figure == (0, 255, 0), axis=-1)
-  red = np.all(figure == (255, 0, 0), axis=-1)
-  assert green.any() and red.any()
-  # 2D: no slicing; tiles of different heights are top-aligned.
-  tile2d = writers.figure_tile(_case(gt[:, :, 5] * 1.0, gt[:, :, 5], spacing=(1.0, 1.0)),
-                               pred[:, :, 5])
-  assert tile2d.size == (shape[1] * scale, shape[0] * scale + writers.FIGURE_CAPTION_HEIGHT)
+def test_figure_slice_is_the_one_with_most_foreground():
+  label = np.zeros((6, 5, 8), np.uint8)
+  label[1:3, 1:3, 1] = 1      # 4 voxels in slice 1,
+  label[0:3, 0:3, 5] = 2      # 9 in slice 5 (any class counts),
+  label[0:6, 0:5, 7] = 0
+  label[2, 2, 6] = 1          # 1 in slice 6: the centroid (z ~ 3.9) would pick an empty slice.
+  pred = np.zeros_like(label)
+  pred[:, :, 2] = 1
+  assert writers.figure_slice(label, [pred]) == 5
+  # Empty ground truth: the prediction's (summed over the views); both empty: the middle.
+  other = np.zeros_like(label)
+  other[0, 0, 3] = other[0, 1, 3] = 1
+  empty = np.zeros_like(label)
+  assert writers.figure_slice(empty, [pred]) == 2
+  assert writers.figure_slice(empty, [empty, other]) == 3
+  assert writers.figure_slice(empty, [empty]) == 4
+  # figure_case shows that slice, transposed so that x runs left to right.
+  image = np.arange(6 * 5 * 8, dtype=np.float32).reshape(6, 5, 8)
+  shown = writers.figure_case(_case(image, label), {"f1": pred}, {"f1": {1: 0.5}})
+  np.testing.assert_array_equal(shown.label, label[:, :, 5].T)
+  np.testing.assert_array_equal(shown.predictions["f1"], pred[:, :, 5].T)
+  assert shown.where == "slice z = 5 of 8" and shown.image.shape == (5, 6)
+
+
+def _figure_case(case_id, shape, views, dice=0.75, num_classes=2):
+  label = np.zeros(shape, np.int32)
+  label[2:6, 2:6] = 1
+  if num_classes > 2:
+    label[6:8, 6:8] = 2
+  by_class = {c: dice - 0.1 * (c - 1) for c in range(1, num_classes)}
+  return writers.FigureCase(case_id, np.linspace(0, 1, np.prod(shape)).reshape(shape), label,
+                            {v: label for v in views}, {v: by_class for v in views})
+
+
+def test_figure_layout_grows_with_cases_and_views_and_titles_carry_dice():
+  one = writers.figure_layout([_figure_case("a", (10, 12), ["model"])], 2)
+  two = writers.figure_layout([_figure_case("a", (10, 12), ["f1", "f2"]),
+                               _figure_case("b", (10, 12), ["f1", "f2"])], 2, header="validation")
+  assert two.size[0] > one.size[0] and two.size[1] > one.size[1]
+  assert [p.kind for p in one.panels] == ["image", "ground truth", "prediction"]
+  assert len(two.panels) == 8 and [p.view for p in two.panels[2:4]] == ["f1", "f2"]
+  # Small images are upscaled (integer factor) to at least FIGURE_MIN_SIDE; every title fits.
+  scale = math.ceil(writers.FIGURE_MIN_SIDE / 12)
+  assert one.scales == (scale,) and one.panels[0].box[2:] == (12 * scale, 10 * scale)
+  prediction = one.panels[2]
+  assert prediction.title == ("prediction model", "Dice 0.750")
+  assert two.panels[0].title == ("a", "image") and two.panels[7].title[1] == "Dice 0.750"
+  font = writers.figure_font()
+  for panel in two.panels:
+    assert 0 <= panel.box[0] and panel.box[0] + panel.box[2] <= two.size[0]
+    assert all(font.getlength(t) <= two.size[0] for t in panel.title)
+  assert [e[4] for e in one.legend] == ["foreground (class 1)",
+                                        "ground-truth outline (on the predictions)"]
+  # Multi-class: the mean over the classes, then each class; one legend colour per class.
+  multi = writers.figure_layout([_figure_case("m", (10, 10), ["model"], num_classes=3)], 3)
+  assert multi.panels[2].title[1] == "Dice 0.700 (1: 0.750, 2: 0.650)"
+  assert [e[4] for e in multi.legend][:2] == ["class 1", "class 2"]
+  assert writers.dice_title({1: math.nan}) == "Dice n/a"
+
+
+def test_figure_colours_and_size(tmp_path):
+  cases = [_figure_case("a", (10, 12), ["f1", "f2"], num_classes=3),
+           _figure_case("b", (16, 8), ["f1", "f2"], num_classes=3)]
+  writers.write_figure(tmp_path / "f.png", cases, 3, header="validation: 2 cases")
+  layout = writers.figure_layout(cases, 3, header="validation: 2 cases")
+  figure = Image.open(tmp_path / "f.png").convert("RGB")
+  assert figure.size == layout.size
+  pixels = np.asarray(figure)
+  # Outlines in the class colours, and the ground-truth outline (yellow) over the predictions.
+  for colour in (writers.class_colour(1), writers.class_colour(2), writers.FIGURE_OUTLINE_COLOUR):
+    assert np.all(pixels == colour, axis=-1).any(), colour
+  image_panel = layout.panels[0].box
+  crop = pixels[image_panel[1]:image_panel[1] + image_panel[3],
+                image_panel[0]:image_panel[0] + image_panel[2]]
+  assert np.all(crop[..., 0] == crop[..., 1])  # The image panel is plain gray.

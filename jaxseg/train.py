@@ -23,7 +23,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxseg import checkpoint, config_blocks, evaluate, parallel
+from jaxseg import checkpoint, config_blocks, evaluate, optim, parallel
 from jaxseg.data import device_crops, sources
 from jaxseg.data.base import DataError
 from jaxseg.data.batches import Batch, BatchSpec, zero_batch
@@ -72,6 +72,23 @@ def _flatten(d: dict, prefix: str = "") -> dict:
   return out
 
 
+def _added_default(key: str, current: dict) -> bool:
+  """Whether `key`, absent from a saved config, is an optimiser field added since that run was
+  started, at the default that reproduces the old behaviour (runs of older versions resume)."""
+  block, _, field = key.rpartition(".")
+  if not block.startswith("method.") or not block.endswith("optimizer"):
+    return False
+  # Before the field existed, a block with decay_every > 0 decayed in steps: schedule "step".
+  decay_every = current.get(f"{block}.decay_every") or 0
+  defaults = optim.optimizer_config(current.get(f"{block}.name", "sgd"),
+                                    **({"decay_every": decay_every} if decay_every else {}))
+  if field not in defaults:
+    return False
+  value, default = current[key], defaults[field]
+  return (list(value) if isinstance(value, (list, tuple)) else value) == (
+      list(default) if isinstance(default, (list, tuple)) else default)
+
+
 def check_same_run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
   """Refuses to resume a workdir that holds a run of another config (it would mix two runs)."""
   saved_path = workdir / "config.json"
@@ -80,7 +97,8 @@ def check_same_run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> 
   saved = _flatten(json.loads(saved_path.read_text()))
   current = _flatten(json.loads(config.to_json_best_effort()))
   differ = sorted(k for k in set(saved) | set(current)
-                  if saved.get(k) != current.get(k) and not k.startswith(_RESUMABLE_CHANGES))
+                  if saved.get(k) != current.get(k) and not k.startswith(_RESUMABLE_CHANGES)
+                  and not (k not in saved and _added_default(k, current)))
   if differ:
     raise DataError(f"workdir {workdir} holds a run with another config (keys {differ[:6]}); use "
                     "a new --workdir or the same config")

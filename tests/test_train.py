@@ -1,5 +1,6 @@
 """The trainer through the command line: train, resume after kill -9, eval and predict modes."""
 
+import json
 import os
 import pathlib
 import signal
@@ -10,8 +11,11 @@ import time
 import numpy as np
 import orbax.checkpoint as ocp
 import jax
+import pytest
 
 from conftest import _CACHE, CONFIGS_DIR, load_config_file
+from jaxseg import train
+from jaxseg.data.base import DataError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # A 2D run small enough to train in seconds on CPU.
@@ -156,3 +160,18 @@ def test_evaluation_list_is_only_read_for_the_final_evaluation():
   assert name == "validation" and cases == dataset.validation
   with pytest.raises(DataError, match="eval.case_list"):  # Synthetic data has no list files.
     train._evaluation_cases(config, dataset, final=True)
+
+
+def test_a_run_started_before_the_optimiser_fields_existed_resumes(tmp_path):
+  """config.json of an older version lacks the optimiser fields added since; at the defaults that
+  reproduce the old behaviour they do not count as a change of config, set otherwise they do."""
+  config = load_config_file(CONFIGS_DIR / "dtc.py").get_config("la8")
+  saved = json.loads(config.to_json_best_effort())
+  for field in ("schedule", "decay_boundaries", "poly_power", "min_learning_rate", "total_steps",
+                "warmup_steps", "lr_multipliers", "weight_decay_mask", "clip_grad_norm"):
+    del saved["method"]["optimizer"][field]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  train.check_same_run(config, tmp_path)
+  config.method.optimizer.clip_grad_norm = 1.0
+  with pytest.raises(DataError, match=r"method.optimizer.clip_grad_norm"):
+    train.check_same_run(config, tmp_path)

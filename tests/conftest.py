@@ -18,6 +18,18 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS_DIR = REPO / "configs"
 LA_ROOT = pathlib.Path(os.environ.get(
     "JAXSEG_LA_ROOT", pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "la2018"))
+LA_MISSING = (f"LA 2018 data not found at {LA_ROOT}: set JAXSEG_LA_ROOT=/path/to/la2018 to run "
+              "these tests")
+
+
+def require_la_data() -> pathlib.Path:
+  """LA_ROOT, when it holds the LA 2018 data (its train.list); else skips the calling test with
+  LA_MISSING, the line saying how to point the tests at the data. Every test that reads the LA
+  data calls this first; the skips all come from here, so pytest's -ra summary (pyproject addopts)
+  prints the line once: "SKIPPED [n] tests/conftest.py:..: LA 2018 data not found at ..."."""
+  if not (LA_ROOT / "train.list").is_file():
+    pytest.skip(LA_MISSING)
+  return LA_ROOT
 
 
 def load_golden(name: str) -> dict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pathlib
 import zlib
 
@@ -13,11 +12,7 @@ import pytest
 from jaxseg.data import la
 from jaxseg.data.base import DataError
 
-try:
-  from conftest import LA_ROOT
-except ImportError:  # Run outside the repository's tests/ folder.
-  LA_ROOT = pathlib.Path(os.environ.get(
-      "JAXSEG_LA_ROOT", pathlib.Path(__file__).resolve().parents[3] / "shared" / "data" / "la2018"))
+from conftest import require_la_data
 
 CASE_IDS = ("CASE_B", "CASE_A", "CASE_C")  # List order, deliberately not sorted.
 SHAPE = (6, 5, 4)  # (W, H, D) as stored = our (X, Y, Z).
@@ -208,10 +203,9 @@ def test_non_finite_image_names_file(la_root, bad_value):
 
 
 def test_real_la_data_two_cases():
-  if not (LA_ROOT / "train.list").is_file():
-    pytest.skip(f"LA 2018 data not found at {LA_ROOT} (set JAXSEG_LA_ROOT)")
-  ids = la.read_case_list(LA_ROOT / "train.list")[:2]
-  cases = la.load_la(LA_ROOT, ids=ids)
+  la_root = require_la_data()
+  ids = la.read_case_list(la_root / "train.list")[:2]
+  cases = la.load_la(la_root, ids=ids)
   assert [c.case_id for c in cases] == ids
   for case in cases:
     x, y, z, c = case.image.shape

@@ -3,7 +3,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import LA_ROOT
+from conftest import require_la_data
 from jaxseg import config_blocks
 from jaxseg.data import la, sources
 from jaxseg.data.base import DataError
@@ -56,14 +56,14 @@ def test_bad_data_config(changes, words):
     sources.load_dataset(tiny_synthetic(**changes))
 
 
-@pytest.mark.skipif(not (LA_ROOT / "train.list").exists(), reason="LA 2018 data not present")
 def test_la_protocol_split_on_real_data(tmp_path):
+  la_root = require_la_data()
   # A 6-case copy of the layout (links to the real files) keeps this test light.
-  ids = la.read_case_list(LA_ROOT / "train.list")[:6]
+  ids = la.read_case_list(la_root / "train.list")[:6]
   (tmp_path / "train.list").write_text("\n".join(ids) + "\n")
   (tmp_path / la.CASES_DIR).mkdir()
   for i in ids:
-    os.symlink(LA_ROOT / la.CASES_DIR / i, tmp_path / la.CASES_DIR / i)
+    os.symlink(la_root / la.CASES_DIR / i, tmp_path / la.CASES_DIR / i)
   cfg = config_blocks.data_block("la")
   cfg.update(dict(root=str(tmp_path), num_labeled=2, num_validation=2, patch_size=(112, 112, 80)))
   ds = sources.load_dataset(cfg)

@@ -71,3 +71,117 @@ def test_la_presets_of_dtc_and_sassnet_are_the_published_settings():
   sassnet = load(CONFIGS_DIR / "sassnet.py")
   assert sassnet.get_config("la8").method.beta_max == 0.015
   assert sassnet.get_config("la16").method.beta_max == 0.01
+
+
+# ------------------------------------------------------------------------------------------------
+# Every key of every method block, pinned to its value: a changed default fails here.
+
+# The optimiser blocks, every field (jaxseg.optim.optimizer_config).
+LA_SGD = dict(name="sgd", learning_rate=0.01, momentum=0.9, nesterov=False, weight_decay=1e-4,
+              beta1=0.9, beta2=0.999, eps=1e-8, alpha=0.99, schedule="step", decay_every=2500,
+              decay_factor=0.1, decay_boundaries=(), poly_power=0.9, min_learning_rate=0.0,
+              total_steps=0, warmup_steps=0, lr_multipliers=(), weight_decay_mask="",
+              clip_grad_norm=0.0)
+PLAIN_SGD = dict(name="sgd", learning_rate=0.01, momentum=0.9, nesterov=False, weight_decay=0.0,
+                 beta1=0.9, beta2=0.999, eps=1e-8, alpha=0.99, schedule="constant",
+                 decay_every=0, decay_factor=0.1, decay_boundaries=(), poly_power=0.9,
+                 min_learning_rate=0.0, total_steps=0, warmup_steps=0, lr_multipliers=(),
+                 weight_decay_mask="", clip_grad_norm=0.0)
+DUO_RMSPROP = dict(name="rmsprop", learning_rate=5e-5, momentum=0.0, nesterov=False,
+                   weight_decay=0.0, beta1=0.9, beta2=0.999, eps=1e-8, alpha=0.99,
+                   schedule="constant", decay_every=0, decay_factor=0.1, decay_boundaries=(),
+                   poly_power=0.9, min_learning_rate=0.0, total_steps=0, warmup_steps=0,
+                   lr_multipliers=(), weight_decay_mask="", clip_grad_norm=0.0)
+SASSNET_ADAM = dict(name="adam", learning_rate=1e-4, momentum=0.9, nesterov=False,
+                    weight_decay=0.0, beta1=0.9, beta2=0.99, eps=1e-8, alpha=0.99,
+                    schedule="constant", decay_every=0, decay_factor=0.1, decay_boundaries=(),
+                    poly_power=0.9, min_learning_rate=0.0, total_steps=0, warmup_steps=0,
+                    lr_multipliers=(), weight_decay_mask="", clip_grad_norm=0.0)
+
+
+def _duo(features):
+  return dict(name="duo", preset="paper", lambda_s=0.5, lambda_u=0.4, lambda_c=0.2, eta=0.5,
+              w_dice=0.0, k_s=1, k_c=1,
+              model=dict(name="unet", features=features, norm="batch",
+                         upsample="linear_align_corners", dtype="float32"),
+              critic=dict(name="duo_critic", ndf=64, dtype="float32"),
+              optimizer=PLAIN_SGD, critic_optimizer=DUO_RMSPROP)
+
+
+def _dtc(preset, n_filters, rampup_block):
+  return dict(name="dtc", preset=preset, beta=1.0, k=1500.0, consistency=1.0,
+              consistency_rampup=40, rampup_block=rampup_block,
+              model=dict(name="vnet_sdf", n_filters=n_filters, dtype="float32"), optimizer=LA_SGD)
+
+
+def _mean_teacher(n_filters, rampup_block):
+  return dict(name="mean_teacher", ema_decay=0.99, consistency=0.1, consistency_rampup=40.0,
+              rampup_block=rampup_block, model=dict(name="vnet", n_filters=n_filters,
+                                                    dtype="float32"), optimizer=LA_SGD)
+
+
+def _uamt(n_filters, rampup_block, threshold_rampup):
+  return dict(name="uamt", preset="paper", ema_decay=0.99, consistency=0.1,
+              consistency_rampup=40.0, rampup_block=rampup_block,
+              threshold_rampup=threshold_rampup,
+              model=dict(name="vnet", n_filters=n_filters, dtype="float32"), optimizer=LA_SGD)
+
+
+def _sassnet(n_filters, ndf, rampup_block, beta_max):
+  return dict(name="sassnet", preset="paper", beta=0.3, beta_max=beta_max, consistency_rampup=40,
+              rampup_block=rampup_block,
+              model=dict(name="vnet_sdf", n_filters=n_filters, dtype="float32"),
+              discriminator=dict(name="sassnet_discriminator", ndf=ndf, dtype="float32"),
+              optimizer=LA_SGD, discriminator_optimizer=SASSNET_ADAM)
+
+
+def _supervised(features):
+  return dict(name="supervised", loss="bce",
+              model=dict(name="unet", features=features, norm="batch",
+                         upsample="linear_align_corners", dtype="float32"), optimizer=PLAIN_SGD)
+
+
+def _supervised_vnet(n_filters):
+  return dict(name="supervised", loss="ce_dice",
+              model=dict(name="vnet", n_filters=n_filters, dtype="float32"), optimizer=LA_SGD)
+
+
+METHOD_BLOCKS = {
+    ("duo", ""): _duo((8, 16, 32, 64)),
+    ("duo", "synthetic2d"): _duo((16, 32, 64, 128)),
+    ("duo", "la"): _duo((16, 32, 64, 128, 256)),
+    ("duo", "nuclei"): _duo((64, 128, 256, 512, 1024)),
+    ("duo", "heart"): _duo((64, 128, 256, 512, 1024)),
+    ("duo", "spleen"): _duo((64, 128, 256, 512, 1024)),
+    # The LA presets run the `released` preset (effective beta 0.3; `beta` itself is unused).
+    ("dtc", ""): _dtc("paper", 8, 10),
+    ("dtc", "la8"): _dtc("released", 16, 150),
+    ("dtc", "la16"): _dtc("released", 16, 150),
+    ("mean_teacher", ""): _mean_teacher(8, 10),
+    ("mean_teacher", "la8"): _mean_teacher(16, 150),
+    ("mean_teacher", "la16"): _mean_teacher(16, 150),
+    ("uamt", ""): _uamt(8, 10, 400),
+    ("uamt", "la8"): _uamt(16, 150, 6000),
+    ("uamt", "la16"): _uamt(16, 150, 6000),
+    ("sassnet", ""): _sassnet(8, 16, 10, 0.01),
+    ("sassnet", "la8"): _sassnet(16, 64, 150, 0.015),
+    ("sassnet", "la16"): _sassnet(16, 64, 150, 0.01),
+    ("supervised", ""): _supervised((8, 16, 32, 64)),
+    ("supervised", "synthetic2d"): _supervised((16, 32, 64, 128)),
+    ("supervised_vnet", ""): _supervised_vnet(8),
+    ("supervised_vnet", "la8"): _supervised_vnet(16),
+    ("supervised_vnet", "la16"): _supervised_vnet(16),
+}
+
+
+def test_every_method_config_preset_is_pinned():
+  """Each method config file's presets are exactly the ones pinned below."""
+  for name in {n for n, _ in METHOD_BLOCKS}:
+    presets = set(load(CONFIGS_DIR / f"{name}.py").PRESETS)
+    assert presets == {p for n, p in METHOD_BLOCKS if n == name}, name
+
+
+@pytest.mark.parametrize("name, preset", sorted(METHOD_BLOCKS), ids=lambda x: x or "default")
+def test_method_block_is_pinned(name, preset):
+  block = load(CONFIGS_DIR / f"{name}.py").get_config(preset).method.to_dict()
+  assert block == METHOD_BLOCKS[name, preset]

@@ -23,7 +23,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxseg import checkpoint, config_blocks, evaluate, optim, parallel
+from jaxseg import checkpoint, config_blocks, curves, evaluate, optim, parallel
 from jaxseg.data import device_crops, sources
 from jaxseg.data.base import DataError
 from jaxseg.data.batches import Batch, BatchSpec, zero_batch
@@ -127,15 +127,70 @@ class _NoWriter:
   def add_scalar(self, *args, **kwargs) -> None:
     pass
 
+  def scalars(self, group: str, values: dict, step: int) -> None:
+    pass
+
   def close(self) -> None:
     pass
 
 
-def _writer(workdir: pathlib.Path):
+class _RunWriter:
+  """Process 0's scalars: TensorBoard events in workdir/tensorboard, and train_log.csv,
+  validation_log.csv and curves.png in workdir (`jaxseg.curves`, for readers without TensorBoard).
+  """
+
+  def __init__(self, workdir: pathlib.Path, start_step: int):
+    import tensorboardX  # Imported here: only training writes event files.
+    self.events = tensorboardX.SummaryWriter(str(workdir / "tensorboard"))
+    self.curves = curves.TrainingCurves(workdir, start_step)
+
+  def add_scalar(self, tag: str, value: float, step: int) -> None:
+    self.events.add_scalar(tag, value, step)
+
+  def scalars(self, group: str, values: dict, step: int) -> None:
+    """One log line ("train") or evaluation (its split): events "<group>/<name>", one CSV row."""
+    for k, v in values.items():
+      self.events.add_scalar(f"{group}/{k}", v, step)
+    self.curves.add(group, step, values)
+
+  def close(self) -> None:
+    try:
+      self.curves.close()
+    finally:
+      self.events.close()
+
+
+def _writer(workdir: pathlib.Path, start_step: int = 0):
+  """The scalar writer: `_RunWriter` on process 0 (its CSV logs keep the rows up to `start_step`),
+  else `_NoWriter`."""
   if not parallel.is_primary():
     return _NoWriter()
-  import tensorboardX  # Imported here: only training writes event files.
-  return tensorboardX.SummaryWriter(str(workdir / "tensorboard"))
+  return _RunWriter(workdir, start_step)
+
+
+def _eval_outputs(out_dir: pathlib.Path) -> str:
+  """What an evaluation wrote to `out_dir`: "metrics.csv, summary.json, figure.png, predictions/
+  with 4 files"."""
+  names = [n for n in ("metrics.csv", "summary.json", "figure.png") if (out_dir / n).exists()]
+  predictions = out_dir / evaluate.PREDICTIONS_DIR
+  if predictions.is_dir():
+    names.append(f"{predictions.name}/ with {sum(1 for _ in predictions.iterdir())} files")
+  return ", ".join(names) or "nothing"
+
+
+def _print_run_outputs(workdir: pathlib.Path, eval_dir: pathlib.Path) -> None:
+  """The end of training (process 0): where the run's results are."""
+  if not parallel.is_primary():
+    return
+  lines = [f"results in {workdir}:"]
+  if eval_dir.is_dir():
+    lines.append(f"  evaluation: {eval_dir}/ ({_eval_outputs(eval_dir)})")
+  if (workdir / curves.CURVES_PNG).exists():
+    lines.append(f"  training curves: {workdir / curves.CURVES_PNG} (values in "
+                 f"{curves.TRAIN_LOG}, {curves.VALIDATION_LOG})")
+  lines.append(f"  TensorBoard: tensorboard --logdir {workdir / 'tensorboard'}")
+  lines.append(f"  checkpoints: {workdir / 'checkpoints'}/ (for --mode eval and --mode predict)")
+  print("\n".join(lines), flush=True)
 
 
 def _print(*args, **kwargs) -> None:
@@ -309,7 +364,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     jitted = jax.jit(method.train_step, donate_argnums=(0,))
     next_batch = _host_batches(batches, batch_sharding)
     step_fn = lambda state, key: jitted(state, next_batch(), key)
-  writer = _writer(workdir)
+  writer = _writer(workdir, start)
   progress = Progress(start, num_steps)
   pending: list[dict] = []
   try:
@@ -320,8 +375,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if done % config.train.log_every == 0 or done == num_steps:
         means = {k: float(np.mean([float(m[k]) for m in pending])) for k in pending[0]}
         pending = []
-        for k, v in means.items():
-          writer.add_scalar(f"train/{k}", v, done)
+        writer.scalars("train", means, done)
         _print(progress.line(done, means), flush=True)
       if done % config.train.checkpoint_every == 0 or done == num_steps:
         ckpt.save(done, state, _record(done, batches, train_key))
@@ -335,6 +389,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   finally:
     ckpt.close()
     writer.close()
+  _print_run_outputs(workdir, workdir / "eval")
   return summary
 
 
@@ -343,8 +398,7 @@ def _log_validation(writer, summary: dict, step: int) -> None:
     return
   scores = evaluate.headline(summary)
   split = summary.get("split", "validation")
-  for k, v in scores.items():
-    writer.add_scalar(f"{split}/{k}", v, step)
+  writer.scalars(split, scores, step)
   _print(f"{split} at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
          + f" ({summary['num_cases']} cases in {summary['seconds']['total']:.1f} s)",
         flush=True)
@@ -362,12 +416,16 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ckpt = _checkpointer(config, workdir)
   state, record = _restore_latest(ckpt, state, workdir, required=True)
   ckpt.close()
-  summary = _validate(method, state, dataset, config, workdir / f"eval_step{record['step']}")
+  out_dir = workdir / f"eval_step{record['step']}"
+  summary = _validate(method, state, dataset, config, out_dir)
+  if not summary:
+    return summary
   scores = evaluate.headline(summary)
   _print(f"{summary.get('split', 'validation')}: "
          + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
          + f" ({summary['num_cases']} cases in {summary['seconds']['total']:.1f} s, sliding "
          f"windows {summary['seconds']['sliding_window']:.1f} s)")
+  _print(f"wrote the evaluation of step {record['step']} to {out_dir}/: {_eval_outputs(out_dir)}")
   return summary
 
 
@@ -389,6 +447,6 @@ def predict_workdir(config: ml_collections.ConfigDict, workdir: str, input_path:
   written = evaluate.predict_files(
       _predict_fn(method, state), input_path, output_dir, config.eval,
       patch_size=tuple(config.eval.patch_size or config.data.patch_size), data_cfg=config.data,
-      num_channels=channels)
-  print(f"wrote {len(written)} prediction(s) to {output_dir}")
+      num_channels=channels, log=_print)
+  _print(f"wrote {len(written)} prediction(s) to {output_dir}")
   return written

@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import orbax.checkpoint as ocp
+from PIL import Image
 import jax
 import pytest
 
@@ -61,6 +62,9 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
   resumed = run(workdir, *steps)
   assert resumed.returncode == 0, resumed.stderr
   assert "resuming from the checkpoint of step" in resumed.stdout
+  # The training log is appended to, not overwritten: each log line's step once, in order.
+  from jaxseg import curves
+  assert [r["step"] for r in curves.read_log(workdir / curves.TRAIN_LOG)] == list(range(5, 45, 5))
   want, got = final_params(tmp_path / "reference", 40), final_params(workdir, 40)
   assert len(want) == len(got) and len(want) > 4
   for a, b in zip(want, got):
@@ -82,29 +86,51 @@ def test_device_resident_data_trains_like_the_host_pipeline(tmp_path):
 
 
 def test_train_writes_logs_and_eval_outputs_then_eval_and_predict_modes(tmp_path):
+  from jaxseg import curves
   workdir = tmp_path / "run"
-  result = run(workdir, "--config.train.num_steps=5")
+  result = run(workdir, "--config.train.num_steps=10", "--config.train.eval_every=5")
   assert result.returncode == 0, result.stderr
   assert "steps/s" in result.stdout and "ETA" in result.stdout
-  assert "validation at step 5" in result.stdout
+  assert "validation at step 5" in result.stdout and "validation at step 10" in result.stdout
   for name in ("config.json", "split.json", "data_info.json", "eval/summary.json",
-               "eval/metrics.csv", "eval/figure.png"):
+               "eval/metrics.csv", "eval/figure.png", "curves.png"):
     assert (workdir / name).exists(), name
   assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+  # The run ends by saying where its results are.
+  assert f"results in {workdir}:" in result.stdout
+  assert (f"evaluation: {workdir / 'eval'}/ (metrics.csv, summary.json, figure.png, predictions/ "
+          "with 2 files)") in result.stdout
+  assert f"training curves: {workdir / 'curves.png'}" in result.stdout
+  # One CSV row per progress line (steps 5 and 10) and per evaluation; the curves: train loss,
+  # learning rate, validation Dice.
+  log_lines = [line for line in result.stdout.splitlines() if line.startswith("step ")]
+  train_rows = curves.read_log(workdir / curves.TRAIN_LOG)
+  assert [r["step"] for r in train_rows] == [5, 10] and len(log_lines) == 2
+  assert {"loss", "learning_rate"} <= set(train_rows[0])
+  assert [r["step"] for r in curves.read_log(workdir / curves.VALIDATION_LOG)] == [5, 10]
+  assert Image.open(workdir / curves.CURVES_PNG).size == curves.curves_size(3)
 
   evaluated = run(workdir, "--mode", "eval")
   assert evaluated.returncode == 0, evaluated.stderr
-  assert (workdir / "eval_step5" / "summary.json").exists()
+  assert (workdir / "eval_step10" / "summary.json").exists()
+  assert (f"wrote the evaluation of step 10 to {workdir / 'eval_step10'}/: metrics.csv, "
+          "summary.json, figure.png, predictions/ with 2 files") in evaluated.stdout
 
   images = tmp_path / "inputs" / "images"
   images.mkdir(parents=True)
-  from PIL import Image
   Image.fromarray((np.random.default_rng(0).random((40, 36)) * 255).astype(np.uint8)).save(
       images / "scan1.png")
   predicted = run(workdir, "--mode", "predict", "--input", str(images), "--output",
                   str(tmp_path / "masks"))
   assert predicted.returncode == 0, predicted.stderr
   assert np.asarray(Image.open(tmp_path / "masks" / "scan1.png")).shape == (40, 36)
+  assert "predicting with view model of the method's views model" in predicted.stdout
+  assert f"wrote 1 prediction(s) to {tmp_path / 'masks'}" in predicted.stdout
+  unknown = run(workdir, "--mode", "predict", "--input", str(images), "--output",
+                str(tmp_path / "masks2"), "--config.eval.view=f2")
+  assert unknown.returncode == 2
+  assert unknown.stderr.strip().splitlines()[-1].startswith(
+      "error: config eval.view = 'f2' is not one of the method's views model")
 
 
 def test_mode_errors_and_config_mismatch(tmp_path):

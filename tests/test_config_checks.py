@@ -267,16 +267,20 @@ def test_every_mode_checks_the_config_before_reading_data(tmp_path, no_data_no_i
 
 
 def _fake_method(name, check=None):
+  from jaxseg.methods import base
   module = types.ModuleType(f"jaxseg.methods.{name}")
+  module.REQUIREMENTS = base.Requirements()
   if check is not None:
     module.check_config = check
   return module
 
 
-def test_the_method_hook_runs_when_the_method_declares_it():
+def test_the_method_hook_is_required_and_runs():
   from jaxseg.methods import base
   config = base_config()
-  base.check_method_config(_fake_method("plain"), config)  # No hook: nothing to check.
+  # A module without check_config is not a method: the contract requires it.
+  with pytest.raises(DataError, match=r"lacks \['check_config'\] of the method contract"):
+    base.check_method_config(_fake_method("plain"), config)
 
   def bad_width(config):
     raise DataError("config method.model.features = (4,) must have 2 entries or more")

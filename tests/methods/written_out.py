@@ -6,9 +6,10 @@ schedule, ramps and EMA decay all away from their start values, optimiser buffer
 compare it with the same step computed in the test from the written-out losses and these updates.
 They run in float64 (`jax.enable_x64`): the method and the test then agree to ~1e-12, so that
 the parameter UPDATES (not only the parameters, which a step moves by ~1e-4 relative) can be
-compared tightly and a wrong loss weight, key or network shows. The agreement is bounded by the
-optimiser's hyperparameters, which its state holds in float32 (momentum 0.9 is 0.899999976):
-updates agree to ~3e-8 relative, hence rtol 1e-7 on updates.
+compared tightly and a wrong loss weight, key or network shows. The optimiser state holds its
+hyperparameters (momentum, betas, alpha, eps) in float32, and optax's step decay computes the rate
+in float32 (a constant rate is used as given), so the updates below use those values rounded to
+float32 (`as_stored`): 0.9 is 0.899999976 there, 1e-3 is 1.00000005e-3, 1 − 0.99 is off by 1e-6.
 """
 
 from __future__ import annotations
@@ -71,13 +72,20 @@ def at_step(state, step: int, seed: int, scale: float = 1e-2):
   return state.replace(step=jnp.asarray(step, jnp.int32), opt_state=opt_state), trees
 
 
+def as_stored(value: float) -> float:
+  """A hyperparameter as the optimiser state holds it: rounded to float32."""
+  return float(np.float32(value))
+
+
 def step_learning_rate(lr: float, t: int, decay_every: int = 0, factor: float = 0.1) -> float:
-  """torch StepLR: lr·factor^⌊t / decay_every⌋ (constant when decay_every = 0)."""
-  return lr * factor ** (t // decay_every) if decay_every else lr
+  """torch StepLR: lr·factor^⌊t / decay_every⌋ (constant when decay_every = 0), as the optimiser
+  computes it: in float32 when it decays (optax.exponential_decay), as given when constant."""
+  return as_stored(lr * factor ** (t // decay_every)) if decay_every else lr
 
 
 def sgd(params, grads, trace, lr: float, momentum: float, weight_decay: float):
   """torch.optim.SGD: d = g + wd·p; buf = m·buf + d; p -= lr·buf. Returns (params, buf)."""
+  momentum = as_stored(momentum)
   buf = jax.tree.map(lambda p, g, b: momentum * b + (g + weight_decay * p), params, grads, trace)
   return jax.tree.map(lambda p, b: p - lr * b, params, buf), buf
 
@@ -87,6 +95,7 @@ def adam(params, grads, mu, nu, count: int, lr: float, beta1: float, beta2: floa
   """torch.optim.Adam (coupled decay): g += wd·p; m = β₁m + (1−β₁)g; v = β₂v + (1−β₂)g²;
   p -= lr·m̂ / (√v̂ + eps), m̂ = m / (1 − β₁^k), v̂ = v / (1 − β₂^k), k = count + 1 (this update)."""
   k = count + 1
+  beta1, beta2, eps = as_stored(beta1), as_stored(beta2), as_stored(eps)
   g = jax.tree.map(lambda p, g: g + weight_decay * p, params, grads)
   mu = jax.tree.map(lambda m, g: beta1 * m + (1 - beta1) * g, mu, g)
   nu = jax.tree.map(lambda v, g: beta2 * v + (1 - beta2) * g * g, nu, g)
@@ -98,6 +107,7 @@ def adam(params, grads, mu, nu, count: int, lr: float, beta1: float, beta2: floa
 
 def rmsprop(params, grads, nu, lr: float, alpha: float, eps: float, weight_decay: float = 0.0):
   """torch.optim.RMSprop without momentum: v = αv + (1−α)g²; p -= lr·g / (√v + eps)."""
+  alpha, eps = as_stored(alpha), as_stored(eps)
   g = jax.tree.map(lambda p, g: g + weight_decay * p, params, grads)
   nu = jax.tree.map(lambda v, g: alpha * v + (1 - alpha) * g * g, nu, g)
   return jax.tree.map(lambda p, g, v: p - lr * g / (jnp.sqrt(v) + eps), params, g, nu), nu

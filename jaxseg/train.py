@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import pathlib
+import sys
 import time
 from types import ModuleType
 from typing import Any, Callable, Optional, Union
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -263,19 +266,109 @@ def _initial_state(method: ModuleType, config: ml_collections.ConfigDict,
   return state, train_key
 
 
-def _checkpointer(config: ml_collections.ConfigDict, workdir: pathlib.Path):
-  return checkpoint.Checkpointer(workdir / "checkpoints", config.train.keep_checkpoints)
+def _checkpointer(config: ml_collections.ConfigDict, workdir: pathlib.Path, create: bool = True):
+  return checkpoint.Checkpointer(workdir / "checkpoints", config.train.keep_checkpoints,
+                                 create=create)
+
+
+def _no_checkpoint(workdir: pathlib.Path) -> DataError:
+  return DataError(f"workdir {workdir} has no checkpoint: train first "
+                   "(--mode train with the same --config and --workdir)")
+
+
+def _check_workdir(workdir: pathlib.Path, train: bool) -> None:
+  """Fails at once, with one line naming the path, on a workdir that cannot serve: a file, a folder
+  on a read-only (or full) file system, `checkpoints` that is a file. Called before any data are
+  read or anything compiled, so that a fault is not met at the first save, minutes later.
+
+  `train`: creates the workdir; else (eval, predict) it must hold checkpoints.
+  """
+  if workdir.exists() and not workdir.is_dir():
+    raise DataError(f"workdir {workdir} is a file, not a folder: use another --workdir")
+  ckpts = workdir / "checkpoints"
+  if ckpts.exists() and not ckpts.is_dir():
+    raise DataError(f"checkpoint folder {ckpts} is a file: move it away or use another --workdir")
+  if not train:
+    if not ckpts.is_dir():
+      raise _no_checkpoint(workdir)
+    return
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise DataError(f"workdir {workdir} cannot be created ({checkpoint.reason(e)})") from None
+  for folder in (workdir, ckpts) if ckpts.is_dir() else (workdir,):
+    # The process index too: processes on several hosts may share a pid.
+    probe = folder / f".write_probe.{jax.process_index()}.{os.getpid()}"
+    try:
+      probe.write_bytes(b"jaxseg")
+      probe.unlink()
+    except OSError as e:
+      what = "workdir" if folder == workdir else "checkpoint folder"
+      raise DataError(f"{what} {folder} is not writable ({checkpoint.reason(e)})") from None
 
 
 def _restore_latest(ckpt: checkpoint.Checkpointer, state: Any, workdir: pathlib.Path,
-                    required: bool):
-  step = ckpt.latest_step()
-  if step is None:
+                    required: bool, set_aside: bool = False):
+  """The newest readable checkpoint (state, record), or (state, None) if none exists and none is
+  `required`. Each newer checkpoint that cannot be read (a truncated or deleted file) gets one
+  warning line and is skipped; with `set_aside` (training resumes and will save its step again) it
+  is moved to workdir/unreadable_checkpoints, never deleted."""
+  if ckpt.latest_step() is None:
     if required:
-      raise DataError(f"workdir {workdir} has no checkpoint: train first "
-                      "(--mode train with the same --config and --workdir)")
+      raise _no_checkpoint(workdir)
     return state, None
-  return ckpt.restore(step, state)
+  state, record, unreadable = ckpt.restore_latest(state)
+  if not unreadable:
+    return state, record
+  parallel.sync("jaxseg: checkpoints read")  # Every process has read before one is moved.
+  for step, why in unreadable:
+    if parallel.is_primary():
+      moved = f"; moved to {ckpt.set_aside(step)}" if set_aside else ""
+      print(f"warning: checkpoint {ckpt.step_dir(step)} cannot be read ({why}); using step "
+            f"{record['step']}{moved}", file=sys.stderr, flush=True)
+  if set_aside:
+    parallel.sync("jaxseg: unreadable checkpoints set aside")
+    ckpt.reload()
+  return state, record
+
+
+def _all_finite(tree: Any) -> jax.Array:
+  """One boolean: every floating leaf of `tree` is finite (one reduction per leaf, fused by XLA;
+  PRNG keys and integer leaves are skipped)."""
+  flags = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+           if getattr(x, "dtype", None) is not None and jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.stack(flags).all() if flags else jnp.bool_(True)
+
+
+def _with_finite_flag(train_step: Callable) -> Callable:
+  """`train_step` that also returns `_all_finite` of its metrics and new state, computed inside the
+  same jitted function: divergence is noticed without a host sync per step, and no method needs to
+  know about it."""
+
+  def step(*args):
+    state, metrics = train_step(*args)
+    return state, metrics, _all_finite((metrics, state))
+  return step
+
+
+def _check_finite(unchecked: list, num_steps: int, ckpt: checkpoint.Checkpointer) -> None:
+  """Reads the flags of the (done, metrics, flag) steps since the last check, in order; stops the
+  run at the first non-finite one. Called before every log line, save and evaluation, which wait
+  for those steps anyway: a non-finite state is never saved, the last good checkpoint stays."""
+  for done, metrics, finite in unchecked:
+    if bool(finite):
+      continue
+    what = "the parameters/state are not finite (the metrics are)"
+    for k, v in metrics.items():
+      if not np.all(np.isfinite(np.asarray(v))):
+        what = f"{k} is {float(np.asarray(v).ravel()[0])}"
+        break
+    last = ckpt.latest_step()
+    kept = (f"the last good checkpoint is {ckpt.step_dir(last)}" if last is not None
+            else "no checkpoint was saved")
+    raise DataError(f"training diverged at step {done}/{num_steps}: {what}; stopped without "
+                    f"saving it, {kept}")
+  unchecked.clear()
 
 
 def _host_batches(batches, sharding) -> Callable[[], Batch]:
@@ -319,7 +412,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   method = checked_method(config)
   workdir = pathlib.Path(workdir)
   parallel.initialize_distributed(config.train.distributed)
-  workdir.mkdir(parents=True, exist_ok=True)
+  _check_workdir(workdir, train=True)
   check_same_run(config, workdir)
   parallel.sync("jaxseg: workdir checked")  # Before process 0 writes config.json.
   dataset = sources.load_dataset(config.data)
@@ -335,7 +428,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                         "batch_spec": spec.to_json()}))
     dataset.split.write(workdir / "split.json")
 
-  state, record = _restore_latest(ckpt, state, workdir, required=False)
+  state, record = _restore_latest(ckpt, state, workdir, required=False, set_aside=True)
   start = 0
   if record is not None:
     start = int(record["step"])
@@ -358,20 +451,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
       return method.train_step(state, batch, key)
 
-    jitted = jax.jit(step_on_device, donate_argnums=(0,))
+    jitted = jax.jit(_with_finite_flag(step_on_device), donate_argnums=(0,))
     step_fn = lambda state, key: jitted(state, device_data.arrays, device_data.next_plan(), key)
   else:
-    jitted = jax.jit(method.train_step, donate_argnums=(0,))
+    jitted = jax.jit(_with_finite_flag(method.train_step), donate_argnums=(0,))
     next_batch = _host_batches(batches, batch_sharding)
     step_fn = lambda state, key: jitted(state, next_batch(), key)
   writer = _writer(workdir, start)
   progress = Progress(start, num_steps)
   pending: list[dict] = []
+  unchecked: list = []  # (step, metrics, finite flag) of the steps not checked yet.
   try:
     for step in range(start, num_steps):
-      state, metrics = step_fn(state, jax.random.fold_in(train_key, step))
+      state, metrics, finite = step_fn(state, jax.random.fold_in(train_key, step))
       pending.append(metrics)
       done = step + 1
+      unchecked.append((done, metrics, finite))
+      ckpt.check()  # A save that failed in the background stops the run now, not a save later.
+      eval_every = config.train.eval_every
+      if (done % config.train.log_every == 0 or done % config.train.checkpoint_every == 0
+          or done == num_steps or (eval_every and done % eval_every == 0)):
+        _check_finite(unchecked, num_steps, ckpt)  # Before a log line, save or evaluation.
       if done % config.train.log_every == 0 or done == num_steps:
         means = {k: float(np.mean([float(m[k]) for m in pending])) for k in pending[0]}
         pending = []
@@ -387,8 +487,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     summary = _validate(method, state, dataset, config, workdir / "eval")
     _log_validation(writer, summary, num_steps)
   finally:
-    ckpt.close()
-    writer.close()
+    failing = sys.exc_info()[0] is not None  # Then keep the error that stopped the run.
+    ckpt.close(quiet=failing)
+    try:
+      writer.close()
+    except OSError as e:
+      if not failing:
+        raise DataError(f"the logs in {workdir} cannot be written "
+                        f"({checkpoint.reason(e)})") from None
   _print_run_outputs(workdir, workdir / "eval")
   return summary
 
@@ -409,11 +515,12 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
   cases of `eval.case_list`)."""
   method = checked_method(config)
   workdir = pathlib.Path(workdir)
+  _check_workdir(workdir, train=False)
   parallel.initialize_distributed(config.train.distributed)
   dataset = sources.load_dataset(config.data)
   spec = BatchSpec.of_case(dataset.labeled[0], config.data.patch_size)
   state, _ = _initial_state(method, config, spec, parallel.make_mesh())
-  ckpt = _checkpointer(config, workdir)
+  ckpt = _checkpointer(config, workdir, create=False)
   state, record = _restore_latest(ckpt, state, workdir, required=True)
   ckpt.close()
   out_dir = workdir / f"eval_step{record['step']}"
@@ -434,6 +541,7 @@ def predict_workdir(config: ml_collections.ConfigDict, workdir: str, input_path:
   """--mode predict: segments the files at `input_path` with the latest checkpoint of `workdir`."""
   method = checked_method(config, files=False)
   workdir = pathlib.Path(workdir)
+  _check_workdir(workdir, train=False)
   info = workdir / "data_info.json"
   if not info.exists():
     raise DataError(f"workdir {workdir} holds no trained run ({info.name} missing): train first")
@@ -441,7 +549,7 @@ def predict_workdir(config: ml_collections.ConfigDict, workdir: str, input_path:
   channels = saved["channels"]
   spec = BatchSpec.from_json(saved["batch_spec"]) if "batch_spec" in saved else channels
   state, _ = _initial_state(method, config, spec, parallel.make_mesh())
-  ckpt = _checkpointer(config, workdir)
+  ckpt = _checkpointer(config, workdir, create=False)
   state, _ = _restore_latest(ckpt, state, workdir, required=True)
   ckpt.close()
   written = evaluate.predict_files(

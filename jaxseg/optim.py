@@ -36,6 +36,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from jaxseg.data.base import DataError
@@ -248,7 +249,9 @@ def schedule(cfg: ml_collections.ConfigDict, total_steps: Optional[int] = None, 
     base = optax.exponential_decay(lr, transition_steps=cfg.decay_every,
                                    decay_rate=cfg.decay_factor, staircase=True)
   elif cfg.schedule == "step":
-    bounds, factor = jnp.asarray(cfg.decay_boundaries), cfg.decay_factor
+    # A NumPy constant: a jnp array made here, inside a jitted init, would leak its tracer into
+    # the schedule that the train step calls later.
+    bounds, factor = np.asarray(cfg.decay_boundaries, np.int64), cfg.decay_factor
     base = lambda t: lr * factor ** jnp.sum(t >= bounds)
   else:
     steps = _total(cfg, total_steps)

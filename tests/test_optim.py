@@ -584,9 +584,11 @@ def test_check_method_optimizers_checks_every_block_with_the_run_length():
 def test_step_boundaries_survive_a_jitted_init():
   """The trainer builds the optimiser inside a jitted `init`; the schedule is called later by the
   jitted step. Boundaries made into a traced array inside the first would leak into the second."""
-  tx = optim.make_optimizer(optim.optimizer_config("sgd", 0.1, decay_boundaries=(1, 2)))
-  state = jax.jit(lambda: base.TrainState.create(apply_fn=None, params={"w": jnp.ones(2)},
-                                                 tx=tx))()
+  def init():
+    tx = optim.make_optimizer(optim.optimizer_config("sgd", 0.1, decay_boundaries=(1, 2)))
+    return base.TrainState.create(apply_fn=None, params={"w": jnp.ones(2)}, tx=tx)
+
+  state = jax.jit(init)()
   step = jax.jit(lambda s: s.apply_gradients(grads={"w": jnp.ones(2)}))
   rates = []
   for _ in range(3):

@@ -17,9 +17,12 @@ from jaxseg.methods import supervised
 
 # {preset: overrides of the config}.
 PRESETS = {
-    "": config_blocks.data_overrides("synthetic3d"),
+    # configs/duo.py's quick start: 2D synthetic images, UNet widths (8, 16, 32, 64), 400 steps.
+    "": config_blocks.data_overrides("synthetic2d"),
     "synthetic2d": {**config_blocks.data_overrides("synthetic2d"),
                     "method.model.features": (16, 32, 64, 128)},
+    # The embedded 3D volumes (the default before the 2D quick start), 32^3 crops.
+    "synthetic3d": config_blocks.data_overrides("synthetic3d"),
 }
 
 

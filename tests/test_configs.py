@@ -30,6 +30,33 @@ def test_la_presets_follow_the_protocol(name):
   assert config.data.batch_labeled + config.data.batch_unlabeled == 4
 
 
+def test_duo_quick_start_is_2d_and_fast_shaped():
+  """`python -m jaxseg.main --config configs/duo.py` (the README's first command) trains on the 2D
+  synthetic images with the small UNet for 400 steps (a few minutes on a 2-core CPU), and
+  `configs/supervised.py` is its baseline: same data, labeled cases, backbone and steps."""
+  duo = load(CONFIGS_DIR / "duo.py").get_config("")
+  assert duo.data.source == "synthetic"
+  assert tuple(duo.data.synthetic.shape) == (128, 128) and duo.data.synthetic.num_cases == 100
+  assert tuple(duo.data.patch_size) == (96, 96)
+  assert (duo.data.num_labeled, duo.data.num_validation) == (10, 20)
+  assert (duo.data.batch_labeled, duo.data.batch_unlabeled, duo.data.labeled_groups) == (2, 2, 2)
+  assert tuple(duo.method.model.features) == (8, 16, 32, 64)
+  assert duo.method.preset == "paper" and duo.train.num_steps == 400 and duo.seed == 0
+  base = load(CONFIGS_DIR / "supervised.py").get_config("")
+  assert base.data.to_dict() == {**duo.data.to_dict(), "labeled_groups": 1, "batch_unlabeled": 0}
+  assert base.method.model.to_dict() == duo.method.model.to_dict()
+  assert base.train.num_steps == duo.train.num_steps and base.seed == duo.seed
+
+
+@pytest.mark.parametrize("name", ["duo", "supervised"])
+def test_synthetic3d_preset_keeps_the_3d_volumes(name):
+  config = load(CONFIGS_DIR / f"{name}.py").get_config("synthetic3d")
+  assert tuple(config.data.synthetic.shape) == (64, 64, 48)
+  assert tuple(config.data.patch_size) == (32, 32, 32)
+  assert (config.data.num_labeled, config.data.num_validation) == (4, 4)
+  assert config.train.num_steps == 400
+
+
 LA_FAMILY = ["supervised_vnet", "dtc", "sassnet", "mean_teacher", "uamt"]
 
 
@@ -149,6 +176,7 @@ def _supervised_vnet(n_filters):
 METHOD_BLOCKS = {
     ("duo", ""): _duo((8, 16, 32, 64)),
     ("duo", "synthetic2d"): _duo((16, 32, 64, 128)),
+    ("duo", "synthetic3d"): _duo((8, 16, 32, 64)),
     ("duo", "la"): _duo((16, 32, 64, 128, 256)),
     ("duo", "nuclei"): _duo((64, 128, 256, 512, 1024)),
     ("duo", "heart"): _duo((64, 128, 256, 512, 1024)),
@@ -168,6 +196,7 @@ METHOD_BLOCKS = {
     ("sassnet", "la16"): _sassnet(16, 64, 150, 0.01),
     ("supervised", ""): _supervised((8, 16, 32, 64)),
     ("supervised", "synthetic2d"): _supervised((16, 32, 64, 128)),
+    ("supervised", "synthetic3d"): _supervised((8, 16, 32, 64)),
     ("supervised_vnet", ""): _supervised_vnet(8),
     ("supervised_vnet", "la8"): _supervised_vnet(16),
     ("supervised_vnet", "la16"): _supervised_vnet(16),

@@ -129,3 +129,27 @@ def load_config_file(path):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+# A 2D supervised run small enough to train in seconds on CPU, for the tests that run
+# `python -m jaxseg.main` in a subprocess (with SUBPROCESS_ENV: the test compilation cache, CPU).
+TINY_RUN = ["--config", "configs/supervised.py:synthetic2d",
+            "--config.data.synthetic.num_cases=8", "--config.data.synthetic.shape=(32,32)",
+            "--config.data.num_labeled=2", "--config.data.num_validation=2",
+            "--config.data.patch_size=(16,16)", "--config.method.model.features=(4,8)",
+            "--config.train.log_every=5", "--config.eval.num_figure_cases=1"]
+SUBPROCESS_ENV = dict(os.environ, JAX_COMPILATION_CACHE_DIR=_CACHE,
+                      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.2", JAX_PLATFORMS="cpu")
+
+
+def tiny_run_command(workdir, *extra) -> list:
+  """`python -m jaxseg.main` with TINY_RUN in `workdir`, then `extra` flags."""
+  import sys
+  return [sys.executable, "-m", "jaxseg.main", *TINY_RUN, "--workdir", str(workdir), *extra]
+
+
+def run_tiny(workdir, *extra):
+  """Runs `tiny_run_command` from the repository root; the CompletedProcess (text output)."""
+  import subprocess
+  return subprocess.run(tiny_run_command(workdir, *extra), cwd=REPO, env=SUBPROCESS_ENV,
+                        capture_output=True, text=True, timeout=300)

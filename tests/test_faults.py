@@ -6,7 +6,6 @@ import os
 import pathlib
 import shutil
 import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,23 +13,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import _CACHE
+from conftest import run_tiny
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-# The 2D run of tests/test_train.py: trains in seconds on CPU.
-TINY = ["--config", "configs/supervised.py:synthetic2d",
-        "--config.data.synthetic.num_cases=8", "--config.data.synthetic.shape=(32,32)",
-        "--config.data.num_labeled=2", "--config.data.num_validation=2",
-        "--config.data.patch_size=(16,16)", "--config.method.model.features=(4,8)",
-        "--config.train.log_every=5", "--config.eval.num_figure_cases=1"]
 STEPS = ["--config.train.num_steps=20", "--config.train.checkpoint_every=10"]
-ENV = dict(os.environ, JAX_COMPILATION_CACHE_DIR=_CACHE,
-           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.2", JAX_PLATFORMS="cpu")
-
-
-def run(workdir, *extra):
-  return subprocess.run([sys.executable, "-m", "jaxseg.main", *TINY, "--workdir", str(workdir),
-                         *extra], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+run = run_tiny
 
 
 def one_line(result, prefix: str) -> str:

@@ -1,7 +1,6 @@
 """The trainer through the command line: train, resume after kill -9, eval and predict modes."""
 
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -14,28 +13,14 @@ from PIL import Image
 import jax
 import pytest
 
-from conftest import _CACHE, CONFIGS_DIR, load_config_file
+from conftest import (CONFIGS_DIR, SUBPROCESS_ENV, load_config_file, run_tiny,
+                      tiny_run_command)
 from jaxseg import train
 from jaxseg.data.base import DataError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-# A 2D run small enough to train in seconds on CPU.
-TINY = ["--config", "configs/supervised.py:synthetic2d",
-        "--config.data.synthetic.num_cases=8", "--config.data.synthetic.shape=(32,32)",
-        "--config.data.num_labeled=2", "--config.data.num_validation=2",
-        "--config.data.patch_size=(16,16)", "--config.method.model.features=(4,8)",
-        "--config.train.log_every=5", "--config.eval.num_figure_cases=1"]
-ENV = dict(os.environ, JAX_COMPILATION_CACHE_DIR=_CACHE,
-           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.2", JAX_PLATFORMS="cpu")
-
-
-def command(workdir, *extra):
-  return [sys.executable, "-m", "jaxseg.main", *TINY, "--workdir", str(workdir), *extra]
-
-
-def run(workdir, *extra):
-  return subprocess.run(command(workdir, *extra), cwd=REPO, env=ENV, capture_output=True,
-                        text=True, timeout=300)
+ENV = SUBPROCESS_ENV
+command, run = tiny_run_command, run_tiny
 
 
 def final_params(workdir, step):

@@ -15,6 +15,8 @@
 | `vnet_sdf` | `VNet` | DTC `vnet_sdf.py` (9,448,866 params) |
 | `duo_critic` | `PixelCritic` | Duo-SegNet `PixelDiscriminator` (8,704 params) |
 | `sassnet_discriminator` | `SDFDiscriminator` | SASSNet `FC3DDiscriminator` (11,020,290 params) |
+| `svnet` | `VNet` (`drop_deepest`) | ASDNet's "SVNet" (3,612,706 params) |
+| `asdnet_confidence` | `ConfidenceFCN` | ASDNet `Discriminator_my23DLRResFCN` (5,507,970 params, 2 ch in) |
 """
 
 from __future__ import annotations
@@ -27,16 +29,19 @@ import jax
 import jax.numpy as jnp
 
 from jaxseg.models import layers
+from jaxseg.models.asdnet import ConfidenceFCN, asdnet_confidence
 from jaxseg.models.critics import PixelCritic, SDFDiscriminator, duo_critic, sassnet_discriminator
 from jaxseg.models.unet import UNet, duo_unet, ssl4mis_unet2d, ssl4mis_unet3d
-from jaxseg.models.vnet import VNet, vnet, vnet_sdf
+from jaxseg.models.vnet import VNet, svnet, vnet, vnet_sdf
 
 __all__ = [
+    "ConfidenceFCN",
     "MODELS",
     "PixelCritic",
     "SDFDiscriminator",
     "UNet",
     "VNet",
+    "asdnet_confidence",
     "count_params",
     "duo_critic",
     "duo_unet",
@@ -45,6 +50,7 @@ __all__ = [
     "sassnet_discriminator",
     "ssl4mis_unet2d",
     "ssl4mis_unet3d",
+    "svnet",
     "vnet",
     "vnet_sdf",
 ]
@@ -58,6 +64,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "vnet_sdf": vnet_sdf,
     "duo_critic": duo_critic,
     "sassnet_discriminator": sassnet_discriminator,
+    "svnet": svnet,
+    "asdnet_confidence": asdnet_confidence,
 }
 
 

@@ -72,7 +72,7 @@ BN_EPSILON = 1e-5
 NORM_EPSILON = 1e-5
 
 NORMS = ("batch", "instance", "instance_affine", "group", "none")
-WEIGHT_INITS = ("torch", "kaiming_normal", "flax")
+WEIGHT_INITS = ("torch", "kaiming_normal", "flax", "xavier_uniform")
 ACTIVATIONS = ("relu", "leaky_relu")
 
 
@@ -110,7 +110,11 @@ def initializers(scheme: str, fan_in: int) -> tuple[Initializer, Initializer]:
         "uniform")`), bias U(±1/√fan_in);
       "kaiming_normal": kernel N(0, 2/fan_in) (`kaiming_normal_(a=0, mode="fan_in")`, not truncated),
         bias as "torch";
-      "flax": LeCun normal (truncated, Flax's default) kernel, zero bias.
+      "flax": LeCun normal (truncated, Flax's default) kernel, zero bias;
+      "xavier_uniform": `xavier_uniform_(w, gain=√2)` and zero bias, as ASDNet codes every layer:
+        U(±√2·√(6/(fan_in + fan_out))) = `variance_scaling(2, "fan_avg", "uniform")`, the fans read from
+        the kernel shape (*k, C_in, C_out), so `fan_in` is not used. The sum fan_in + fan_out is the
+        same in PyTorch's (C_in, C_out, *k) transposed-convolution layout.
     fan_in: the PyTorch fan-in: C_in·∏k for convolutions, C_out·∏k for transposed convolutions.
 
   Returns:
@@ -122,6 +126,8 @@ def initializers(scheme: str, fan_in: int) -> tuple[Initializer, Initializer]:
     return _normal(math.sqrt(2.0 / fan_in)), torch_bias_init(fan_in)
   if scheme == "flax":
     return nn.initializers.lecun_normal(), nn.initializers.zeros
+  if scheme == "xavier_uniform":
+    return nn.initializers.variance_scaling(2.0, "fan_avg", "uniform"), nn.initializers.zeros
   raise ValueError(f"Unknown weight_init {scheme!r}; expected one of {WEIGHT_INITS}.")
 
 

@@ -19,6 +19,10 @@ cb(k) = k × [Conv 3 p1 (bias) → norm → ReLU]; Down = Conv k2 s2 (bias) → 
 k2 s2 (bias) → norm → ReLU, computed as dense + depth-to-space (`layers.ConvTranspose2x`). Dropout is
 channel-wise (PyTorch `Dropout3d(0.5)`), on in training only. Spatial sizes must be divisible by 16.
 
+`svnet` (ASDNet's "SVNet", `drop_deepest=True`) removes the deepest level: no stage-4 Down, no block
+five and no block-five Up; block four, then the dropout, feeds block six, and sizes need only be
+divisible by 8.
+
 Parameter names follow the PyTorch attribute names (`block_one`, `block_one_dw`, …, `block_five_up`, …)
 so that reference weights map one-to-one; the heads are named after their outputs.
 """
@@ -36,7 +40,7 @@ from jaxseg.models import layers
 Array = jax.Array
 HeadSpec = tuple[str, int, Optional[str]]
 
-__all__ = ["HEAD_ACTIVATIONS", "VNet", "vnet", "vnet_sdf"]
+__all__ = ["HEAD_ACTIVATIONS", "VNet", "svnet", "vnet", "vnet_sdf"]
 
 HEAD_ACTIVATIONS = (None, "none", "tanh", "sigmoid")
 _NAMES = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -95,6 +99,9 @@ class VNet(nn.Module):
     weight_init: one of `layers.WEIGHT_INITS`; "torch" (PyTorch default init) as in the reference.
     bn_axis_name: BatchNorm cross-device axis name (None: no cross-device sync).
     dtype: the computation dtype (None: float32 from the parameters).
+    drop_deepest: remove the deepest level (block four's Down, block five, block five's Up): block
+      four, followed by the dropout, feeds block six. ASDNet's "SVNet" (`svnet`); spatial sizes
+      need only be divisible by 8.
   """
   heads: Sequence[HeadSpec] = (("seg", 2, None),)
   n_filters: int = 16
@@ -105,6 +112,7 @@ class VNet(nn.Module):
   bn_axis_name: Optional[str] = None
   dtype: Optional[Any] = None
   conv_impl: str = "auto"  # layers.Conv.impl of the 3x3x3 convolutions.
+  drop_deepest: bool = False
 
   def _common(self) -> dict:
     return dict(norm=self.norm, num_groups=self.num_groups, weight_init=self.weight_init,
@@ -116,7 +124,8 @@ class VNet(nn.Module):
     """Runs the network.
 
     Args:
-      x: (N, X, Y, Z, C_in) or (N, H, W, C_in); spatial sizes divisible by 16.
+      x: (N, X, Y, Z, C_in) or (N, H, W, C_in); spatial sizes divisible by 16 (8 with
+        `drop_deepest`).
       train: training mode: BatchNorm uses batch statistics and updates `batch_stats` (apply with
         `mutable=["batch_stats"]`); dropout is on. Eval mode uses the running averages.
       dropout: overrides whether dropout is on (default: `train`; the reference's `turnoff_drop=True`
@@ -126,8 +135,10 @@ class VNet(nn.Module):
       With one head, its output (N, *spatial, channels); with several, a dict name -> output, in head
       order. Heads without activation return logits.
     """
-    if x.ndim < 3 or any(s % 16 for s in x.shape[1:-1]):
-      raise ValueError(f"Input {x.shape} must be (N, *spatial, C) with spatial sizes divisible by 16.")
+    factor = 8 if self.drop_deepest else 16
+    if x.ndim < 3 or any(s % factor for s in x.shape[1:-1]):
+      raise ValueError(f"Input {x.shape} must be (N, *spatial, C) with spatial sizes divisible by "
+                       f"{factor}.")
     heads = tuple(self.heads)
     names = [h[0] for h in heads]
     if not heads or len(set(names)) != len(names):
@@ -149,13 +160,20 @@ class VNet(nn.Module):
 
     # Encoder.
     skips = []
-    for i in range(4):
+    for i in range(3 if self.drop_deepest else 4):
       x = block(i, x)
       skips.append(x)
       x = _DownBlock(widths[i + 1], name=f"block_{_NAMES[i]}_dw", **self._common())(x, train)
-    x = dropout_(block(4, x))
+    if self.drop_deepest:
+      # Block four is the bottleneck: it takes block five's dropout and feeds block six directly
+      # (both have 8n channels), so there is neither a stage-4 skip nor an Up to add it to.
+      x = block(5, dropout_(block(3, x)))
+      first_up = 5
+    else:
+      x = dropout_(block(4, x))
+      first_up = 4
     # Decoder: up to the skip's width, add the skip.
-    for i in range(4, 8):
+    for i in range(first_up, 8):
       skip = skips[7 - i]
       x = _UpBlock(skip.shape[-1], name=f"block_{_NAMES[i]}_up", **self._common())(x, train)
       x = block(i + 1, x + skip)
@@ -193,5 +211,21 @@ def vnet_sdf(num_classes: int = 1, **overrides: Any) -> VNet:
   """
   config: dict[str, Any] = dict(heads=(("sdf", num_classes, "tanh"), ("seg", num_classes, None)),
                                 n_filters=16, norm="batch", dropout_rate=0.5, weight_init="torch")
+  config.update(overrides)
+  return VNet(**config)
+
+
+def svnet(num_classes: int = 2, **overrides: Any) -> VNet:
+  """`svnet` (ASDNet's segmenter "SVNet"): the `vnet` without its deepest level, Xavier init.
+
+  ASDNet describes SVNet only as a V-Net with the internal pool-conv-deconv layers removed; here that is
+  `drop_deepest=True`: block four's Down, block five and its Up go, block four (then the channel
+  dropout that followed block five) feeds block six. One head "seg" of `num_classes` logits. ASDNet
+  initialises every layer Xavier-uniform with gain √2 and zero biases (`weight_init="xavier_uniform"`).
+  Base width 16, BN, 1 input channel, 2 classes: 3,612,706 parameters, the `vnet`'s 9,448,866 less
+  the removed 5,836,160 (tests/models/test_vnet.py writes the sums out).
+  """
+  config: dict[str, Any] = dict(heads=(("seg", num_classes, None),), n_filters=16, norm="batch",
+                                dropout_rate=0.5, weight_init="xavier_uniform", drop_deepest=True)
   config.update(overrides)
   return VNet(**config)

@@ -17,7 +17,7 @@ import pytest
 from model_testing import normal, numpy_variables, rbg_key
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
-from jaxseg.models import VNet, count_params, get_model, vnet, vnet_sdf
+from jaxseg.models import VNet, count_params, get_model, svnet, vnet, vnet_sdf
 
 VNET_PARAMS = 9_448_866
 # 2 · Σ BN channels: blocks 16·1 + 32·2 + 64·3 + 128·3 + 256·3 + 128·3 + 64·3 + 32·2 + 16·1 = 2080,
@@ -155,3 +155,45 @@ def test_bfloat16_compute_keeps_float32_parameters_and_outputs():
     scale = float(jnp.abs(want[name]).max())
     assert float(jnp.abs(got[name] - want[name]).max()) < 5e-2 * scale
     assert float(jnp.abs(got[name] - want[name]).max()) > 0  # It did compute in bf16.
+
+
+# svnet (ASDNet's "SVNet"): the layers the deepest level adds, as (name, kind, C_in, C_out, k) with
+# n = 16: block four's Down (128 → 256, k2), block five (3 × Conv 3, 256 → 256) and its Up (256 → 128).
+SVNET_REMOVED = (
+    ("block_four_dw", "conv+bn", 128, 256, 2),
+    ("block_five", "conv+bn", 256, 256, 3),
+    ("block_five", "conv+bn", 256, 256, 3),
+    ("block_five", "conv+bn", 256, 256, 3),
+    ("block_five_up", "conv+bn", 256, 128, 2),
+)
+
+
+def test_svnet_is_vnet_less_its_deepest_level():
+  """Σ k³·in·out + bias + BN scale and offset over the removed layers = 5,836,160."""
+  removed = sum(k**3 * c_in * c_out + c_out + 2 * c_out for _, _, c_in, c_out, k in SVNET_REMOVED)
+  assert removed == 5_836_160
+  assert count_params(svnet(), (1, 112, 112, 80, 1)) == VNET_PARAMS - removed == 3_612_706
+  assert count_params(get_model("svnet"), (1, 16, 16, 16, 1)) == 3_612_706
+  # The same tree minus exactly the removed modules, every other shape unchanged.
+  shapes = lambda model: jax.tree.map(lambda a: a.shape, jax.eval_shape(
+      functools.partial(model.init, train=False), jax.random.key(0), jnp.zeros((1, 16, 16, 16, 1))))
+  full, small = shapes(vnet()), shapes(svnet())
+  gone = {name for name, *_ in SVNET_REMOVED}
+  for collection in ("params", "batch_stats"):
+    assert set(full[collection]) - set(small[collection]) == gone
+    assert {k: v for k, v in full[collection].items() if k not in gone} == small[collection]
+  # vnet's fields are unchanged by the option; svnet is Xavier-initialised (ASDNet).
+  assert not vnet().drop_deepest and svnet().weight_init == "xavier_uniform"
+
+
+def test_svnet_shapes_and_divisibility():
+  model = svnet(n_filters=4, num_classes=3)
+  x = normal((1, 8, 16, 24, 1))  # divisible by 8, not by 16
+  y = _jit_apply(model)(numpy_variables(model, x), x, train=False)
+  assert y.shape == (1, 8, 16, 24, 3) and y.dtype == jnp.float32
+  with pytest.raises(ValueError, match="divisible by 8"):
+    jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                   jnp.zeros((1, 12, 16, 1)))
+  with pytest.raises(ValueError, match="divisible by 16"):
+    jax.eval_shape(functools.partial(vnet(n_filters=4).init, train=False), jax.random.key(0),
+                   jnp.zeros((1, 8, 16, 1)))

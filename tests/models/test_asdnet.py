@@ -1,0 +1,174 @@
+"""Tests of jaxseg.models.asdnet: ASDNet's confidence FCN (both decoders), its k4 s2 p1 transposed conv,
+and the Xavier-uniform (gain √2) initialisation.
+
+Counts use `jax.eval_shape`; the forwards run on small widths (XLA:CPU compiles 3D convs slowly).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from model_testing import normal, numpy_variables
+
+pytestmark = pytest.mark.usefixtures("fast_compile")
+from jaxseg.models import ConfidenceFCN, asdnet_confidence, count_params, get_model, layers
+from jaxseg.models.asdnet import ConvTranspose4x2
+
+# (name, kind, C_in, C_out, k): the reference's Discriminator_my23DLRResFCN(2, 2, nd=3).
+CONFIDENCE_LAYERS = (
+    ("conv1", "conv", 2, 32, 3),
+    ("conv2", "conv", 32, 64, 4),
+    ("conv3", "conv", 64, 128, 4),
+    ("conv4", "conv", 128, 256, 4),
+    ("upconv3", "up+bn", 256, 128, 4),
+    ("upconv2", "up+bn", 128, 64, 4),
+    ("upconv1", "up+bn", 64, 32, 4),
+    ("convX", "conv", 32, 2, 1),
+)
+
+
+def _count(table, d: int = 3) -> int:
+  """Σ k^d·in·out + bias (out) + BN scale and offset (2·out) for the up units."""
+  return sum(k**d * c_in * c_out + c_out + (2 * c_out if kind == "up+bn" else 0)
+             for _, kind, c_in, c_out, k in table)
+
+
+def _shapes(model, shape):
+  return jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                        jnp.zeros(shape))
+
+
+def test_confidence_parameter_count_from_the_layer_table():
+  assert _count(CONFIDENCE_LAYERS) == 5_507_970
+  for decoder in ("repaired", "as_coded"):  # the unused layers of "as_coded" still exist
+    assert count_params(asdnet_confidence(decoder=decoder), (1, 16, 16, 16, 2)) == 5_507_970
+  assert count_params(get_model("asdnet_confidence"), (1, 64, 64, 16, 2)) == 5_507_970
+  # C classes in: only conv1 changes; 2D: k^2 instead of k^3.
+  assert count_params(asdnet_confidence(), (1, 16, 16, 16, 4)) == 5_507_970 + 27 * 2 * 32
+  assert count_params(asdnet_confidence(), (1, 16, 16, 2)) == _count(CONFIDENCE_LAYERS, d=2)
+  variables = _shapes(asdnet_confidence(), (1, 16, 16, 16, 2))
+  params = variables["params"]
+  assert set(params) == {name for name, *_ in CONFIDENCE_LAYERS}
+  for name, kind, c_in, c_out, k in CONFIDENCE_LAYERS:
+    conv = params[name]["up"] if kind == "up+bn" else params[name]
+    assert conv["kernel"].shape == (k, k, k, c_in, c_out), name
+    assert conv["bias"].shape == (c_out,)
+  assert set(variables["batch_stats"]) == {"upconv3", "upconv2", "upconv1"}
+
+
+def test_conv_transpose_4x2_matches_input_dilated_conv_and_pytorch():
+  for d, size in ((1, 5), (2, 4), (3, 3)):
+    x = normal((2,) + (size,) * d + (3,), seed=d)
+    model = ConvTranspose4x2(4, weight_init="torch")
+    variables = model.init(jax.random.key(d), x)
+    y = jax.jit(model.apply)(variables, x)
+    kernel, bias = variables["params"]["kernel"], variables["params"]["bias"]
+    ref = lax.conv_general_dilated(x, kernel, (1,) * d, ((2, 2),) * d, lhs_dilation=(2,) * d,
+                                   dimension_numbers=layers.conv_dimension_numbers(x.ndim),
+                                   precision=lax.Precision.HIGHEST) + bias
+    assert y.shape == (2,) + (2 * size,) * d + (4,)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+  # 1D PyTorch ConvTranspose1d(k=4, s=2, p=1): out[2i − 1 + t] += x[i]·w[t], with w = flip(kernel).
+  x = np.asarray(normal((1, 5, 3), seed=7), np.float64)
+  model = ConvTranspose4x2(2, weight_init="torch")
+  variables = model.init(jax.random.key(0), jnp.asarray(x, jnp.float32))
+  w = np.flip(np.asarray(variables["params"]["kernel"], np.float64), 0)
+  out = np.zeros((1, 12, 2))  # 10 outputs plus one voxel of padding on each side
+  for i in range(5):
+    for t in range(4):
+      out[:, 2 * i - 1 + t + 1] += x[:, i] @ w[t]
+  expected = out[:, 1:-1] + np.asarray(variables["params"]["bias"])
+  np.testing.assert_allclose(model.apply(variables, jnp.asarray(x, jnp.float32)), expected,
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_down_conv_padding_equals_pytorch_padding_two_then_crop():
+  x = normal((2, 16, 8, 3), seed=3)
+  conv = layers.Conv(5, 4, strides=2, padding=((2, 1), (2, 1)))
+  variables = conv.init(jax.random.key(0), x)
+  y = conv.apply(variables, x)
+  full = lax.conv_general_dilated(x, variables["params"]["kernel"], (2, 2), ((2, 2), (2, 2)),
+                                  dimension_numbers=layers.conv_dimension_numbers(4))
+  assert y.shape == (2, 8, 4, 5) and full.shape == (2, 9, 5, 5)
+  np.testing.assert_allclose(y, full[:, :-1, :-1] + variables["params"]["bias"], rtol=1e-5, atol=1e-5)
+
+
+def _perturb(variables, names, seed=1):
+  rng = np.random.default_rng(seed)
+  params = dict(variables["params"])
+  for name in names:
+    params[name] = jax.tree.map(lambda a: a + jnp.asarray(rng.normal(size=a.shape), a.dtype),
+                                params[name])
+  return {**variables, "params": params}
+
+
+@pytest.mark.parametrize("decoder", ["as_coded", "repaired"])
+def test_which_layers_reach_the_output(decoder):
+  """As coded, conv3, conv4, upconv3 and upconv2 never reach the output; repaired, they all do."""
+  model = asdnet_confidence(features=(4, 8, 8, 16), decoder=decoder)
+  p = jax.nn.softmax(normal((2, 16, 16, 16, 2)), axis=-1)
+  variables = numpy_variables(model, p)
+  apply = jax.jit(functools.partial(model.apply, train=False))
+  y = apply(variables, p)
+  assert y.shape == (2, 16, 16, 16, 2) and y.dtype == jnp.float32
+  for names in (("conv3",), ("conv4",), ("upconv3", "upconv2")):
+    y_other = apply(_perturb(variables, names), p)
+    if decoder == "as_coded":
+      np.testing.assert_array_equal(y_other, y)
+    else:
+      assert not np.allclose(y_other, y, atol=1e-4), names
+  for names in (("conv1",), ("conv2",), ("upconv1",), ("convX",)):  # on the path in both
+    assert not np.allclose(apply(_perturb(variables, names), p), y, atol=1e-4), names
+
+
+def test_as_coded_still_updates_every_batch_norm_in_train_mode():
+  model = asdnet_confidence(features=(4, 8, 8, 16), decoder="as_coded")
+  p = jax.nn.softmax(normal((2, 16, 16, 2), seed=2), axis=-1)  # 2D: same code, faster compile
+  variables = numpy_variables(model, p)
+  _, updates = model.apply(variables, p, train=True, mutable=["batch_stats"])
+  changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), variables["batch_stats"],
+                         updates["batch_stats"])
+  assert all(jax.tree.leaves(changed))
+
+
+def test_validation_and_mixed_precision():
+  with pytest.raises(ValueError, match="divisible by 8"):
+    _shapes(asdnet_confidence(), (1, 12, 16, 16, 2))
+  with pytest.raises(ValueError, match="decoder"):
+    _shapes(asdnet_confidence(decoder="fixed"), (1, 16, 16, 16, 2))
+  model = ConfidenceFCN(dtype=jnp.bfloat16)
+  variables = _shapes(model, (1, 16, 16, 16, 2))
+  out = jax.eval_shape(functools.partial(model.apply, train=False), variables,
+                       jnp.zeros((1, 16, 16, 16, 2)))
+  assert out.shape == (1, 16, 16, 16, 2) and out.dtype == jnp.float32
+  assert jax.tree.leaves(variables["params"])[0].dtype == jnp.float32
+
+
+def test_xavier_uniform_gain_sqrt2_and_zero_bias():
+  """xavier_uniform_(w, gain=√2): U(±√2·√(6/(fan_in + fan_out))), fan = channels·∏k."""
+  kernel_init, bias_init = layers.initializers("xavier_uniform", 0)
+  shape = (3, 3, 3, 16, 32)
+  w = np.asarray(kernel_init(jax.random.key(0), shape))
+  bound = math.sqrt(2) * math.sqrt(6 / (27 * 16 + 27 * 32))
+  assert np.abs(w).max() <= bound and np.abs(w).max() > 0.98 * bound
+  np.testing.assert_allclose(w.std(), bound / math.sqrt(3), rtol=0.02)
+  assert not np.any(np.asarray(bias_init(jax.random.key(1), (32,))))
+  # The model's layers use it by default: transposed conv fans 4^d·(C_in + C_out), biases zero.
+  model = asdnet_confidence(features=(4, 8, 8, 16))
+  params = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0),
+                                                               jnp.zeros((1, 16, 16, 2)))["params"]
+  for leaf, fans in ((params["conv2"]["kernel"], 16 * (4 + 8)),
+                     (params["upconv3"]["up"]["kernel"], 16 * (16 + 8)),
+                     (params["convX"]["kernel"], 4 + 2)):
+    bound = math.sqrt(2) * math.sqrt(6 / fans)
+    assert bound * 0.5 < float(jnp.abs(leaf).max()) <= bound
+  biases = [v for path, v in jax.tree_util.tree_leaves_with_path(params)
+            if path[-1].key == "bias" and path[-2].key != "bn"]
+  assert len(biases) == 8 and not any(np.any(np.asarray(b)) for b in biases)

@@ -46,7 +46,8 @@ __all__ = [
 TRAIN_LOG = "train_log.csv"
 VALIDATION_LOG = "validation_log.csv"
 CURVES_PNG = "curves.png"
-MAX_TRAIN_CURVES = 3  # Training scalars drawn: "loss" first, then other "loss*", then the rest.
+MAX_TRAIN_CURVES = 3  # Training scalars drawn: "loss" (or "loss_total") first, then other "loss*",
+# then the rest.
 PANEL_SIZE = (480, 300)  # (width, height) of one chart, pixels; two charts per row.
 COLUMNS = 2
 REDRAW_SECONDS = 30.0
@@ -172,8 +173,9 @@ def _train_names(rows: Sequence[dict]) -> list[str]:
   names: list[str] = []
   for row in rows:
     names += [k for k in row if k != "step" and k not in names]
-  ordered = (["loss"] if "loss" in names else []) + [n for n in names if n.startswith("loss")
-                                                      and n != "loss"]
+  # The objective first: "loss", or a method's "loss_total" (Duo-SegNet), then the other terms.
+  total = [n for n in ("loss", "loss_total") if n in names][:1]
+  ordered = total + [n for n in names if n.startswith("loss") and n not in total]
   ordered += [n for n in names if n not in ordered]
   return ordered[:MAX_TRAIN_CURVES]
 

@@ -61,3 +61,8 @@ def test_nice_ticks():
   assert curves.nice_ticks(0.12, 0.78) == [0.0, 0.2, 0.4, 0.6, 0.8]
   assert curves.nice_ticks(5, 30) == [5, 10, 15, 20, 25, 30]
   assert curves.nice_ticks(1.0, 1.0) == [1.0]
+
+
+def test_a_method_without_loss_charts_its_total_first():
+  rows = [{"step": 50, "loss_s": 1.0, "loss_c": 2.0, "loss_total": 0.6, "learning_rate": 0.01}]
+  assert curves._train_names(rows) == ["loss_total", "loss_s", "loss_c"]

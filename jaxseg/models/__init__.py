@@ -17,6 +17,7 @@
 | `sassnet_discriminator` | `SDFDiscriminator` | SASSNet `FC3DDiscriminator` (11,020,290 params) |
 | `svnet` | `VNet` (`drop_deepest`) | ASDNet's "SVNet" (3,612,706 params) |
 | `asdnet_confidence` | `ConfidenceFCN` | ASDNet `Discriminator_my23DLRResFCN` (5,507,970 params, 2 ch in) |
+| `hrres_segnet_ds` | `HRResSegNetDS` | ASDNet `HRResSegNet_DS` (4,036,142 params) |
 """
 
 from __future__ import annotations
@@ -29,13 +30,14 @@ import jax
 import jax.numpy as jnp
 
 from jaxseg.models import layers
-from jaxseg.models.asdnet import ConfidenceFCN, asdnet_confidence
+from jaxseg.models.asdnet import ConfidenceFCN, HRResSegNetDS, asdnet_confidence, hrres_segnet_ds
 from jaxseg.models.critics import PixelCritic, SDFDiscriminator, duo_critic, sassnet_discriminator
 from jaxseg.models.unet import UNet, duo_unet, ssl4mis_unet2d, ssl4mis_unet3d
 from jaxseg.models.vnet import VNet, svnet, vnet, vnet_sdf
 
 __all__ = [
     "ConfidenceFCN",
+    "HRResSegNetDS",
     "MODELS",
     "PixelCritic",
     "SDFDiscriminator",
@@ -46,6 +48,7 @@ __all__ = [
     "duo_critic",
     "duo_unet",
     "get_model",
+    "hrres_segnet_ds",
     "layers",
     "sassnet_discriminator",
     "ssl4mis_unet2d",
@@ -66,6 +69,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "sassnet_discriminator": sassnet_discriminator,
     "svnet": svnet,
     "asdnet_confidence": asdnet_confidence,
+    "hrres_segnet_ds": hrres_segnet_ds,
 }
 
 

@@ -172,3 +172,85 @@ def test_xavier_uniform_gain_sqrt2_and_zero_bias():
   biases = [v for path, v in jax.tree_util.tree_leaves_with_path(params)
             if path[-1].key == "bias" and path[-2].key != "bn"]
   assert len(biases) == 8 and not any(np.any(np.asarray(b)) for b in biases)
+
+
+# ----------------------------------------------------------------------------------------------------
+# HRResSegNet_DS.
+
+
+def _cbr(c_in, c_out, k):
+  """Conv k (bias) + BN (scale, offset)."""
+  return k**3 * c_in * c_out + c_out + 2 * c_out
+
+
+def _res3(c_in, c_out, projection=True):
+  """cbr 1 (→ o/2), cbr 3, Conv 1 + BN (→ o), and the Conv 1 + BN projection shortcut."""
+  mid = c_out // 2
+  return (_cbr(c_in, mid, 1) + _cbr(mid, mid, 3) + _cbr(mid, c_out, 1)
+          + (_cbr(c_in, c_out, 1) if projection else 0))
+
+
+def _res_up(c_in, c_out):
+  """ConvTranspose 4 + BN, res3 (identity shortcut), res3 (projection)."""
+  return _cbr(c_in, c_out, 4) + _res3(c_out, c_out, False) + _res3(c_out, c_out, True)
+
+
+HRRES_LAYERS = {
+    "conv_block1_32": _cbr(1, 32, 3),
+    "conv_block32_32": _res3(32, 32),
+    "conv_block32_64": _res3(32, 64),
+    "conv_block64_128": _res3(64, 128),
+    "conv_block128_256": _res3(128, 256),  # dilation changes no shape
+    **{f"hr_block{i}": 2 * _cbr(32, 32, 3) for i in (1, 2, 3, 4)},  # a and b, each used twice
+    "up_block256_128": _res_up(256, 128),
+    "up_block128_64": _res_up(128, 64),
+    "up_block64_32": _res_up(64, 32),
+    "last_main": 32 * 2 + 2,
+    "conv_path1": _cbr(64, 2, 1),
+    "conv_path2": _cbr(128, 2, 1),
+}
+
+
+def test_hrres_segnet_ds_parameter_count_from_the_layer_table():
+  assert sum(HRRES_LAYERS.values()) == 4_036_142
+  assert count_params(get_model("hrres_segnet_ds"), (1, 16, 64, 64, 1)) == 4_036_142
+  params = _shapes(get_model("hrres_segnet_ds"), (1, 16, 16, 16, 1))["params"]
+  counts = {name: sum(math.prod(a.shape) for a in jax.tree.leaves(tree)) for name, tree in params.items()}
+  assert counts == HRRES_LAYERS
+  # Identity shortcut in the first res3 of each up unit, projection in the second and in the encoder.
+  assert "convX_bn" not in params["up_block64_32"]["conv"]
+  assert "convX_bn" in params["up_block64_32"]["conv2"] and "convX_bn" in params["conv_block32_32"]
+  assert set(params["hr_block1"]) == {"conv1_bn_relu", "conv2_bn_relu"}
+  assert params["conv_block128_256"]["conv2_bn_relu"]["conv"]["kernel"].shape == (3, 3, 3, 128, 128)
+
+
+def test_hrres_segnet_ds_outputs_and_dropout():
+  model = get_model("hrres_segnet_ds", features=(4, 8, 8, 16), num_classes=3)
+  x = normal((2, 8, 16, 16, 1))
+  variables = numpy_variables(model, x)
+  apply = jax.jit(model.apply, static_argnames=("train", "dropout", "mutable"))
+  out = apply(variables, x, train=False)
+  assert set(out) == {"main", "aux1", "aux2"}
+  for y in out.values():
+    assert y.shape == (2, 8, 16, 16, 3) and y.dtype == jnp.float32
+  # Train mode: channel dropout after the pools needs the 'dropout' RNG and is random.
+  y1, updates = apply(variables, x, train=True, mutable=("batch_stats",),
+                      rngs={"dropout": jax.random.key(1)})
+  y2, _ = apply(variables, x, train=True, mutable=("batch_stats",), rngs={"dropout": jax.random.key(2)})
+  assert not np.allclose(y1["main"], y2["main"], atol=1e-4)
+  assert set(updates["batch_stats"]) == set(variables["batch_stats"])
+  with pytest.raises(ValueError, match="divisible by 8"):
+    _shapes(model, (1, 12, 16, 16, 1))
+
+
+def test_dilated_conv_matches_a_zero_inserted_kernel():
+  """Dilation 2 with padding 2 = the same kernel spread over 5^d with zeros in between, padding 2."""
+  from jaxseg.models.asdnet import _DilatedConv
+  x = normal((1, 8, 8, 3), seed=4)
+  model = _DilatedConv(4, 3, 2, "xavier_uniform", None)
+  variables = model.init(jax.random.key(0), x)
+  kernel = variables["params"]["kernel"]
+  spread = jnp.zeros((5, 5, 3, 4)).at[::2, ::2].set(kernel)
+  expected = lax.conv_general_dilated(x, spread, (1, 1), ((2, 2), (2, 2)),
+                                      dimension_numbers=layers.conv_dimension_numbers(4))
+  np.testing.assert_allclose(model.apply(variables, x), expected, rtol=1e-5, atol=1e-5)

@@ -96,7 +96,8 @@ class ConvTranspose4x2(nn.Module):
     bias = self.param("bias", bias_init, (c_out,), self.param_dtype) if self.use_bias else None
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     # w3[s_1..s_d, ci, a_1..a_d, co] = Σ_t Π_j TAPS[a_j, s_j, t_j] · kernel[t_1..t_d, ci, co].
-    a, s, t = string.ascii_lowercase[:d], string.ascii_lowercase[8:8 + d], string.ascii_lowercase[16:16 + d]
+    letters = string.ascii_lowercase
+    a, s, t = letters[:d], letters[8:8 + d], letters[16:16 + d]
     operands = [jnp.asarray(_TAPS, kernel.dtype)] * d + [kernel]
     spec = ",".join(f"{a[j]}{s[j]}{t[j]}" for j in range(d)) + f",{t}xy->{s}x{a}y"
     w3 = jnp.einsum(spec, *operands).reshape((3,) * d + (c_in, 2**d * c_out))
@@ -109,7 +110,10 @@ class ConvTranspose4x2(nn.Module):
 
 
 class _ResUpUnit(nn.Module):
-  """`BaseResUpUnit`: ConvTranspose k4 s2 p1 → BN → ReLU, + bridge, ReLU: (N, *S, C) -> (N, *2S, features)."""
+  """`BaseResUpUnit`: ConvTranspose k4 s2 p1 → BN → ReLU, + bridge, ReLU.
+
+  (N, *S, C), bridge (N, *2S, features) -> (N, *2S, features).
+  """
   features: int
   weight_init: str
   bn_axis_name: Optional[str]

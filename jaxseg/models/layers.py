@@ -13,7 +13,8 @@ PyTorch conventions reproduced here:
   fan_in = C_in·∏k for a convolution and C_out·∏k for a transposed convolution (PyTorch computes it
   from the weight layout (C_in, C_out, *k)). `"kaiming_normal"` is `kaiming_normal_(mode="fan_in")`
   (N(0, 2/fan_in), the SSL4MIS `init_weights(..., "kaiming")`) with PyTorch default biases; `"flax"` is
-  Flax's default (LeCun normal, zero bias).
+  Flax's default (LeCun normal, zero bias); `"xavier_uniform"` is ASDNet's `xavier_uniform_(gain=√2)`
+  with zero biases.
 * **Normalisation** (`norm_layer`): BatchNorm with Flax momentum 0.9 (= PyTorch 0.1) and ε = 1e-5;
   Instance/GroupNorm with PyTorch's ε = 1e-5 (Flax's default is 1e-6); InstanceNorm without affine
   parameters unless asked (PyTorch's `InstanceNorm*d` default); two-pass variance, as PyTorch (Flax's

@@ -128,6 +128,48 @@ def test_which_layers_reach_the_output(decoder):
     assert not np.allclose(apply(_perturb(variables, names), p), y, atol=1e-4), names
 
 
+def _confidence_reference(variables, p, decoder):
+  """Discriminator_my23DLRResFCN.forward in eval mode, written from the PyTorch layer calls with XLA's
+  plain convolutions: padding 2 then a crop for conv2-4, input dilation for the transposed convs."""
+  params, stats = variables["params"], variables["batch_stats"]
+  d = p.ndim - 2
+  dn = layers.conv_dimension_numbers(p.ndim)
+  hi = lax.Precision.HIGHEST
+  lrelu = lambda x: jnp.where(x > 0, x, 0.2 * x)
+  crop = lambda x: x[(slice(None),) + (slice(0, -1),) * d]
+
+  def conv(name, x, stride=1, pad=0):
+    w = params[name]
+    return lax.conv_general_dilated(x, w["kernel"], (stride,) * d, ((pad, pad),) * d,
+                                    dimension_numbers=dn, precision=hi) + w["bias"]
+
+  def up(name, x, bridge):
+    w, bn, st = params[name]["up"], params[name]["bn"], stats[name]["bn"]
+    y = lax.conv_general_dilated(x, w["kernel"], (1,) * d, ((2, 2),) * d, lhs_dilation=(2,) * d,
+                                 dimension_numbers=dn, precision=hi) + w["bias"]
+    y = (y - st["mean"]) / jnp.sqrt(st["var"] + 1e-5) * bn["scale"] + bn["bias"]
+    return jax.nn.relu(jax.nn.relu(y) + bridge)
+
+  conv1 = lrelu(conv("conv1", p, pad=1))
+  conv2 = lrelu(crop(conv("conv2", conv1, 2, 2)))
+  conv3 = lrelu(crop(conv("conv3", conv2, 2, 2)))
+  conv4 = lrelu(crop(conv("conv4", conv3, 2, 2)))
+  if decoder == "as_coded":
+    u = lrelu(up("upconv1", conv2, conv1))
+  else:
+    u = lrelu(up("upconv1", lrelu(up("upconv2", lrelu(up("upconv3", conv4, conv3)), conv2)), conv1))
+  return conv("convX", u)
+
+
+@pytest.mark.parametrize("decoder", ["as_coded", "repaired"])
+def test_confidence_eval_mode_matches_reference_2d(decoder):
+  model = asdnet_confidence(features=(4, 8, 8, 16), decoder=decoder)
+  p = jax.nn.softmax(normal((2, 16, 24, 2), seed=5), axis=-1)
+  variables = numpy_variables(model, p, seed=3)
+  y = jax.jit(functools.partial(model.apply, train=False))(variables, p)
+  np.testing.assert_allclose(y, _confidence_reference(variables, p, decoder), rtol=1e-4, atol=1e-4)
+
+
 def test_as_coded_still_updates_every_batch_norm_in_train_mode():
   model = asdnet_confidence(features=(4, 8, 8, 16), decoder="as_coded")
   p = jax.nn.softmax(normal((2, 16, 16, 2), seed=2), axis=-1)  # 2D: same code, faster compile
@@ -241,6 +283,12 @@ def test_hrres_segnet_ds_outputs_and_dropout():
   assert set(updates["batch_stats"]) == set(variables["batch_stats"])
   with pytest.raises(ValueError, match="divisible by 8"):
     _shapes(model, (1, 12, 16, 16, 1))
+  # bf16 compute: float32 parameters and outputs.
+  mixed = get_model("hrres_segnet_ds", dtype=jnp.bfloat16)
+  shapes = _shapes(mixed, (1, 8, 16, 16, 1))
+  assert {a.dtype for a in jax.tree.leaves(shapes["params"])} == {jnp.dtype(jnp.float32)}
+  out = jax.eval_shape(functools.partial(mixed.apply, train=False), shapes, jnp.zeros((1, 8, 16, 16, 1)))
+  assert {y.dtype for y in out.values()} == {jnp.dtype(jnp.float32)}
 
 
 def test_dilated_conv_matches_a_zero_inserted_kernel():

@@ -37,6 +37,7 @@ __all__ = [
     "generalized_dice_loss",
     "generalized_dice_loss_per_sample",
     "linear_rampup",
+    "masked_pseudo_label_gdl",
     "mse",
     "multiclass_dice_loss",
     "multiclass_dice_loss_per_class",
@@ -271,7 +272,8 @@ def soft_dice_ce_loss(logits: jax.Array, labels: jax.Array, batch_dice: bool = T
 
 
 # --------------------------------------------------------------------------------------------------------
-# ASDNet generalized Dice and sample attention (Nie et al., MICCAI 2018; `ginobilinie/asdnet`).
+# ASDNet generalized Dice, sample attention and masked pseudo-label loss (Nie et al., MICCAI 2018;
+# `ginobilinie/asdnet`; docs/methods/asdnet.md).
 
 
 def _generalized_dice_from_sums(intersection: jax.Array, prob_sum: jax.Array,
@@ -287,72 +289,100 @@ def _generalized_dice_from_sums(intersection: jax.Array, prob_sum: jax.Array,
   return 1.0 - 2.0 * numerator / denominator
 
 
-def generalized_dice_loss(logits: jax.Array, labels: jax.Array, num_classes: int) -> jax.Array:
-  """ASDNet `GeneralizedDiceLoss4Organs` (Eq. 1): generalized Dice over the whole batch, softmax inside.
+def _probs_and_one_hot(scores: jax.Array, target: jax.Array, num_classes: Optional[int], from_logits: bool,
+                       what: str) -> tuple[jax.Array, jax.Array]:
+  """(probabilities, one-hot target), both (N, *spatial, C), from scores and a label map or one-hot target.
 
-  loss = 1 − 2 Σ_c w_c Σ p_c t_c / Σ_c [w_c (Σ p_c + Σ t_c) + 2e-6], w_c = 1 / ((Σ t_c)² + 1e-6), or 0 when
-  class c is absent from the batch; background included; sums pooled over batch and space.
+  The target is a one-hot (or soft) map when it has the scores' shape, an integer label map when it has the
+  scores' shape without the class axis; anything else raises.
+  """
+  if num_classes is None:
+    num_classes = scores.shape[-1]
+  is_one_hot = target.shape == scores.shape
+  if is_one_hot and scores.shape[-1] != num_classes:
+    raise ValueError(f"{what}: num_classes={num_classes} but the scores have {scores.shape[-1]} channels.")
+  if not is_one_hot:
+    _check_scores_and_labels(scores, target, what, num_classes)
+  probs = jax.nn.softmax(scores, axis=-1) if from_logits else scores
+  target = target.astype(probs.dtype) if is_one_hot else _one_hot(target, num_classes, probs.dtype)
+  return probs, target
+
+
+def generalized_dice_loss(scores: jax.Array, target: jax.Array, num_classes: Optional[int] = None, *,
+                          from_logits: bool = True) -> jax.Array:
+  """ASDNet generalized Dice loss (Eq. 1), `GeneralizedDiceLoss4Organs` of `ginobilinie/asdnet`.
+
+  loss = 1 − 2 Σ_c w_c Σ_v p_c t_c / Σ_c [w_c (Σ_v p_c + Σ_v t_c) + 2e-6], w_c = 1 / ((Σ_v t_c)² + 1e-6), or
+  w_c = 0 when class c is absent from the target. Background included. As in the reference, the sums are
+  pooled over the whole batch and space (one set of class weights per batch); see
+  `generalized_dice_loss_per_sample` for one loss per sample.
 
   Args:
-    logits: (N, *spatial, C).
-    labels: (N, *spatial) integer labels.
-    num_classes: C.
+    scores: (N, *spatial, C) logits (softmax inside, the reference's call) or, with `from_logits=False`,
+      probabilities P̂.
+    target: (N, *spatial) integer labels, or (N, *spatial, C) one-hot (soft targets are accepted).
+    num_classes: C; inferred from the scores when None, checked against them otherwise.
+    from_logits: apply a softmax over the class axis first.
 
   Returns:
-    Scalar loss in [0, 1].
+    Scalar loss in [0, 1] (exactly 1 with zero gradient when the target is empty everywhere).
   """
-  _check_scores_and_labels(logits, labels, "generalized_dice_loss", num_classes)
-  probs = jax.nn.softmax(logits, axis=-1)
-  target = _one_hot(labels, num_classes, probs.dtype)
+  probs, target = _probs_and_one_hot(scores, target, num_classes, from_logits, "generalized_dice_loss")
   return _generalized_dice_from_sums(_sum_all_but_classes(probs * target), _sum_all_but_classes(probs),
                                      _sum_all_but_classes(target))
 
 
-def generalized_dice_loss_per_sample(logits: jax.Array, labels: jax.Array, num_classes: int) -> jax.Array:
-  """`generalized_dice_loss` of each sample on its own (class weights from that sample's counts).
+def generalized_dice_loss_per_sample(scores: jax.Array, target: jax.Array, num_classes: Optional[int] = None,
+                                     *, from_logits: bool = True) -> jax.Array:
+  """`generalized_dice_loss` (Eq. 1) of each sample on its own (class weights from that sample's counts).
 
   Args:
-    logits: (N, *spatial, C).
-    labels: (N, *spatial) integer labels.
-    num_classes: C.
+    scores: (N, *spatial, C) logits, or probabilities with `from_logits=False`.
+    target: (N, *spatial) integer labels or (N, *spatial, C) one-hot.
+    num_classes: C, or None to infer it from the scores.
+    from_logits: apply a softmax over the class axis first.
 
   Returns:
-    (N,) losses.
+    (N,) losses in [0, 1].
   """
-  _check_scores_and_labels(logits, labels, "generalized_dice_loss_per_sample", num_classes)
-  probs = jax.nn.softmax(logits, axis=-1)
-  target = _one_hot(labels, num_classes, probs.dtype)
+  probs, target = _probs_and_one_hot(scores, target, num_classes, from_logits,
+                                     "generalized_dice_loss_per_sample")
   return _generalized_dice_from_sums(_sum_space(probs * target), _sum_space(probs), _sum_space(target))
 
 
-def per_sample_foreground_dice(logits: jax.Array, labels: jax.Array, num_classes: int) -> jax.Array:
-  """Hard Dice of argmax(logits) per sample, averaged over the foreground classes (the dsc of ASDNet's sample attention).
+def per_sample_foreground_dice(scores: jax.Array, target: jax.Array,
+                               num_classes: Optional[int] = None) -> jax.Array:
+  """The dsc of ASDNet's sample attention (Eq. 2): per sample, the mean hard foreground Dice of argmax P̂.
 
-  dsc_n = mean_{c ≥ 1} 2|P_c ∩ Y_c| / (|P_c| + |Y_c|), with 1 for a class absent from both prediction and
-  label. Piecewise constant, so it has zero gradient.
+  dsc_n = mean_{c ≥ 1} 2|A_c ∩ Y_c| / (|A_c| + |Y_c|) with A = one-hot(argmax scores), and 1 for a class
+  absent from both prediction and label. The argmax is the same for logits and probabilities (ties go to the
+  first class). It is a measurement, not a loss: the result is under stop-gradient, also with respect to a
+  float one-hot target.
 
   Args:
-    logits: (N, *spatial, C) with C ≥ 2.
-    labels: (N, *spatial) integer labels.
-    num_classes: C.
+    scores: (N, *spatial, C) logits or probabilities, C ≥ 2.
+    target: (N, *spatial) integer labels or (N, *spatial, C) one-hot.
+    num_classes: C, or None to infer it from the scores.
 
   Returns:
     (N,) Dice scores in [0, 1].
   """
-  _check_scores_and_labels(logits, labels, "per_sample_foreground_dice", num_classes)
-  if num_classes < 2:
-    raise ValueError(f"per_sample_foreground_dice needs at least 2 classes, got {num_classes}.")
-  dtype = jnp.result_type(logits.dtype, jnp.float32)
-  predicted = _one_hot(jnp.argmax(logits, axis=-1), num_classes, dtype)[..., 1:]
-  target = _one_hot(labels, num_classes, dtype)[..., 1:]
+  if scores.shape[-1] < 2:
+    raise ValueError(f"per_sample_foreground_dice needs at least 2 classes, got {scores.shape[-1]}.")
+  dtype = jnp.result_type(scores.dtype, jnp.float32)
+  predicted = _one_hot(jnp.argmax(scores, axis=-1), scores.shape[-1], dtype)
+  # from_logits=False: the one-hot argmax is already a "probability" map; only the target is converted.
+  predicted, target = _probs_and_one_hot(predicted, target, num_classes, False, "per_sample_foreground_dice")
+  predicted, target = predicted[..., 1:], target[..., 1:]
   overlap = _sum_space(predicted * target)
   size_sum = _sum_space(predicted) + _sum_space(target)
-  dice = jnp.where(size_sum > 0, 2.0 * overlap / jnp.maximum(size_sum, 1.0), 1.0)
-  return jnp.mean(dice, axis=-1)
+  dice = jnp.where(size_sum > 0, 2.0 * overlap / jnp.where(size_sum > 0, size_sum, 1.0), 1.0)
+  return jax.lax.stop_gradient(jnp.mean(dice, axis=-1))
 
 
-def sample_attention_generalized_dice_loss(logits: jax.Array, labels: jax.Array, num_classes: int,
-                                           beta: float = 2.0) -> jax.Array:
+def sample_attention_generalized_dice_loss(scores: jax.Array, target: jax.Array,
+                                           num_classes: Optional[int] = None, beta: float = 2.0, *,
+                                           from_logits: bool = True) -> jax.Array:
   """ASDNet sample-attention Dice (Eq. 2), per sample as jaxseg implements it.
 
   loss = mean_n (1 − sg(dsc_n))^β · gdl_n, where gdl_n is the generalized Dice loss of sample n alone and
@@ -362,17 +392,53 @@ def sample_attention_generalized_dice_loss(logits: jax.Array, labels: jax.Array,
   off-by-default factor computed from D's output, w = 12.5·(p̄ − 0.5)² − 0.5, applied as (1 + w).)
 
   Args:
-    logits: (N, *spatial, C).
-    labels: (N, *spatial) integer labels.
-    num_classes: C ≥ 2.
+    scores: (N, *spatial, C) logits, or probabilities with `from_logits=False`.
+    target: (N, *spatial) integer labels or (N, *spatial, C) one-hot.
+    num_classes: C ≥ 2, or None to infer it from the scores.
     beta: attention exponent β (2 in the paper).
+    from_logits: apply a softmax over the class axis first (the dsc uses the argmax either way).
 
   Returns:
     Scalar loss in [0, 1].
   """
-  dice = jax.lax.stop_gradient(per_sample_foreground_dice(logits, labels, num_classes))
+  # Stop-gradient again here, so the factor stays a constant whatever the dsc function becomes.
+  dice = jax.lax.stop_gradient(per_sample_foreground_dice(scores, target, num_classes))
   attention = (1.0 - dice) ** beta
-  return jnp.mean(attention * generalized_dice_loss_per_sample(logits, labels, num_classes))
+  gdl = generalized_dice_loss_per_sample(scores, target, num_classes, from_logits=from_logits)
+  return jnp.mean(attention * gdl)
+
+
+def masked_pseudo_label_gdl(probs_u: jax.Array, confidence: jax.Array, gamma: float = 0.5) -> jax.Array:
+  """ASDNet region-attention semi-supervised loss (Eq. 6): GDL of P̂ against its own argmax, where D trusts it.
+
+  With P̄ = one-hot(argmax P̂) and m_v = [M_v > γ] (strict):
+
+      loss = 1 − 2 Σ_c π_c Σ_v m_v P̄_c P̂_c / Σ_c [π_c Σ_v m_v (P̄_c + P̂_c) + 2e-6],
+      π_c  = 1 / ((Σ_v m_v P̄_c)² + 1e-6), or 0 when no selected voxel is predicted as class c,
+
+  i.e. `generalized_dice_loss` restricted to the selected voxels, sums pooled over the batch and space.
+  P̄ and the mask are constants (stop-gradient): only P̂ receives a gradient, and the class weights come
+  from the masked pseudo-label counts.
+
+  Empty mask (no voxel with M > γ): the loss is defined as **0, with zero gradient** (the plain formula
+  would give 1 with zero gradient, which would log as a maximal loss although nothing was selected).
+
+  Args:
+    probs_u: (N, *spatial, C) probabilities P̂ of the unlabeled samples.
+    confidence: (N, *spatial) confidence map M, e.g. softmax(D(sg P̂))[..., 1]; not differentiated.
+    gamma: the confidence threshold γ (0.5 in jaxseg; the paper gives no value).
+
+  Returns:
+    Scalar loss in [0, 1].
+  """
+  _check_scores_and_labels(probs_u, confidence, "masked_pseudo_label_gdl")
+  # Both are selections made from the network's outputs, not targets to move: no gradient through them.
+  pseudo = jax.lax.stop_gradient(_one_hot(jnp.argmax(probs_u, axis=-1), probs_u.shape[-1], probs_u.dtype))
+  mask = jax.lax.stop_gradient(confidence > gamma).astype(probs_u.dtype)[..., None]
+  loss = _generalized_dice_from_sums(_sum_all_but_classes(mask * pseudo * probs_u),
+                                     _sum_all_but_classes(mask * probs_u), _sum_all_but_classes(mask * pseudo))
+  # The other branch is finite (denominator ≥ C·2e-6), so the where passes a zero gradient, never a NaN.
+  return jnp.where(jnp.any(mask > 0), loss, jnp.zeros_like(loss))
 
 
 # --------------------------------------------------------------------------------------------------------

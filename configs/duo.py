@@ -12,10 +12,10 @@ Default: the embedded synthetic 2D data (100 images of 128x128; labeled = the fi
 the views X^1 and X^2; validation = the last 20; unlabeled = the 70 between), 96x96 crops, 1
 labeled crop per view + 2 unlabeled per step, the UNet of widths (8, 16, 32, 64) per view, the
 `paper` losses, 400 steps. Compare with `configs/supervised.py`, which trains the same UNet on the
-same 10 labeled images for the same 400 steps. Measured (commit 335f735, seed 0, last iteration,
-on the shared 2-core CPU under load, 1.2-3.9 steps/s): 3 min 03 s for the whole command (400
-steps, compilation and evaluation); validation Dice 87.3 % (F1) / 91.0 % (F2), 89.2 % mean of the
-views; 95HD 12.7 pixels (mean of the views). The supervised baseline: 92.2 % in 38 s. GPU: not
+same 10 labeled images for the same 400 steps. Measured (commit 05dd8a4, seed 0, last iteration,
+on a quiet 2-core CPU, 3.1-3.8 steps/s): 2 min 30 s for the whole command (400 steps,
+compilation and evaluation); validation Dice 87.3 % (F1) / 91.0 % (F2), 89.2 % mean of the
+views; 95HD 12.7 pixels (mean of the views). The supervised baseline: 92.2 % in 44 s. GPU: not
 measured yet (no GPU was lent to the task that measured this). `:synthetic3d` (the 3D default
 before, commit 67451fe): 19.2 % mean Dice in 7 min 51 s. `:la` runs 6000 steps at 112x112x80.
 """

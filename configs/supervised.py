@@ -9,8 +9,8 @@ the last 20), 96x96 crops, 2 labeled crops per step, the UNet of widths (8, 16, 
 the same data, labeled images, backbone and steps as `configs/duo.py`, so the two compare directly
 (each preset matches the preset of the same name there). The V-Net baseline of the LA family (and
 its LA presets) is `configs/supervised_vnet.py`.
-Measured (commit 335f735, seed 0, last iteration, on the shared 2-core CPU under load): 38 s for the
-whole command (400 steps, compilation and evaluation); validation Dice 92.2 %, 95HD 7.8 pixels.
+Measured (commit 05dd8a4, seed 0, last iteration, on a quiet 2-core CPU): 44 s for the whole
+command (400 steps, compilation and evaluation); validation Dice 92.2 %, 95HD 7.8 pixels.
 `:synthetic3d` (the 3D default before, commit 67451fe): 25.2 % in 2 min 04 s. GPU: not measured yet
 (no GPU was lent to the task that measured this).
 """

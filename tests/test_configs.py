@@ -100,6 +100,30 @@ def test_la_presets_of_dtc_and_sassnet_are_the_published_settings():
   assert sassnet.get_config("la16").method.beta_max == 0.01
 
 
+@pytest.mark.parametrize("preset, labeled", [("la8", 8), ("la16", 16)])
+def test_asdnet_la_presets_follow_the_protocol_with_adam(preset, labeled):
+  """The LA protocol of the family (data, crops, steps, window), C = 2, but the method's Adam
+  optimisers (S 1e-3, D 1e-4, coupled decay 1e-4, x0.1 at 2500 and 5000), not the family's SGD."""
+  config = load(CONFIGS_DIR / "asdnet.py").get_config(preset)
+  assert config.data.source == "la" and config.data.num_classes == 2
+  assert (config.data.num_labeled, config.data.num_validation) == (labeled, 8)
+  assert tuple(config.data.patch_size) == (112, 112, 80)
+  assert (config.data.batch_labeled, config.data.batch_unlabeled) == (2, 2)
+  assert config.train.num_steps == 6000
+  assert tuple(config.eval.patch_size) == (112, 112, 80) and tuple(config.eval.strides) == (18, 18, 4)
+  for key, lr in (("optimizer", 1e-3), ("confidence_optimizer", 1e-4)):
+    opt = config.method[key]
+    assert (opt.name, opt.learning_rate, opt.weight_decay) == ("adam", lr, 1e-4)
+    assert tuple(opt.decay_boundaries) == (2500, 5000) and opt.decay_factor == 0.1
+
+
+def test_asdnet_default_has_several_organs():
+  config = load(CONFIGS_DIR / "asdnet.py").get_config("")
+  assert config.data.source == "synthetic" and config.data.num_classes >= 4
+  assert tuple(config.data.patch_size) == (32, 32, 32) and config.train.num_steps == 400
+  assert config.data.num_labeled == 4 and config.data.batch_unlabeled >= 1
+
+
 # ------------------------------------------------------------------------------------------------
 # Every key of every method block, pinned to its value: a changed default fails here.
 
@@ -162,6 +186,21 @@ def _sassnet(n_filters, ndf, rampup_block, beta_max):
               optimizer=LA_SGD, discriminator_optimizer=SASSNET_ADAM)
 
 
+ASDNET_ADAM = dict(name="adam", learning_rate=1e-3, momentum=0.9, nesterov=False, weight_decay=1e-4,
+                   beta1=0.9, beta2=0.999, eps=1e-8, alpha=0.99, schedule="step", decay_every=0,
+                   decay_factor=0.1, decay_boundaries=(2500, 5000), poly_power=0.9,
+                   min_learning_rate=0.0, total_steps=0, warmup_steps=0, lr_multipliers=(),
+                   weight_decay_mask="", clip_grad_norm=0.0)
+
+
+def _asdnet(n_filters, features):
+  return dict(name="asdnet", preset="paper", beta=2.0, lambda_adv=0.03, lambda_semi=0.3, gamma=0.5,
+              model=dict(name="svnet", n_filters=n_filters, dtype="float32"),
+              confidence=dict(name="asdnet_confidence", features=features, decoder="repaired",
+                              dtype="float32"),
+              optimizer=ASDNET_ADAM, confidence_optimizer={**ASDNET_ADAM, "learning_rate": 1e-4})
+
+
 def _supervised(features):
   return dict(name="supervised", loss="bce",
               model=dict(name="unet", features=features, norm="batch",
@@ -200,6 +239,10 @@ METHOD_BLOCKS = {
     ("supervised_vnet", ""): _supervised_vnet(8),
     ("supervised_vnet", "la8"): _supervised_vnet(16),
     ("supervised_vnet", "la16"): _supervised_vnet(16),
+    # The synthetic default: 3 organs, a narrower confidence net; LA: the paper's widths.
+    ("asdnet", ""): _asdnet(8, (16, 32, 64, 128)),
+    ("asdnet", "la8"): _asdnet(16, (32, 64, 128, 256)),
+    ("asdnet", "la16"): _asdnet(16, (32, 64, 128, 256)),
 }
 
 

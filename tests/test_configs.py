@@ -240,7 +240,7 @@ METHOD_BLOCKS = {
     ("supervised_vnet", "la8"): _supervised_vnet(16),
     ("supervised_vnet", "la16"): _supervised_vnet(16),
     # The synthetic default: 3 organs, a narrower confidence net; LA: the paper's widths.
-    ("asdnet", ""): _asdnet(8, (16, 32, 64, 128)),
+    ("asdnet", ""): _asdnet(8, (8, 16, 32, 64)),
     ("asdnet", "la8"): _asdnet(16, (32, 64, 128, 256)),
     ("asdnet", "la16"): _asdnet(16, (32, 64, 128, 256)),
 }

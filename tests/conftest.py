@@ -153,3 +153,19 @@ def run_tiny(workdir, *extra):
   import subprocess
   return subprocess.run(tiny_run_command(workdir, *extra), cwd=REPO, env=SUBPROCESS_ENV,
                         capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(params=["float32", "float64"])
+def dtype(request):
+  """Runs the test body in float32, or in float64 with JAX's x64 mode scoped to this test only (the
+  loss tests' precisions)."""
+  import jax.numpy as jnp
+  with jax.enable_x64(request.param == "float64"):
+    yield jnp.dtype(request.param)
+
+
+@pytest.fixture
+def x64():
+  """JAX's x64 mode for the duration of one test."""
+  with jax.enable_x64(True):
+    yield

@@ -18,19 +18,6 @@ from jaxseg import losses
 GOLDEN_CASES = ["c2", "c4", "c4_absent_class"]
 
 
-@pytest.fixture(params=["float32", "float64"])
-def dtype(request):
-  """Runs the test in float32, or in float64 with x64 scoped to the test."""
-  with jax.enable_x64(request.param == "float64"):
-    yield jnp.dtype(request.param)
-
-
-@pytest.fixture
-def x64():
-  with jax.enable_x64(True):
-    yield
-
-
 def _gdl_numpy(probs: np.ndarray, one_hot: np.ndarray, mask: np.ndarray | None = None) -> float:
   """Eq. 1 re-derived with loops in float64 (an independent check of the pooled sums and weights)."""
   probs, one_hot = np.asarray(probs, np.float64), np.asarray(one_hot, np.float64)

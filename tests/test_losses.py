@@ -26,19 +26,6 @@ from jaxseg import losses
 # Helpers.
 
 
-@pytest.fixture(params=["float32", "float64"])
-def dtype(request):
-  """Runs the test body in float32, or in float64 with JAX's x64 mode scoped to this test only."""
-  with jax.enable_x64(request.param == "float64"):
-    yield jnp.dtype(request.param)
-
-
-@pytest.fixture
-def x64():
-  with jax.enable_x64(True):
-    yield
-
-
 def _to_jax(array: np.ndarray, dtype) -> jax.Array:
   """Golden floats in the test precision; integer / bool / uint8 arrays (labels, masks) as int32."""
   array = np.asarray(array)

@@ -12,8 +12,6 @@ and so does the recomputation.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,17 +30,11 @@ LR, MOMENTUM, WEIGHT_DECAY, DECAY_EVERY = 0.01, 0.9, 1e-4, 2500
 
 
 def _arrays(seed: int = 0):
-  """3 labeled (the last all foreground: T(y) = 0 there, sdf_full_masks = 1) + 2 unlabeled."""
-  rng = np.random.default_rng(seed)
-  image = rng.normal(size=(5, *PATCH, 1))
-  label = (image[:3, ..., 0] > 0.3).astype(np.int32)
-  label[2] = 1
-  return image[:3], label, image[3:]
+  return wo.sdf_method_arrays(PATCH, seed)
 
 
 def _weight(step: int) -> float:
-  block = min(step // HP["rampup_block"], HP["consistency_rampup"]) / HP["consistency_rampup"]
-  return HP["consistency"] * math.exp(-5 * (1 - block) ** 2)
+  return wo.blocked_rampup(step, HP["consistency"], HP["consistency_rampup"], HP["rampup_block"])
 
 
 def _perturbed_stats(stats):

@@ -14,8 +14,6 @@ dimension-agnostic; XLA:CPU compiles 2D convolutions in seconds), in float64 (`w
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,17 +33,11 @@ D_LR, D_BETAS, D_EPS = 1e-4, (0.9, 0.99), 1e-8
 
 
 def _arrays(seed: int = 0):
-  """3 labeled (the last all foreground: T(y) = 0 there, sdf_full_masks = 1) + 2 unlabeled."""
-  rng = np.random.default_rng(seed)
-  image = rng.normal(size=(5, *PATCH, 1))
-  label = (image[:3, ..., 0] > 0.3).astype(np.int32)
-  label[2] = 1
-  return image[:3], label, image[3:]
+  return wo.sdf_method_arrays(PATCH, seed)
 
 
 def _weight(step: int) -> float:
-  block = min(step // HP["rampup_block"], HP["consistency_rampup"]) / HP["consistency_rampup"]
-  return HP["beta_max"] * math.exp(-5 * (1 - block) ** 2)
+  return wo.blocked_rampup(step, HP["beta_max"], HP["consistency_rampup"], HP["rampup_block"])
 
 
 def _expected_step(state, trace, mu, nu, image_l, label_l, image_u, rng):

@@ -14,6 +14,7 @@ float32 (`as_stored`): 0.9 is 0.899999976 there, 1e-3 is 1.00000005e-3, 1 − 0.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -145,3 +146,19 @@ def assert_metrics_equal(metrics: dict, expected: dict, rtol: float):
   assert set(metrics) == set(expected), sorted(set(metrics) ^ set(expected))
   for key, value in expected.items():
     np.testing.assert_allclose(float(metrics[key]), float(value), rtol=rtol, err_msg=key)
+
+
+def sdf_method_arrays(patch, seed: int = 0):
+  """DTC's and SASSNet's step inputs: 3 labeled (the last all foreground: T(y) = 0 there,
+  sdf_full_masks = 1) + 2 unlabeled images (patch + (1,)), float64."""
+  rng = np.random.default_rng(seed)
+  image = rng.normal(size=(5, *patch, 1))
+  label = (image[:3, ..., 0] > 0.3).astype(np.int32)
+  label[2] = 1
+  return image[:3], label, image[3:]
+
+
+def blocked_rampup(step: int, maximum: float, rampup: float, block: int) -> float:
+  """maximum · exp(−5 (1 − min(⌊step/block⌋, rampup)/rampup)²), written out."""
+  fraction = min(step // block, rampup) / rampup
+  return maximum * math.exp(-5 * (1 - fraction) ** 2)

@@ -9,6 +9,8 @@ largest-connected-component post-processing, and writes (`jaxseg.writers`)
       metrics.csv       one row per case x view x postprocess x class (or region)
       summary.json      per view and postprocess: per class (region) mean / std over the cases
       figure.png        a few cases: image | ground truth | prediction per view, Dice in the titles
+                        | one heat panel per map of the method's optional `maps` (maps_fn), its
+                        mean in the title (computed for these cases only; never scored)
       predictions/      <case>_<view>.nii.gz (3D, uint8) or <case>_<view>.png (2D)
 
 `predict_files` is `--mode predict`: it segments NIfTI, LA-style h5 or 2D image files
@@ -17,7 +19,9 @@ writes one label file per input.
 
 A method's predict function takes the window inputs of a case, {"image": (B, *patch, C) float32,
 "modality_mask": (B, C) bool, **fields} (the windows of the case's per-voxel `Case.fields`), and
-returns {view: probabilities (B, *patch, K)} (`case_inputs`).
+returns {view: probabilities (B, *patch, K)} (`case_inputs`). A method's optional maps function
+takes the same inputs and returns {name: (B, *patch) values in [0, 1]} (e.g. ASDNet's confidence);
+its maps are slid like the probabilities (`predict_maps`) and only shown in figure.png.
 
 Conventions (decisions, see also docs/evaluation.md):
 
@@ -73,6 +77,7 @@ __all__ = [
     "headline",
     "image_inputs",
     "predict_files",
+    "predict_maps",
     "predict_views",
     "summary_lines",
     "view_channels",
@@ -86,6 +91,9 @@ PathLike = Union[str, os.PathLike]
 # (B, *patch, K)}; a `jax.tree_util.Partial` binding the state avoids a recompilation per checkpoint
 # (see `inference.sliding_window_predict`).
 ViewsPredictFn = Callable[[dict], dict]
+# Window inputs (as above) -> {name: (B, *patch) per-voxel values in [0, 1]}: a method's optional
+# `maps` bound to its state, e.g. `jax.tree_util.Partial(method.maps, state)`; shown, never scored.
+MapsFn = Callable[[dict], dict]
 # A case's inputs as the sliding window takes them: (per-voxel {name: (*spatial, ...)}, per-case
 # {name: (...)}).
 CaseInputs = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]
@@ -331,6 +339,48 @@ def predict_views(predict_fn: ViewsPredictFn, inputs: Union[CaseInputs, np.ndarr
   return dict(zip(channels, np.split(np.asarray(stacked), bounds, axis=-1)))
 
 
+def _maps_as_views(maps_fn: MapsFn, window_inputs: dict) -> dict:
+  """`maps_fn(window_inputs)` as one-channel views {name: (B, *patch, 1) float32}, so that the
+  sliding window averages them exactly like probabilities."""
+  maps = maps_fn(window_inputs)
+  if not isinstance(maps, dict) or not maps:
+    raise TypeError(f"maps_fn must return a non-empty dict {{name: (B, *patch) map}}, got "
+                    f"{type(maps).__name__}")
+  windows = tuple(window_inputs["image"].shape)
+  for name, m in maps.items():
+    if tuple(jnp.shape(m)) != windows[:-1]:
+      raise ValueError(f"map {name!r} of maps_fn maps windows {windows} to {tuple(jnp.shape(m))}; "
+                       f"expected {windows[:-1]}")
+  return {name: jnp.asarray(m, jnp.float32)[..., None] for name, m in maps.items()}
+
+
+def _maps_views_fn(maps_fn: MapsFn) -> jax.tree_util.Partial:
+  """`maps_fn` as a views predict function (`_maps_as_views`); a Partial, so that a maps function
+  bound to a state reuses its compilation like `predict_fn` does."""
+  return jax.tree_util.Partial(_maps_as_views, _as_partial(maps_fn))
+
+
+def predict_maps(maps_fn: MapsFn, inputs: Union[CaseInputs, np.ndarray],
+                 eval_cfg: ml_collections.ConfigDict, patch: Sequence[int], strides: Sequence[int],
+                 mesh: Optional[Mesh] = None,
+                 channels: Optional[dict[str, int]] = None) -> dict[str, np.ndarray]:
+  """Averaged sliding-window maps of a method, from one pass over the windows (`predict_views`:
+  the same windows, weights and mirroring as the probabilities).
+
+  Args:
+    maps_fn: window inputs -> {name: (B, *patch) values}, jittable (a method's `maps` bound to its
+      state).
+    inputs, eval_cfg, patch, strides, mesh: as for `predict_views`.
+    channels: {name: 1} in the method's order (`view_channels(_maps_views_fn(maps_fn), spec)`) when
+      already known.
+
+  Returns:
+    {name: (*spatial,) float32}, in the method's order.
+  """
+  maps = predict_views(_maps_views_fn(maps_fn), inputs, eval_cfg, patch, strides, channels, mesh)
+  return {name: m[..., 0] for name, m in maps.items()}
+
+
 def _check_view_classes(channels: dict[str, int], num_classes: int) -> None:
   for name, k in channels.items():
     if not (k == num_classes or (k == 1 and num_classes == 2)):
@@ -350,7 +400,8 @@ def _labels(probs: np.ndarray, threshold: float) -> np.ndarray:
 
 def evaluate(predict_fn: ViewsPredictFn, cases: Iterable[Case], eval_cfg: ml_collections.ConfigDict,
              num_classes: int, out_dir: Optional[PathLike] = None, *, patch_size: Sequence[int],
-             split_name: str = "validation", mesh: Optional[Mesh] = None) -> dict:
+             split_name: str = "validation", mesh: Optional[Mesh] = None,
+             maps_fn: Optional[MapsFn] = None) -> dict:
   """Scores every view of a method on labeled cases; writes the reports when `out_dir` is given.
 
   Several devices: each batch of windows is spread over `mesh` (the devices of this process).
@@ -370,6 +421,10 @@ def evaluate(predict_fn: ViewsPredictFn, cases: Iterable[Case], eval_cfg: ml_col
     patch_size: config.data.patch_size, used when eval.patch_size is empty.
     split_name: named in the summary (e.g. "validation", "test").
     mesh: devices over which each batch of windows is spread; None: one device.
+    maps_fn: window inputs -> {name: (B, *patch) values in [0, 1]}, e.g.
+      `jax.tree_util.Partial(method.maps, state)`: slid (`predict_maps`) for the figure cases only,
+      when figure.png is written, and shown there as heat panels; never scored nor saved. None (a
+      method without maps): the figure has no map panels.
 
   Returns:
     The summary (the content of summary.json):
@@ -429,6 +484,9 @@ def evaluate(predict_fn: ViewsPredictFn, cases: Iterable[Case], eval_cfg: ml_col
   rows: list[dict] = []
   pooled: dict[tuple[str, str, Union[int, str]], np.ndarray] = {}
   figure_cases: list[writers.FigureCase] = []
+  # Only process 0 writes the figure, so only it spends windows on maps.
+  maps_fn = _as_partial(maps_fn) if maps_fn is not None and primary else None
+  map_channels_by_spec: dict[tuple, dict[str, int]] = {}
   for case in cases[jax.process_index()::jax.process_count()]:
     inputs = case_inputs(case)
     channels = channels_by_spec[_spec_key(window_spec(inputs, batch_size, patch))]
@@ -454,7 +512,14 @@ def evaluate(predict_fn: ViewsPredictFn, cases: Iterable[Case], eval_cfg: ml_col
       dice = {view: {r["class"]: r["dice"] for r in rows[first_row:]
                      if r["view"] == view and r["postprocess"] == RAW and r["class"] in classes}
               for view in labels}
-      figure_cases.append(writers.figure_case(case, labels, dice))
+      maps = None
+      if maps_fn is not None:
+        spec = window_spec(inputs, batch_size, patch)
+        if _spec_key(spec) not in map_channels_by_spec:
+          map_channels_by_spec[_spec_key(spec)] = view_channels(_maps_views_fn(maps_fn), spec)
+        maps = predict_maps(maps_fn, inputs, eval_cfg, patch, strides, mesh,
+                            map_channels_by_spec[_spec_key(spec)])
+      figure_cases.append(writers.figure_case(case, labels, dice, maps))
 
   if jax.process_count() > 1:
     rows, pooled = _gather_scores(rows, pooled, [case.case_id for case in cases])
@@ -494,9 +559,10 @@ def evaluate(predict_fn: ViewsPredictFn, cases: Iterable[Case], eval_cfg: ml_col
     writers.write_summary(out / "summary.json", summary)
     if figure_cases:
       where = "the slice with the most ground-truth foreground; " if len(patch) == 3 else ""
+      means = " and map means" if any(c.maps for c in figure_cases) else ""
       writers.write_figure(out / "figure.png", figure_cases, num_classes,
                            header=f"{split_name}: {len(figure_cases)} of {len(cases)} cases; "
-                                  f"{where}Dice of the whole case")
+                                  f"{where}Dice{means} of the whole case")
   return summary
 
 

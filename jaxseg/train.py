@@ -208,6 +208,12 @@ def _predict_fn(method: ModuleType, state: Any):
   return jax.tree_util.Partial(method.predict, state)
 
 
+def _maps_fn(method: ModuleType, state: Any):
+  """window inputs -> {name: (B, *patch) map}, the method's optional `maps` bound like
+  `_predict_fn`, or None for a method without maps (the figure then shows none)."""
+  return jax.tree_util.Partial(method.maps, state) if hasattr(method, "maps") else None
+
+
 def _evaluation_cases(config, dataset, final: bool) -> tuple[str, tuple]:
   """(split name, cases) evaluated: the `eval.case_list` file's cases if set and this is the final
   evaluation, else validation. Evaluations during training never read the list: no curve of it
@@ -232,7 +238,9 @@ def _validate(method, state, dataset, config, out_dir: Optional[pathlib.Path],
   return evaluate.evaluate(_predict_fn(method, state), cases, config.eval,
                            dataset.num_classes, out_dir,
                            patch_size=tuple(config.eval.patch_size or config.data.patch_size),
-                           split_name=split_name, mesh=mesh)
+                           split_name=split_name, mesh=mesh,
+                           # Maps go into figure.png only: none without reports (validation).
+                           maps_fn=_maps_fn(method, state) if out_dir is not None else None)
 
 
 def batch_spec(config: ml_collections.ConfigDict, spec: Union[int, BatchSpec]) -> BatchSpec:

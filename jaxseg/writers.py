@@ -7,7 +7,8 @@
   the input's affine), 2D as PNG (binary: 0 / 255, viewable; else class indices).
 * `figure_case`, `write_figure`: figure.png, one row per case (the slice with the most foreground):
   image | ground truth | prediction per view, one colour per class, the case's Dice per view in the
-  titles, and a legend.
+  titles, and a legend; then a method's per-voxel maps (`evaluate.predict_maps`), if any, one heat
+  panel each (`heat_colours`) titled with the map's mean over the case.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ __all__ = [
     "FigureCase",
     "FigureLayout",
     "FigurePanel",
+    "HEAT_COLOURS",
     "METRIC_NAMES",
     "class_colour",
     "diagonal_affine",
@@ -45,7 +47,9 @@ __all__ = [
     "figure_font",
     "figure_layout",
     "figure_slice",
+    "heat_colours",
     "json_safe",
+    "map_title",
     "save_case_prediction",
     "write_figure",
     "write_input_prediction",
@@ -72,6 +76,10 @@ FIGURE_CLASS_COLOURS = ((230, 40, 40), (40, 120, 240), (40, 190, 70), (220, 60, 
                         (0, 200, 200), (240, 140, 20), (140, 80, 220), (150, 100, 50))
 FIGURE_OUTLINE_COLOUR = (255, 230, 0)
 FIGURE_FILL_ALPHA = 0.45
+# A map's value v in [0, 1] is drawn in viridis (perceptually uniform, readable in gray and by
+# colour-blind readers): these are its colours at v = 0, 1/8, ..., 1, interpolated linearly.
+HEAT_COLOURS = ((68, 1, 84), (71, 44, 122), (59, 81, 139), (44, 113, 142), (33, 144, 141),
+                (39, 173, 129), (92, 200, 99), (170, 220, 50), (253, 231, 37))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -185,6 +193,9 @@ class FigureCase:
     predictions: {view: (H, W) int32 labels of the slice}, in the method's view order.
     dice: {view: {class: the Dice of the whole case (every slice), NaN when undefined}}.
     where: the slice shown, e.g. "slice z = 40 of 88" (0-based index along the last axis); "" in 2D.
+    maps: {name: (H, W) float32 in [0, 1]}, the method's per-voxel maps on the slice, in its order;
+      empty for a method without maps.
+    map_means: {name: the mean of the map over the whole case (every slice)}.
   """
 
   case_id: str
@@ -193,12 +204,15 @@ class FigureCase:
   predictions: dict
   dice: dict
   where: str = ""
+  maps: dict = dataclasses.field(default_factory=dict)
+  map_means: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
 class FigurePanel:
-  """One image of figure.png: `kind` is "image", "ground truth" or "prediction" (of `view`); `box`
-  = (left, top, width, height) of the upscaled image in pixels; `title` = the lines above it."""
+  """One image of figure.png: `kind` is "image", "ground truth", "prediction" (of `view`) or "map"
+  (`view` is the map's name); `box` = (left, top, width, height) of the upscaled image in pixels;
+  `title` = the lines above it."""
 
   case: int
   kind: str
@@ -214,9 +228,11 @@ class FigureLayout:
   Attributes:
     size: (width, height) of the figure.
     header: (left, top, text) of the line above the panels, or None.
-    panels: one row per case: its image, its ground truth, then one prediction per view.
-    legend: (left, top, style, colour, text) per entry; style "fill" (a class's colour) or
-      "outline" (the ground-truth outline drawn over the predictions).
+    panels: one row per case: its image, its ground truth, one prediction per view, then one heat
+      panel per map.
+    legend: (left, top, style, colour, text) per entry; style "fill" (a class's colour),
+      "outline" (the ground-truth outline drawn over the predictions) or "ramp" (the heat colours
+      from 0 to 1, only when a case has maps; its colour is unused).
     scales: each case's integer upscaling factor.
   """
 
@@ -262,23 +278,29 @@ def figure_slice(label: np.ndarray, predictions: Sequence[np.ndarray] = ()) -> i
 
 
 def figure_case(case: Case, labels: Mapping[str, np.ndarray],
-                dice: Mapping[str, Mapping[int, float]]) -> FigureCase:
+                dice: Mapping[str, Mapping[int, float]],
+                maps: Optional[Mapping[str, np.ndarray]] = None) -> FigureCase:
   """The slice of `case` that figure.png shows (`figure_slice`), with its labels and Dice.
 
   Args:
     case: a labeled case, image (*spatial, C).
     labels: {view: (*spatial,) predicted labels}, in the method's order.
     dice: {view: {class: Dice of the whole case}}.
+    maps: {name: (*spatial,) per-voxel values}, a method's maps (`evaluate.predict_maps`), clipped
+      to [0, 1]; shown on the same slice, with their means over the whole case. None: no maps.
 
   The gray image is channel 0, or the channel mean for 3-channel 2D (RGB) images, stretched
   between its 1st and 99th percentiles (of the slice).
   """
   image, label, preds, where = case.image, case.label, dict(labels), ""
+  clipped = {name: np.clip(np.asarray(m, np.float32), 0, 1) for name, m in (maps or {}).items()}
+  means = {name: float(np.mean(m)) for name, m in clipped.items()}
   if case.ndim == 3:
     z = figure_slice(label, list(preds.values()))
     take = lambda a: np.asarray(a)[:, :, z].swapaxes(0, 1)
     image, label = take(image), take(label)
     preds = {view: take(p) for view, p in preds.items()}
+    clipped = {name: take(m) for name, m in clipped.items()}
     where = f"slice z = {z} of {case.spatial_shape[-1]}"
   gray = image.mean(axis=-1) if case.ndim == 2 and image.shape[-1] == 3 else image[..., 0]
   gray = np.asarray(gray, np.float64)
@@ -287,7 +309,7 @@ def figure_case(case: Case, labels: Mapping[str, np.ndarray],
   return FigureCase(case.case_id, gray.astype(np.float32), np.asarray(label, np.int32),
                     {view: np.asarray(p, np.int32) for view, p in preds.items()},
                     {view: {int(c): float(d) for c, d in by_class.items()}
-                     for view, by_class in dice.items()}, where)
+                     for view, by_class in dice.items()}, where, clipped, means)
 
 
 def dice_title(dice: Mapping[int, float]) -> str:
@@ -308,15 +330,42 @@ def _panel_titles(case: FigureCase) -> list[tuple[str, str, tuple[str, ...]]]:
             ("ground truth", "", ("ground truth", "" if case.label.any() else "(empty)"))]
   for view in case.predictions:
     titles.append(("prediction", view, (f"prediction {view}", dice_title(case.dice.get(view, {})))))
+  for name in case.maps:
+    titles.append(("map", name, (map_title(name, case.map_means.get(name, math.nan)), "")))
   return titles
 
 
-def _legend_entries(num_classes: int) -> list[tuple[str, tuple[int, int, int], str]]:
+def map_title(name: str, mean: float) -> str:
+  """"confidence (mean 0.42)": a map's name and its mean over the case."""
+  return f"{name} (mean {mean:.2f})"
+
+
+def heat_colours(values: np.ndarray) -> np.ndarray:
+  """(..., 3) uint8 heat colours of `values` clipped to [0, 1] (viridis: 0 dark purple, 1 yellow;
+  HEAT_COLOURS interpolated linearly; NaN as 0)."""
+  v = np.clip(np.nan_to_num(np.asarray(values, np.float64)), 0, 1)
+  stops = np.asarray(HEAT_COLOURS, np.float64)
+  position = v * (len(stops) - 1)
+  low = np.minimum(np.floor(position).astype(int), len(stops) - 2)
+  frac = (position - low)[..., None]
+  return ((1 - frac) * stops[low] + frac * stops[low + 1]).round().astype(np.uint8)
+
+
+def _legend_entries(num_classes: int, maps: bool = False
+                    ) -> list[tuple[str, tuple[int, int, int], str]]:
   if num_classes == 2:
     entries = [("fill", FIGURE_CLASS_COLOURS[0], "foreground (class 1)")]
   else:
     entries = [("fill", class_colour(c), f"class {c}") for c in range(1, num_classes)]
-  return entries + [("outline", FIGURE_OUTLINE_COLOUR, "ground-truth outline (on the predictions)")]
+  entries.append(("outline", FIGURE_OUTLINE_COLOUR, "ground-truth outline (on the predictions)"))
+  if maps:
+    entries.append(("ramp", (0, 0, 0), "map value 0 to 1"))
+  return entries
+
+
+def _swatch_width(style: str) -> int:
+  # The ramp needs room for its colours to read as a gradient.
+  return 4 * FIGURE_FONT_SIZE if style == "ramp" else FIGURE_FONT_SIZE
 
 
 def class_colour(c: int) -> tuple[int, int, int]:
@@ -325,7 +374,8 @@ def class_colour(c: int) -> tuple[int, int, int]:
 
 
 def figure_layout(cases: Sequence[FigureCase], num_classes: int, header: str = "") -> FigureLayout:
-  """The layout of figure.png: one row per case, columns image | ground truth | one per view.
+  """The layout of figure.png: one row per case, columns image | ground truth | one per view | one
+  per map.
 
   Each case's images are upscaled by the integer factor that brings their longer side to at least
   FIGURE_MIN_SIDE pixels; a column is as wide as its widest image or title line, so text always
@@ -358,14 +408,14 @@ def figure_layout(cases: Sequence[FigureCase], num_classes: int, header: str = "
   width = max(margin + sum(widths) + gap * max(columns - 1, 0) + margin,
               2 * margin + (_text_width(font, header) if header else 0), 320)
   legend, x, y = [], margin, top
-  swatch = FIGURE_FONT_SIZE
-  for style, colour, text in _legend_entries(num_classes):
-    entry_width = swatch + 6 + _text_width(font, text)
+  for style, colour, text in _legend_entries(num_classes, any(c.maps for c in cases)):
+    entry_width = _swatch_width(style) + 6 + _text_width(font, text)
     if x > margin and x + entry_width > width - margin:
       x, y = margin, y + line
     legend.append((x, y, style, colour, text))
     x += entry_width + 2 * gap
-  width = max(width, *(e[0] + swatch + 6 + _text_width(font, e[4]) + margin for e in legend))
+  width = max(width, *(e[0] + _swatch_width(e[2]) + 6 + _text_width(font, e[4]) + margin
+                       for e in legend))
   return FigureLayout((int(width), int(y + line + margin)), header_entry, tuple(panels), tuple(legend),
                       tuple(scales))
 
@@ -379,8 +429,10 @@ def _panel_pixels(case: FigureCase, panel: FigurePanel, scale: int,
                   num_classes: int) -> np.ndarray:
   """(H * scale, W * scale, 3) uint8 of one panel: the gray image; the ground truth or the
   prediction filled in the class colours (45 % opaque) with their outlines; on predictions the
-  ground-truth outline in FIGURE_OUTLINE_COLOUR."""
+  ground-truth outline in FIGURE_OUTLINE_COLOUR; a map in heat colours."""
   up = lambda a: np.kron(a, np.ones((scale, scale), a.dtype))
+  if panel.kind == "map":
+    return heat_colours(up(case.maps[panel.view]))
   gray = up((255 * case.image).round().astype(np.uint8))
   rgb = np.repeat(gray[..., None], 3, axis=-1).astype(np.float32)
   if panel.kind == "image":
@@ -419,12 +471,16 @@ def draw_figure(cases: Sequence[FigureCase], num_classes: int, header: str = "")
       draw.text((left + w // 2 - _text_width(font, text) // 2, y), text, fill=(0, 0, 0), font=font)
   swatch = FIGURE_FONT_SIZE
   for x, y, style, colour, text in layout.legend:
+    width = _swatch_width(style)
     if style == "fill":
       draw.rectangle((x, y + 2, x + swatch, y + 2 + swatch), fill=colour, outline=(0, 0, 0))
+    elif style == "ramp":
+      ramp = heat_colours(np.tile(np.linspace(0, 1, width), (swatch, 1)))
+      figure.paste(Image.fromarray(ramp), (x, y + 2))
     else:
       draw.rectangle((x, y + 2, x + swatch, y + 2 + swatch), fill=(128, 128, 128), outline=colour,
                      width=3)
-    draw.text((x + swatch + 6, y + 2), text, fill=(0, 0, 0), font=font)
+    draw.text((x + width + 6, y + 2), text, fill=(0, 0, 0), font=font)
   return figure
 
 

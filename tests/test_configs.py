@@ -120,7 +120,7 @@ def test_asdnet_la_presets_follow_the_protocol_with_adam(preset, labeled):
 def test_asdnet_default_has_several_organs():
   config = load(CONFIGS_DIR / "asdnet.py").get_config("")
   assert config.data.source == "synthetic" and config.data.num_classes >= 4
-  assert tuple(config.data.patch_size) == (32, 32, 32) and config.train.num_steps == 400
+  assert tuple(config.data.patch_size) == (32, 32, 16) and config.train.num_steps == 400
   assert config.data.num_labeled == 4 and config.data.batch_unlabeled >= 1
 
 

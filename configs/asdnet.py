@@ -5,6 +5,8 @@
   python -m jaxseg.main --config configs/asdnet.py:la16 --config.data.root=/path/to/la2018
   (add --config.eval.case_list=test.list --config.data.num_validation=0 to evaluate the standard
    test split where it exists)
+  python -m jaxseg.main --config configs/asdnet.py:msd --config.data.root=/path/to/Task05_Prostate \
+    --config.data.num_classes=3
 
 Default: the embedded synthetic 3D data with three organs (data.num_classes = 4, "adjacent"
 layout; 24 volumes of 64x64x48, labeled = first 4, validation = last 4, unlabeled = the 16 between),
@@ -19,8 +21,40 @@ about 20-35 voxels per axis; a crop holds parts of them, as a 32^3 one does).
 The `paper` preset: λ₁ = 0.03, λ₂ = 0.3, β = 2, γ = 0.5, Adam with coupled weight decay 1e-4, lr
 1e-3 (S) and 1e-4 (D). :la8 / :la16 are the LA protocol of configs/_la_family.py (C = 2, 112x112x80
 crops, 6000 steps, width 16) with the method's own Adam optimisers instead of the family's SGD.
+:msd is any Medical Segmentation Decathlon task (jaxseg/data/msd.py: dataset.json, imagesTr/,
+labelsTr/) read from --config.data.root. data.num_classes must be the number of labels that
+dataset.json declares, background included (3 by default: Hippocampus, Prostate, Liver, Pancreas,
+HepaticVessel; 4 for BrainTumour; 2 for the single-organ tasks): another value stops the run when
+the data load, naming both counts. Split in manifest order: validation = the last 20 % of the
+cases, labeled = the first 10 % of the others, unlabeled = the rest (a task of fewer than 19
+training cases gives fewer than the batch's 2 labeled cases, which stops the run: raise
+--config.data.labeled_fraction); every modality of the task is an input channel. Each case is
+clipped to its 0.5-99.5 intensity percentiles and z-scored per modality. 96x96x64 crops (smaller
+volumes are zero-padded, e.g. Hippocampus: override data.patch_size and eval.patch_size, multiples
+of 8), 2 + 2 per batch, svnet of width 16, the paper's confidence net (32, 64, 128, 256), 6000 steps
+(lr x0.1 at 2500 and 5000), sliding window 96x96x64 with strides (48, 48, 32) (half the window, as
+nnU-Net's). Not run on a real MSD task yet (tests/test_asdnet_config.py trains 2 steps on a fake
+one).
 
-Measured: not measured yet (neither the default on CPU nor :la8 / :la16 on a GPU).
+Measured (commit 9e411ee, seed 0, last iteration, validation = the last 4 synthetic volumes, raw
+predictions, distances in voxels; 2-core CPU shared with other jobs, load average 1.7-2.9;
+benchmarks/results/asdnet_synthetic_cpu.md):
+- default, `python -m jaxseg.main --config configs/asdnet.py`: 16 min 11 s for the whole command
+  (steps 1-100 at about 0.25 steps/s while other jobs ran, then 0.55-0.59 steps/s); Dice per organ
+  31.3 / 13.6 / 8.6 %, mean 17.8 %; 95HD 34.9, ASD 18.1 (means over the organs). Last log line
+  (steps 351-400): mask_fraction 0.057 (0.55 at steps 1-50, falling throughout), d_real 0.66,
+  d_fake 0.34.
+- the supervised baseline with the same data, labeled crops (2 per step, 32x32x16), svnet of width
+  8, Adam (lr 1e-3, coupled decay 1e-4), 400 steps, but its own loss 0.5 (CE + Dice):
+  `python -m jaxseg.main --config configs/supervised_vnet.py --config.data.num_classes=4
+  --config.data.batch_labeled=2 --config.data.patch_size="(32, 32, 16)"
+  --config.method.model.name=svnet --config.method.model.n_filters=8
+  --config.method.optimizer.name=adam --config.method.optimizer.learning_rate=0.001
+  --config.method.optimizer.decay_every=0
+  --config.method.optimizer.decay_boundaries="(2500, 5000)"`: 1 min 09 s; Dice 32.4 / 1.1 /
+  0.04 %, mean 11.2 % (organs 2 and 3 predicted empty in 1 and 2 of the 4 cases); 95HD 49.9,
+  ASD 37.6.
+One seed, 4 validation volumes: the organs 2 and 3 are barely learned by either run in 400 steps.
 """
 
 import ml_collections
@@ -30,10 +64,9 @@ from jaxseg.methods import asdnet
 
 # configs/ is no package: the shared LA-family helper is loaded by path, next to this file.
 la_family = config_blocks.load_sibling(__file__, "_la_family")
-PRESETS = la_family.PRESETS
 
 
-# The family's presets plus these: {preset: overrides}.
+# Overrides of the family's defaults per preset (the family's presets are all the file's but "msd").
 OWN_PRESETS = {
     # Several organs (the method handles any number of classes) and a narrower confidence net, so
     # that the default trains on a CPU.
@@ -43,9 +76,37 @@ OWN_PRESETS = {
 }
 
 
+# Any MSD task with several classes: applied to the family's default (every key it sets for the
+# synthetic data is set again here).
+MSD = {
+    "data.source": "msd",
+    "data.num_classes": 3,  # The user's flag; must match dataset.json's labels (checked at load).
+    "data.labeled_fraction": 0.1,
+    "data.validation_fraction": 0.2,
+    "data.num_validation": 0,  # validation_fraction decides.
+    "data.clip_percentiles": (0.5, 99.5),
+    "data.zscore": True,
+    "data.patch_size": (96, 96, 64),
+    "method.model.n_filters": 16,
+    "method.confidence.features": (32, 64, 128, 256),
+    "train.num_steps": la_family.LA_NUM_STEPS,
+    "train.checkpoint_every": 1000,
+    "eval.patch_size": (96, 96, 64),
+    "eval.strides": (48, 48, 32),
+}
+
+PRESETS = {**la_family.PRESETS, "msd": MSD}
+
+
 def get_config(preset: str = "") -> ml_collections.ConfigDict:
-  c = la_family.la_family_config("asdnet", asdnet.default_config(), preset, "configs/asdnet.py",
-                                 OWN_PRESETS)
+  config_blocks.check_preset(preset, PRESETS, "configs/asdnet.py")
+  if preset == "msd":
+    c = la_family.la_family_config("asdnet", asdnet.default_config(), "", "configs/asdnet.py")
+    c.name = "asdnet_msd"
+    config_blocks.apply_overrides(c, MSD, "configs/asdnet.py:msd")
+  else:
+    c = la_family.la_family_config("asdnet", asdnet.default_config(), preset, "configs/asdnet.py",
+                                   OWN_PRESETS)
   # The family sets its SGD; ASDNet trains S with its own Adam (both optimisers are the method's).
   c.method.optimizer = asdnet.default_config().optimizer
   return c

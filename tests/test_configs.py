@@ -243,6 +243,7 @@ METHOD_BLOCKS = {
     ("asdnet", ""): _asdnet(8, (8, 16, 32, 64)),
     ("asdnet", "la8"): _asdnet(16, (32, 64, 128, 256)),
     ("asdnet", "la16"): _asdnet(16, (32, 64, 128, 256)),
+    ("asdnet", "msd"): _asdnet(16, (32, 64, 128, 256)),
 }
 
 

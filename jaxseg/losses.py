@@ -38,6 +38,7 @@ __all__ = [
     "generalized_dice_loss_per_sample",
     "linear_rampup",
     "masked_pseudo_label_gdl",
+    "masked_argmax_cross_entropy",
     "mse",
     "multiclass_dice_loss",
     "multiclass_dice_loss_per_class",
@@ -439,6 +440,36 @@ def masked_pseudo_label_gdl(probs_u: jax.Array, confidence: jax.Array, gamma: fl
                                      _sum_all_but_classes(mask * probs_u), _sum_all_but_classes(mask * pseudo))
   # The other branch is finite (denominator ≥ C·2e-6), so the where passes a zero gradient, never a NaN.
   return jnp.where(jnp.any(mask > 0), loss, jnp.zeros_like(loss))
+
+
+def masked_argmax_cross_entropy(logits_u: jax.Array, confidence: jax.Array,
+                                threshold: float | jax.Array) -> jax.Array:
+  """The semi-supervised term of ASDNet's released code: cross-entropy against the own argmax where
+  the confidence network trusts the prediction.
+
+      loss = −mean_{v : M_v > threshold} log softmax(s_v)[argmax s_v]
+
+  `ginobilinie/asdnet` (runGAN.py) builds a one-hot mask of the argmax at the selected voxels and
+  averages the selected log-probabilities (`masked_select(...).mean()`): one value per selected voxel,
+  the mean pooled over the batch and space. The mask and the argmax are constants; only the logits
+  receive a gradient. No voxel selected: 0 with zero gradient (the reference then adds no term).
+
+  Args:
+    logits_u: (N, *spatial, C) logits s of the unlabeled samples.
+    confidence: (N, *spatial) confidence map M (D's "real" probability); not differentiated.
+    threshold: selection threshold (strict); the released code uses 1 − the latest validation Dice.
+
+  Returns:
+    Scalar loss ≥ 0.
+  """
+  _check_scores_and_labels(logits_u, confidence, "masked_argmax_cross_entropy")
+  log_probs = jax.nn.log_softmax(logits_u, axis=-1)
+  # The pseudo-label is an index (ties go to the first class, as torch.max's): a constant.
+  pseudo = jnp.argmax(logits_u, axis=-1)
+  picked = jnp.take_along_axis(log_probs, pseudo[..., None], axis=-1)[..., 0]
+  mask = jax.lax.stop_gradient(confidence > threshold).astype(log_probs.dtype)
+  count = jnp.sum(mask)
+  return -jnp.sum(mask * picked) / jnp.maximum(count, 1.0)
 
 
 # --------------------------------------------------------------------------------------------------------

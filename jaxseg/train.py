@@ -485,11 +485,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         pending = []
         writer.scalars("train", means, done)
         _print(progress.line(done, means), flush=True)
-      if done % config.train.checkpoint_every == 0 or done == num_steps:
-        ckpt.save(done, state, _record(done, batches, train_key))
       if config.train.eval_every and done % config.train.eval_every == 0 and done < num_steps:
         summary = _validate(method, state, dataset, config, None, final=False)
         _log_validation(writer, summary, done)
+        # Before the step's save: a state the validation changed is checkpointed as trained on.
+        state = _after_validation(method, state, summary)
+      if done % config.train.checkpoint_every == 0 or done == num_steps:
+        ckpt.save(done, state, _record(done, batches, train_key))
     ckpt.wait()
     _check_replicas(state)
     summary = _validate(method, state, dataset, config, workdir / "eval")
@@ -505,6 +507,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         f"({checkpoint.reason(e)})") from None
   _print_run_outputs(workdir, workdir / "eval")
   return summary
+
+
+def _after_validation(method: ModuleType, state: Any, summary: dict) -> Any:
+  """The state after the method's optional `after_validation(state, summary)` hook (a method that
+  reads its own validation scores, e.g. ASDNet's released semi-supervised threshold).
+
+  Leaves the hook replaced are placed like the ones they replace (replicated on the mesh, in every
+  process from the same host value), so the next step neither recompiles nor moves data; the
+  others are passed through untouched.
+  """
+  hook = getattr(method, "after_validation", None)
+  if hook is None or not summary:
+    return state
+  new_state = hook(state, summary)
+
+  def placed(new, old):
+    if new is old or not isinstance(old, jax.Array):
+      return new
+    value = np.asarray(jax.device_get(new), dtype=old.dtype)
+    if value.shape != old.shape:
+      raise ValueError(f"{method.__name__}.after_validation changed a state entry's shape "
+                       f"{old.shape} to {value.shape}")
+    return jax.make_array_from_callback(old.shape, old.sharding, lambda index: value[index])
+
+  return jax.tree.map(placed, new_state, state)
 
 
 def _log_validation(writer, summary: dict, step: int) -> None:

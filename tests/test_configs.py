@@ -195,6 +195,8 @@ ASDNET_ADAM = dict(name="adam", learning_rate=1e-3, momentum=0.9, nesterov=False
 
 def _asdnet(n_filters, features):
   return dict(name="asdnet", preset="paper", beta=2.0, lambda_adv=0.03, lambda_semi=0.3, gamma=0.5,
+              sub_batches=3, labeled_probability=0.5, aux_weights=(0.4, 0.2),
+              released_fix_dice_backward=False,
               model=dict(name="svnet", n_filters=n_filters, dtype="float32"),
               confidence=dict(name="asdnet_confidence", features=features, decoder="repaired",
                               dtype="float32"),

@@ -50,19 +50,20 @@ At test time only P̂ is used.
 
 from __future__ import annotations
 
+import math
+
 import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxseg import losses, models, optim
+from jaxseg import evaluate, losses, models, optim
 from jaxseg.data.base import DataError
 from jaxseg.data.batches import Batch
 from jaxseg.methods import adversarial, base
 from jaxseg.models.asdnet import CONFIDENCE_DECODERS
 
-PRESETS = ("paper",)
-NOT_IMPLEMENTED_PRESETS = ("released",)
+PRESETS = ("paper", "released")
 FAKE, REAL = 0, 1  # D's classes per voxel.
 SIZE_MULTIPLE = 8  # svnet and the confidence net halve the crop three times.
 
@@ -75,7 +76,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.beta = 2.0  # β: the sample-attention exponent of Eq. 2.
   c.lambda_adv = 0.03  # λ₁: weight of the adversarial term L_adv (Eq. 5).
   c.lambda_semi = 0.3  # λ₂: weight of the region-attention semi term L_semi (Eq. 6).
-  c.gamma = 0.5  # γ: confidence threshold of L_semi's mask M > γ (jaxseg's value).
+  c.gamma = 0.5  # γ: confidence threshold of L_semi's mask M > γ (jaxseg's value; paper only).
+  # `released` only (the authors' code; `released_config`):
+  c.sub_batches = 3  # iter_size: sub-batches per iteration, gradients accumulated.
+  c.labeled_probability = 0.5  # Each sub-batch is labeled with this probability.
+  c.aux_weights = (0.4, 0.2)  # GDL weights of the deep-supervision outputs aux1, aux2.
+  c.released_fix_dice_backward = False  # True: back-propagate the GDL (the code never does).
   c.model = ml_collections.ConfigDict(dict(name="svnet", n_filters=16, dtype="float32"))
   c.confidence = ml_collections.ConfigDict(dict(
       name="asdnet_confidence", features=(32, 64, 128, 256), decoder="repaired", dtype="float32"))
@@ -83,6 +89,25 @@ def default_config() -> ml_collections.ConfigDict:
                                        decay_boundaries=(2500, 5000))
   c.confidence_optimizer = optim.optimizer_config("adam", 1e-4, weight_decay=1e-4,
                                                   decay_boundaries=(2500, 5000))
+  return c
+
+
+def released_config() -> ml_collections.ConfigDict:
+  """The `method` block of the `released` preset: the authors' code (docs/methods/asdnet.md).
+
+  HRResSegNet_DS (deep supervision) and the confidence net as coded; adversarial weight 0.05, semi
+  weight 0.5; S: Adam 2e-3 ×0.1 every 10000 steps, D: Adam 1e-4, neither with weight decay.
+  """
+  c = default_config()
+  c.preset = "released"
+  c.lambda_adv = 0.05
+  c.lambda_semi = 0.5
+  c.model = ml_collections.ConfigDict(dict(name="hrres_segnet_ds", features=(32, 64, 128, 256),
+                                           dtype="float32"))
+  c.confidence.decoder = "as_coded"
+  c.optimizer = optim.optimizer_config("adam", 2e-3, weight_decay=0.0, decay_every=10000,
+                                       decay_factor=0.1)
+  c.confidence_optimizer = optim.optimizer_config("adam", 1e-4, weight_decay=0.0)
   return c
 
 
@@ -105,27 +130,43 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if any(int(s) % SIZE_MULTIPLE for s in size):
       raise DataError(f"config {key} = {tuple(size)!r}: asdnet's networks (svnet, the confidence "
                       f"net) need sizes divisible by {SIZE_MULTIPLE}")
+  if config.method.preset == "released":
+    data, n = config.data, int(config.method.sub_batches)
+    if data.batch_labeled != data.batch_unlabeled or data.batch_labeled % n:
+      raise DataError(
+          f"config data.batch_labeled = {data.batch_labeled}, data.batch_unlabeled = "
+          f"{data.batch_unlabeled}: asdnet's released preset draws each of its method.sub_batches "
+          f"= {n} sub-batches from either stream, so both must be equal multiples of {n}")
 
 
 def apply_preset(cfg: ml_collections.ConfigDict) -> ml_collections.FrozenConfigDict:
   """The effective hyperparameters of the method block `cfg` (static in the train step).
 
   Raises:
-    DataError: `method.preset` "released" (not implemented yet) or unknown, a negative weight or
-      β, γ outside [0, 1].
+    DataError: an unknown `method.preset`, a negative weight or β, γ or the labeled probability
+      outside [0, 1], sub_batches < 1, aux_weights not two numbers >= 0, a non-boolean fix flag.
   """
-  if cfg.preset in NOT_IMPLEMENTED_PRESETS:
-    raise DataError(f"config method.preset = {cfg.preset!r}: asdnet's {cfg.preset!r} preset is "
-                    f"not implemented yet; use one of {list(PRESETS)}")
   base.check_choice(cfg, "preset", PRESETS)
   for key in ("beta", "lambda_adv", "lambda_semi"):
     base.check_positive(cfg, key)
-  gamma = cfg.gamma
-  if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 <= gamma <= 1:
-    raise DataError(f"config method.gamma = {gamma!r} must be a number in [0, 1]")
+  for key in ("gamma", "labeled_probability"):
+    value = cfg[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+      raise DataError(f"config method.{key} = {value!r} must be a number in [0, 1]")
+  base.check_count(cfg, "sub_batches")
+  aux = cfg.aux_weights
+  if (not isinstance(aux, (tuple, list)) or len(aux) != 2
+      or any(isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0 for w in aux)):
+    raise DataError(f"config method.aux_weights = {aux!r} must be two numbers >= 0 (aux1, aux2)")
+  if not isinstance(cfg.released_fix_dice_backward, bool):
+    raise DataError(f"config method.released_fix_dice_backward = "
+                    f"{cfg.released_fix_dice_backward!r} must be True or False")
   return ml_collections.FrozenConfigDict(dict(
       preset=cfg.preset, beta=float(cfg.beta), lambda_adv=float(cfg.lambda_adv),
-      lambda_semi=float(cfg.lambda_semi), gamma=float(gamma)))
+      lambda_semi=float(cfg.lambda_semi), gamma=float(cfg.gamma),
+      sub_batches=int(cfg.sub_batches), labeled_probability=float(cfg.labeled_probability),
+      aux_weights=tuple(float(w) for w in aux),
+      fix_dice_backward=bool(cfg.released_fix_dice_backward)))
 
 
 @flax.struct.dataclass
@@ -135,10 +176,13 @@ class State:
   Attributes:
     seg: the segmenter S, its Adam state and BN statistics.
     confidence: the confidence network D, its Adam state and BN statistics (of its up units).
+    validation_dice: the mean foreground Dice of the latest validation (0 before the first), set
+      by `after_validation`; `released` selects its semi-supervised voxels with it.
     hparams: `apply_preset`'s hyperparameters (static).
   """
   seg: base.TrainState
   confidence: base.TrainState
+  validation_dice: jax.Array
   hparams: ml_collections.FrozenConfigDict = flax.struct.field(pytree_node=False)
 
 
@@ -252,7 +296,13 @@ def init(rng: jax.Array, config: ml_collections.ConfigDict, example_batch: Batch
   confidence = models.get_model(cfg.confidence.name, **base.model_kwargs(cfg.confidence))
   x = jnp.asarray(example_batch.labeled["image"][:1])
   out = jax.eval_shape(lambda: segmenter.init_with_output(jax.random.key(0), x, train=False)[0])
-  if not isinstance(out, jax.ShapeDtypeStruct) or out.shape[-1] != num_classes:
+  if hparams.preset == "released":
+    if (not isinstance(out, dict) or set(out) != set(DEEP_SUPERVISION)
+        or any(o.shape[-1] != num_classes for o in out.values())):
+      raise DataError(f"config method.model.name = {cfg.model.name!r}: asdnet's released preset "
+                      f"needs a deeply supervised segmenter with outputs {DEEP_SUPERVISION} of "
+                      f"data.num_classes = {num_classes} logits (hrres_segnet_ds)")
+  elif not isinstance(out, jax.ShapeDtypeStruct) or out.shape[-1] != num_classes:
     raise DataError(f"config method.model.name = {cfg.model.name!r}: asdnet needs a segmenter "
                     f"with one output of data.num_classes = {num_classes} logits (svnet)")
   seg_key, confidence_key = jax.random.split(rng)
@@ -260,7 +310,8 @@ def init(rng: jax.Array, config: ml_collections.ConfigDict, example_batch: Batch
   conf = base.create_train_state(
       confidence, optim.method_optimizer(config, "confidence_optimizer"), confidence_key,
       jnp.zeros((1, *x.shape[1:-1], num_classes), jnp.float32))
-  return State(seg=seg, confidence=conf, hparams=hparams)
+  return State(seg=seg, confidence=conf, validation_dice=jnp.zeros((), jnp.float32),
+               hparams=hparams)
 
 
 def confidence_step(confidence: base.TrainState, seg: base.TrainState, batch: Batch,
@@ -321,6 +372,13 @@ def segmenter_step(seg: base.TrainState, confidence: base.TrainState, batch: Bat
 
 
 def train_step(state: State, batch: Batch, rng: jax.Array):
+  """One iteration of the state's preset: `paper_train_step` or `released_train_step`."""
+  if state.hparams.preset == "released":
+    return released_train_step(state, batch, rng)
+  return paper_train_step(state, batch, rng)
+
+
+def paper_train_step(state: State, batch: Batch, rng: jax.Array):
   """The D step, then the S step against the updated D; `rng` is S's dropout key in both.
 
   Metrics: loss (L_S), loss_att_dice, loss_adversarial, loss_semi (unweighted), sample_dice,
@@ -335,6 +393,237 @@ def train_step(state: State, batch: Batch, rng: jax.Array):
 
 
 def predict(state: State, inputs: dict) -> dict:
-  """Eval-mode class probabilities P̂ = softmax(S(x)) of `inputs["image"]` (B, *S, C_in):
-  {"model": (B, *S, C)}."""
-  return {"model": jax.nn.softmax(base.forward_eval(state.seg, inputs["image"]), axis=-1)}
+  """Eval-mode class probabilities P̂ = softmax(S(x)) of `inputs["image"]` (B, *S, C_in) (the main
+  output of a deeply supervised S): {"model": (B, *S, C)}."""
+  return {"model": jax.nn.softmax(main_logits(base.forward_eval(state.seg, inputs["image"])),
+                                  axis=-1)}
+
+
+def maps(state: State, inputs: dict) -> dict:
+  """Eval-mode per-voxel maps for figure.png: {"confidence": (B, *S)}, M = softmax(D(P̂))[…, real],
+  D's probability that S's prediction P̂ = softmax(S(x)) (its main output) is a label map."""
+  probs = jax.nn.softmax(main_logits(base.forward_eval(state.seg, inputs["image"])), axis=-1)
+  return {"confidence": confidence_map(base.forward_eval(state.confidence, probs))}
+
+
+def after_validation(state: State, summary: dict) -> State:
+  """Records the validation's mean foreground Dice (raw predictions of the method's view) in the
+  state; the trainer calls it after each validation during training, before the step's
+  checkpoint. A Dice that is not a number (no foreground anywhere) keeps the previous value."""
+  view = summary["view_names"][0]
+  dice = evaluate.headline(summary)[f"{view}/dice"]
+  if not math.isfinite(dice):
+    return state
+  return state.replace(validation_dice=jnp.asarray(dice, jnp.float32))
+
+
+# ------------------------------------------------------------------------------------------------
+# The released code (`released`): three sub-batches, each labeled or unlabeled at random, their
+# gradients accumulated, then one step of D and one of S. Reproduced term by term:
+#
+#   labeled sub-batch (images x, labels y, one-hot P); three train-mode forwards of S, each with
+#   its own dropout key, BN statistics threaded (S₁, S₂, S₃ below):
+#     CE_v(D(P), real) + CE_v(D(softmax S₁(x)), fake)    once; the fake NOT detached: its gradient
+#                                                          reaches S too (towards "fake")
+#     A = λ_adv·CE_v(D(softmax S₂(x)), real)              added to the running sum G
+#     GDL(S₃) + 0.4·GDL(aux1) + 0.2·GDL(aux2)              added to the running sum T; back-propagated
+#                                                          only with released_fix_dice_backward
+#   unlabeled sub-batch (images u), one forward S₁:
+#     A = λ_adv·CE_v(D(softmax S₁(u)), real)              added to the running sum G_U
+#     Semi = λ_semi·masked_argmax_cross_entropy(S₁(u), M, 1 − validation Dice),
+#            M = softmax(D(softmax S₁(u)))[…, real] of the same D call
+#     G is replaced by G_U + Semi.
+#   After each sub-batch G is back-propagated (and T, with the fix) into S AND D: D's gradients are
+#   reset only at the iteration's start, so S's adversarial terms move D too.
+#
+# With the parameters fixed within the iteration, a term back-propagated k times contributes k
+# times its gradient: the accumulated gradient is that of Σ (multiplicity × term), the
+# multiplicities following from the L/U sequence (`released_multiplicities`).
+
+DEEP_SUPERVISION = ("main", "aux1", "aux2")
+
+
+def main_logits(out) -> jax.Array:
+  """S's logits: the output itself, or the "main" one of a deeply supervised S."""
+  return out["main"] if isinstance(out, dict) else out
+
+
+@flax.struct.dataclass
+class Multiplicities:
+  """How often each term of the iteration is back-propagated: (n,) float32 arrays by sub-batch.
+
+  Attributes:
+    adversarial: the adversarial term A_m of sub-batch m (labeled or not).
+    semi: the semi term of unlabeled sub-batch m (0 for a labeled one).
+    dice: the GDL of labeled sub-batch m, if it were back-propagated (0 for an unlabeled one).
+  """
+  adversarial: jax.Array
+  semi: jax.Array
+  dice: jax.Array
+
+
+def released_multiplicities(labeled: jax.Array) -> Multiplicities:
+  """The multiplicities of the released code's repeated backward calls for one L/U sequence.
+
+  Args:
+    labeled: (n,) booleans, sub-batch m labeled or not.
+
+  Returns:
+    `Multiplicities`. E.g. (L, L, L): adversarial (3, 2, 1), dice (3, 2, 1); (U, L, U):
+    adversarial (3, 1, 1), semi (2, 0, 1).
+  """
+  labeled = jnp.asarray(labeled, bool)
+  n = labeled.shape[0]
+  ids = jnp.arange(n)
+  zeros = jnp.zeros((n,), jnp.float32)
+  in_g, in_g_u, semi_in_g, in_t = zeros, zeros, zeros, zeros  # membership of G, G_U, G, T.
+  adversarial, semi, dice = zeros, zeros, zeros
+  for m in range(n):
+    this = (ids == m).astype(jnp.float32)
+    is_l = labeled[m]
+    g_u = in_g_u + jnp.where(is_l, 0.0, this)  # unlabeled: G_U += A_m
+    in_g = jnp.where(is_l, in_g + this, g_u)  # labeled: G += A_m; unlabeled: G = G_U + Semi_m
+    semi_in_g = jnp.where(is_l, semi_in_g, this)
+    in_g_u = g_u
+    in_t = in_t + jnp.where(is_l, this, 0.0)  # labeled: T += Dice_m (T is never reset)
+    adversarial, semi = adversarial + in_g, semi + semi_in_g  # backward(G)
+    dice = dice + jnp.where(is_l, in_t, 0.0)  # backward(T), labeled sub-batches only
+  return Multiplicities(adversarial=adversarial, semi=semi, dice=dice)
+
+
+def _sub_batches(stream: dict, n: int) -> dict:
+  """A batch stream's arrays (n·b, ...) as (n, b, ...): sub-batch m is rows m·b .. m·b + b − 1."""
+  return {k: v.reshape(n, v.shape[0] // n, *v.shape[1:]) for k, v in stream.items()}
+
+
+def deep_supervision_gdl(out: dict, labels: jax.Array, aux_weights) -> jax.Array:
+  """GDL(main) + w₁·GDL(aux1) + w₂·GDL(aux2), each the batch-pooled `generalized_dice_loss`."""
+  num_classes = out["main"].shape[-1]
+  weights = (1.0, *aux_weights)
+  return sum(w * losses.generalized_dice_loss(out[k], labels, num_classes)
+             for w, k in zip(weights, DEEP_SUPERVISION))
+
+
+def _logged(terms: dict) -> dict:
+  """Metrics as float32 (both branches of a sub-batch must return the same types)."""
+  return {k: jnp.asarray(v, jnp.float32) for k, v in terms.items()}
+
+
+RELEASED_METRICS = ("loss_dice", "loss_confidence_real", "loss_confidence_fake",
+                    "loss_adversarial", "loss_semi", "mask_fraction")
+
+
+def released_objective(params: dict, state: State, batch: Batch, labeled: jax.Array,
+                       rng: jax.Array):
+  """Σ multiplicity × term over the iteration's sub-batches, as a function of both networks'
+  parameters {"seg", "confidence"}: its gradient is what the released code accumulates.
+
+  Args:
+    params: {"seg": S's parameters, "confidence": D's}.
+    state: the state (BN statistics, hyperparameters, the latest validation Dice).
+    batch: n·b labeled and n·b unlabeled samples; sub-batch m uses rows m·b .. m·b + b − 1 of the
+      stream it draws from.
+    labeled: (n,) booleans, the L/U sequence.
+    rng: dropout keys (one per forward of S).
+
+  Returns:
+    (objective, (metrics: per-kind means over the sub-batches of that kind (0 if none) of the
+    unweighted terms, (S's, D's batch_stats after all the calls))).
+  """
+  hp = state.hparams
+  n = hp.sub_batches
+  mult = released_multiplicities(labeled)
+  threshold = 1.0 - state.validation_dice
+  seg, conf = state.seg, state.confidence
+  lab, unl = _sub_batches(batch.labeled, n), _sub_batches(batch.unlabeled, n)
+
+  def labeled_terms(m, lab_m, unl_m, stats):
+    del unl_m
+    seg_stats, d_stats = stats
+    x, y = lab_m["image"], lab_m["label"]
+    keys = jax.random.split(jax.random.fold_in(rng, m), 3)
+    out1, seg_stats = base.forward_train(seg, params["seg"], x, keys[0], seg_stats)
+    logits = main_logits(out1)
+    reals = one_hot_labels(y, logits.shape[-1], jnp.float32)
+    d_real, d_stats = base.forward_train(conf, params["confidence"], reals, batch_stats=d_stats)
+    d_fake, d_stats = base.forward_train(conf, params["confidence"],
+                                         jax.nn.softmax(logits, axis=-1), batch_stats=d_stats)
+    out2, seg_stats = base.forward_train(seg, params["seg"], x, keys[1], seg_stats)
+    d_adv, d_stats = base.forward_train(conf, params["confidence"],
+                                        jax.nn.softmax(main_logits(out2), axis=-1),
+                                        batch_stats=d_stats)
+    out3, seg_stats = base.forward_train(seg, params["seg"], x, keys[2], seg_stats)
+    loss_real, loss_fake, loss_adv = real_loss(d_real), fake_loss(d_fake), real_loss(d_adv)
+    loss_dice = deep_supervision_gdl(out3, y, hp.aux_weights)
+    dice_weight = mult.dice[m] if hp.fix_dice_backward else 0.0
+    # Multiplicities (small integers) last, so that they scale the loss in its own dtype.
+    total = (loss_real + loss_fake + hp.lambda_adv * loss_adv * mult.adversarial[m]
+             + loss_dice * dice_weight)
+    terms = dict(loss_dice=loss_dice, loss_confidence_real=loss_real,
+                 loss_confidence_fake=loss_fake, loss_adversarial=loss_adv,
+                 loss_semi=jnp.zeros(()), mask_fraction=jnp.zeros(()))
+    return total, (seg_stats, d_stats), _logged(terms)
+
+  def unlabeled_terms(m, lab_m, unl_m, stats):
+    del lab_m
+    seg_stats, d_stats = stats
+    key = jax.random.split(jax.random.fold_in(rng, m), 3)[0]
+    out, seg_stats = base.forward_train(seg, params["seg"], unl_m["image"], key, seg_stats)
+    logits = main_logits(out)
+    d_adv, d_stats = base.forward_train(conf, params["confidence"],
+                                        jax.nn.softmax(logits, axis=-1), batch_stats=d_stats)
+    loss_adv = real_loss(d_adv)
+    confidence_u = confidence_map(jax.lax.stop_gradient(d_adv))
+    loss_semi = losses.masked_argmax_cross_entropy(logits, confidence_u, threshold)
+    total = (hp.lambda_adv * loss_adv * mult.adversarial[m]
+             + hp.lambda_semi * loss_semi * mult.semi[m])
+    terms = dict(loss_dice=jnp.zeros(()), loss_confidence_real=jnp.zeros(()),
+                 loss_confidence_fake=jnp.zeros(()), loss_adversarial=loss_adv,
+                 loss_semi=loss_semi,
+                 mask_fraction=jnp.mean((confidence_u > threshold).astype(jnp.float32)))
+    return total, (seg_stats, d_stats), _logged(terms)
+
+  def sub_batch(stats, inputs):
+    # One compiled body for all sub-batches; at run time only the drawn kind's branch executes.
+    m, is_labeled, lab_m, unl_m = inputs
+    term, stats, terms = jax.lax.cond(is_labeled, labeled_terms, unlabeled_terms,
+                                      m, lab_m, unl_m, stats)
+    return stats, (term, terms)
+
+  (seg_stats, d_stats), (per_term, per_sub_batch) = jax.lax.scan(
+      sub_batch, (seg.batch_stats, conf.batch_stats), (jnp.arange(n), labeled, lab, unl))
+  total = jnp.sum(per_term)
+  num_l = jnp.sum(labeled.astype(jnp.float32))
+  num_u = n - num_l
+
+  def mean_over(key, count, mask):
+    values = per_sub_batch[key]
+    return jnp.sum(jnp.where(mask, values, 0.0)) / jnp.maximum(count, 1.0)
+
+  metrics = {k: mean_over(k, num_l, labeled) for k in RELEASED_METRICS[:3]}
+  metrics["loss_adversarial"] = mean_over("loss_adversarial", jnp.asarray(n, jnp.float32),
+                                          jnp.ones_like(labeled))
+  metrics.update({k: mean_over(k, num_u, ~labeled) for k in RELEASED_METRICS[4:]})
+  metrics.update(labeled_sub_batches=num_l, semi_threshold=threshold)
+  return total, (metrics, (seg_stats, d_stats))
+
+
+def released_train_step(state: State, batch: Batch, rng: jax.Array):
+  """One iteration of the released code: the L/U sequence drawn from `rng`, the gradient of
+  `released_objective` with respect to both networks, then one Adam step of D and one of S.
+
+  Metrics: loss (the objective), loss_dice (logged even when not back-propagated),
+  loss_confidence_real / _fake (labeled sub-batches), loss_adversarial (all), loss_semi and
+  mask_fraction (unlabeled sub-batches), labeled_sub_batches, semi_threshold, both learning rates.
+  """
+  sequence_key, dropout_key = jax.random.split(rng)
+  labeled = jax.random.bernoulli(sequence_key, state.hparams.labeled_probability,
+                                 (state.hparams.sub_batches,))
+  params = {"seg": state.seg.params, "confidence": state.confidence.params}
+  (loss, (metrics, (seg_stats, d_stats))), grads = jax.value_and_grad(
+      released_objective, has_aux=True)(params, state, batch, labeled, dropout_key)
+  seg = state.seg.updated(grads["seg"], seg_stats)
+  confidence = state.confidence.updated(grads["confidence"], d_stats)
+  return state.replace(seg=seg, confidence=confidence), base.scalar_metrics(
+      loss=loss, **metrics, learning_rate=optim.learning_rate(seg),
+      learning_rate_confidence=optim.learning_rate(confidence))

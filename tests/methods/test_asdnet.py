@@ -295,7 +295,10 @@ def test_init_shapes_and_parameter_counts(state):
   assert int(state.seg.step) == int(state.confidence.step) == 0
   assert float(optim.learning_rate(state.seg)) == pytest.approx(1e-3)
   assert float(optim.learning_rate(state.confidence)) == pytest.approx(1e-4)
-  assert state.hparams.to_dict() == dict(preset="paper", gamma=0.45, **HP)
+  assert state.hparams.to_dict() == dict(
+      preset="paper", gamma=0.45, **HP, sub_batches=3, labeled_probability=0.5,
+      aux_weights=(0.4, 0.2), fix_dice_backward=False)
+  assert float(state.validation_dice) == 0.0
 
 
 def test_the_d_step_leaves_s_unchanged(state, batch, rng, d_step, train_result):
@@ -392,6 +395,9 @@ def test_semi_term_is_zero_when_d_trusts_no_voxel():
 def test_default_config_is_the_paper():
   c = asdnet.default_config()
   assert (c.preset, c.beta, c.lambda_adv, c.lambda_semi, c.gamma) == ("paper", 2.0, 0.03, 0.3, 0.5)
+  # The released preset's own keys (read only by it).
+  assert (c.sub_batches, c.labeled_probability, tuple(c.aux_weights),
+          c.released_fix_dice_backward) == (3, 0.5, (0.4, 0.2), False)
   assert c.model.to_dict() == dict(name="svnet", n_filters=16, dtype="float32")
   assert c.confidence.to_dict() == dict(name="asdnet_confidence", features=(32, 64, 128, 256),
                                         decoder="repaired", dtype="float32")
@@ -403,8 +409,12 @@ def test_default_config_is_the_paper():
 
 
 @pytest.mark.parametrize("changes, key", [
-    (dict(preset="released"), "not implemented yet"),
     (dict(preset="both"), "method.preset"),
+    (dict(sub_batches=0), "method.sub_batches"),
+    (dict(labeled_probability=1.5), "method.labeled_probability"),
+    (dict(aux_weights=(0.4,)), "method.aux_weights"),
+    (dict(aux_weights=(0.4, -0.2)), "method.aux_weights"),
+    (dict(released_fix_dice_backward=1), "method.released_fix_dice_backward"),
     (dict(beta=-1.0), "method.beta"),
     (dict(lambda_adv=-0.1), "method.lambda_adv"),
     (dict(lambda_semi=-0.3), "method.lambda_semi"),

@@ -414,7 +414,6 @@ def test_default_config_is_the_paper():
     (dict(labeled_probability=1.5), "method.labeled_probability"),
     (dict(aux_weights=(0.4,)), "method.aux_weights"),
     (dict(aux_weights=(0.4, -0.2)), "method.aux_weights"),
-    (dict(released_fix_dice_backward=1), "method.released_fix_dice_backward"),
     (dict(beta=-1.0), "method.beta"),
     (dict(lambda_adv=-0.1), "method.lambda_adv"),
     (dict(lambda_semi=-0.3), "method.lambda_semi"),

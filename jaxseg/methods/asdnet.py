@@ -395,14 +395,18 @@ def paper_train_step(state: State, batch: Batch, rng: jax.Array):
 def predict(state: State, inputs: dict) -> dict:
   """Eval-mode class probabilities P̂ = softmax(S(x)) of `inputs["image"]` (B, *S, C_in) (the main
   output of a deeply supervised S): {"model": (B, *S, C)}."""
-  return {"model": jax.nn.softmax(main_logits(base.forward_eval(state.seg, inputs["image"])),
-                                  axis=-1)}
+  return {"model": _eval_probabilities(state, inputs["image"])}
+
+
+def _eval_probabilities(state: State, image: jax.Array) -> jax.Array:
+  """P̂ = softmax(S(x)) in eval mode (S's main output when it is deeply supervised)."""
+  return jax.nn.softmax(main_logits(base.forward_eval(state.seg, image)), axis=-1)
 
 
 def maps(state: State, inputs: dict) -> dict:
   """Eval-mode per-voxel maps for figure.png: {"confidence": (B, *S)}, M = softmax(D(P̂))[…, real],
   D's probability that S's prediction P̂ = softmax(S(x)) (its main output) is a label map."""
-  probs = jax.nn.softmax(main_logits(base.forward_eval(state.seg, inputs["image"])), axis=-1)
+  probs = _eval_probabilities(state, inputs["image"])
   return {"confidence": confidence_map(base.forward_eval(state.confidence, probs))}
 
 
@@ -509,8 +513,10 @@ def _logged(terms: dict) -> dict:
   return {k: jnp.asarray(v, jnp.float32) for k, v in terms.items()}
 
 
-RELEASED_METRICS = ("loss_dice", "loss_confidence_real", "loss_confidence_fake",
-                    "loss_adversarial", "loss_semi", "mask_fraction")
+# The sub-batches each logged term is averaged over: "labeled", "unlabeled" or "all".
+RELEASED_METRICS = {"loss_dice": "labeled", "loss_confidence_real": "labeled",
+                    "loss_confidence_fake": "labeled", "loss_adversarial": "all",
+                    "loss_semi": "unlabeled", "mask_fraction": "unlabeled"}
 
 
 def released_objective(params: dict, state: State, batch: Batch, labeled: jax.Array,
@@ -593,18 +599,16 @@ def released_objective(params: dict, state: State, batch: Batch, labeled: jax.Ar
   (seg_stats, d_stats), (per_term, per_sub_batch) = jax.lax.scan(
       sub_batch, (seg.batch_stats, conf.batch_stats), (jnp.arange(n), labeled, lab, unl))
   total = jnp.sum(per_term)
-  num_l = jnp.sum(labeled.astype(jnp.float32))
-  num_u = n - num_l
+  kinds = {"labeled": labeled, "unlabeled": ~labeled, "all": jnp.ones_like(labeled)}
 
-  def mean_over(key, count, mask):
-    values = per_sub_batch[key]
-    return jnp.sum(jnp.where(mask, values, 0.0)) / jnp.maximum(count, 1.0)
+  def mean_over(key, kind):
+    mask = kinds[kind]
+    return (jnp.sum(jnp.where(mask, per_sub_batch[key], 0.0))
+            / jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0))
 
-  metrics = {k: mean_over(k, num_l, labeled) for k in RELEASED_METRICS[:3]}
-  metrics["loss_adversarial"] = mean_over("loss_adversarial", jnp.asarray(n, jnp.float32),
-                                          jnp.ones_like(labeled))
-  metrics.update({k: mean_over(k, num_u, ~labeled) for k in RELEASED_METRICS[4:]})
-  metrics.update(labeled_sub_batches=num_l, semi_threshold=threshold)
+  metrics = {key: mean_over(key, kind) for key, kind in RELEASED_METRICS.items()}
+  metrics.update(labeled_sub_batches=jnp.sum(labeled.astype(jnp.float32)),
+                 semi_threshold=threshold)
   return total, (metrics, (seg_stats, d_stats))
 
 

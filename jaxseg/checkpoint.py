@@ -16,6 +16,7 @@ import pathlib
 import re
 import shutil
 import sys
+import time
 from typing import Any, Optional
 
 import jax
@@ -94,6 +95,20 @@ def reason(error: BaseException) -> str:
   return text if len(text) <= 200 else text[:197] + "..."
 
 
+def _remove_partial(directory: pathlib.Path, step: int, patience_s: float = 5.0) -> None:
+  """Removes orbax's temporary folder(s) of the failed save of `step`. orbax reports the first
+  failed write while its other writer threads may still be creating files in that folder, so one
+  rmtree can lose the race ("Directory not empty"): retry until it is gone or `patience_s` passed."""
+  deadline = time.monotonic() + patience_s
+  while True:
+    partials = list(directory.glob(f"{step}.orbax-checkpoint-tmp*"))
+    for partial in partials:
+      shutil.rmtree(partial, ignore_errors=True)
+    if not any(p.exists() for p in partials) or time.monotonic() > deadline:
+      return
+    time.sleep(0.05)
+
+
 class Checkpointer:
   """Saves and restores (state, record) pairs under `directory`, keeping the newest `max_to_keep`."""
 
@@ -145,8 +160,7 @@ class Checkpointer:
     if step is not None and jax.process_index() == 0:
       # orbax's partial folder of the failed save: never read, and on a full disk it holds the
       # space the logs need to close.
-      for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
-        shutil.rmtree(partial, ignore_errors=True)
+      _remove_partial(self.directory, step)
     return DataError(f"checkpoint {where} could not be saved ({reason(error)}); training stopped, "
                      f"{kept}")
 

@@ -12,6 +12,7 @@ ends the run with one line `error: ...` naming the key or file, and exit status 
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Optional
 
 from absl import app, flags, logging
@@ -45,6 +46,10 @@ _JOBS = {"train": _train_job, "data_demo": demo.run}
 
 
 def _fail(message: str) -> None:
+  # After a failed checkpoint save, orbax's writer loop can be torn down at exit with write
+  # coroutines never scheduled; their "never awaited" warnings would bury the one error line.
+  warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited",
+                          category=RuntimeWarning)
   print(f"error: {message}", file=sys.stderr)
   sys.exit(2)
 

@@ -485,7 +485,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         pending = []
         writer.scalars("train", means, done)
         _print(progress.line(done, means), flush=True)
-      if config.train.eval_every and done % config.train.eval_every == 0 and done < num_steps:
+      # At the last step the final evaluation (below) stands in for this one, unless the method
+      # reads its validation scores: then the state saved at that step must hold them, as a longer
+      # run's would (the final evaluation may score eval.case_list, never fed back to training).
+      if eval_every and done % eval_every == 0 and (
+          done < num_steps or hasattr(method, "after_validation")):
         summary = _validate(method, state, dataset, config, None, final=False)
         _log_validation(writer, summary, done)
         # Before the step's save: a state the validation changed is checkpointed as trained on.

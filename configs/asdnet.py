@@ -7,6 +7,9 @@
    test split where it exists)
   python -m jaxseg.main --config configs/asdnet.py:msd --config.data.root=/path/to/Task05_Prostate \
     --config.data.num_classes=3
+  python -m jaxseg.main --config configs/asdnet.py:released      # the authors' code, synthetic
+  python -m jaxseg.main --config configs/asdnet.py:la8_released --config.data.root=/path/to/la2018
+  python -m jaxseg.main --config configs/asdnet.py:la16_released --config.data.root=/path/to/la2018
 
 Default: the embedded synthetic 3D data with three organs (data.num_classes = 4, "adjacent"
 layout; 24 volumes of 64x64x48, labeled = first 4, validation = last 4, unlabeled = the 16 between),
@@ -95,7 +98,31 @@ MSD = {
     "eval.strides": (48, 48, 32),
 }
 
-PRESETS = {**la_family.PRESETS, "msd": MSD}
+# The `released` method preset (the authors' code, docs/methods/asdnet.md) on the family's data:
+# {preset: (the data preset it runs on, overrides after the released method block)}. Its batch is
+# 3 sub-batches drawn from either stream, so 3 labeled + 3 unlabeled crops make sub-batches of 1
+# on the synthetic data, and 9 + 9 the code's 3 patches of 16x64x64 (here 64x64x16, channels last)
+# on LA. The threshold of its semi term reads the last validation Dice, so it validates in the
+# run: every 100 of the 400 synthetic steps, every 1000 on LA (as the code does, on the
+# validation split here, never test).
+_RELEASED_SYNTHETIC = {
+    "data.batch_labeled": 3, "data.batch_unlabeled": 3,
+    "method.model.features": (8, 16, 32, 64),
+    "method.confidence.features": (8, 16, 32, 64),
+    "train.eval_every": 100,
+}
+_RELEASED_LA = {
+    "data.batch_labeled": 9, "data.batch_unlabeled": 9,
+    "data.patch_size": (64, 64, 16),
+    "train.eval_every": 1000,
+}
+RELEASED = {
+    "released": ("", _RELEASED_SYNTHETIC),
+    "la8_released": ("la8", _RELEASED_LA),
+    "la16_released": ("la16", _RELEASED_LA),
+}
+
+PRESETS = {**la_family.PRESETS, "msd": MSD, **{p: v for p, (_, v) in RELEASED.items()}}
 
 
 def get_config(preset: str = "") -> ml_collections.ConfigDict:
@@ -104,9 +131,18 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     c = la_family.la_family_config("asdnet", asdnet.default_config(), "", "configs/asdnet.py")
     c.name = "asdnet_msd"
     config_blocks.apply_overrides(c, MSD, "configs/asdnet.py:msd")
+    c.method.optimizer = asdnet.default_config().optimizer  # The method's Adam, not the family's SGD.
+  elif preset in RELEASED:
+    data_preset, overrides = RELEASED[preset]
+    c = la_family.la_family_config("asdnet", asdnet.default_config(), data_preset,
+                                   "configs/asdnet.py", OWN_PRESETS)
+    c.name = f"asdnet_{preset}"
+    c.method = asdnet.released_config()  # Its own segmenter and optimisers.
+    config_blocks.apply_overrides(c, overrides, f"configs/asdnet.py:{preset}")
   else:
     c = la_family.la_family_config("asdnet", asdnet.default_config(), preset, "configs/asdnet.py",
                                    OWN_PRESETS)
-  # The family sets its SGD; ASDNet trains S with its own Adam (both optimisers are the method's).
-  c.method.optimizer = asdnet.default_config().optimizer
+    # The family sets its SGD; ASDNet trains S with its own Adam (both optimisers are the
+    # method's).
+    c.method.optimizer = asdnet.default_config().optimizer
   return c

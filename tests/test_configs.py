@@ -117,6 +117,27 @@ def test_asdnet_la_presets_follow_the_protocol_with_adam(preset, labeled):
     assert tuple(opt.decay_boundaries) == (2500, 5000) and opt.decay_factor == 0.1
 
 
+@pytest.mark.parametrize("preset, labeled", [("la8_released", 8), ("la16_released", 16)])
+def test_asdnet_released_la_presets(preset, labeled):
+  """The LA data protocol with the released code's batch: 3 sub-batches of 3 crops of 64x64x16
+  from either stream (9 + 9), validated every 1000 steps (its semi threshold reads that Dice)."""
+  config = load(CONFIGS_DIR / "asdnet.py").get_config(preset)
+  assert config.data.source == "la" and config.data.num_classes == 2
+  assert (config.data.num_labeled, config.data.num_validation) == (labeled, 8)
+  assert tuple(config.data.patch_size) == (64, 64, 16)
+  assert (config.data.batch_labeled, config.data.batch_unlabeled) == (9, 9)
+  assert config.method.sub_batches == 3 and config.train.eval_every == 1000
+  assert config.train.num_steps == 6000
+  assert tuple(config.eval.patch_size) == (112, 112, 80) and tuple(config.eval.strides) == (18, 18, 4)
+
+
+def test_asdnet_released_synthetic_preset_validates_during_the_run():
+  config = load(CONFIGS_DIR / "asdnet.py").get_config("released")
+  assert config.data.source == "synthetic" and config.data.num_classes == 4
+  assert (config.data.batch_labeled, config.data.batch_unlabeled) == (3, 3)
+  assert 0 < config.train.eval_every < config.train.num_steps == 400
+
+
 def test_asdnet_default_has_several_organs():
   config = load(CONFIGS_DIR / "asdnet.py").get_config("")
   assert config.data.source == "synthetic" and config.data.num_classes >= 4
@@ -203,6 +224,21 @@ def _asdnet(n_filters, features):
               optimizer=ASDNET_ADAM, confidence_optimizer={**ASDNET_ADAM, "learning_rate": 1e-4})
 
 
+def _asdnet_released(features):
+  """The released code's method block (`asdnet.released_config`): its segmenter, the as-coded
+  confidence net, weights 0.05 / 0.5, Adam 2e-3 x0.1 every 10000 (S) and 1e-4 (D), no decay."""
+  return dict(name="asdnet", preset="released", beta=2.0, lambda_adv=0.05, lambda_semi=0.5,
+              gamma=0.5, sub_batches=3, labeled_probability=0.5, aux_weights=(0.4, 0.2),
+              released_fix_dice_backward=False,
+              model=dict(name="hrres_segnet_ds", features=features, dtype="float32"),
+              confidence=dict(name="asdnet_confidence", features=features, decoder="as_coded",
+                              dtype="float32"),
+              optimizer={**ASDNET_ADAM, "learning_rate": 2e-3, "weight_decay": 0.0,
+                         "decay_every": 10000, "decay_boundaries": ()},
+              confidence_optimizer={**ASDNET_ADAM, "learning_rate": 1e-4, "weight_decay": 0.0,
+                                    "schedule": "constant", "decay_boundaries": ()})
+
+
 def _supervised(features):
   return dict(name="supervised", loss="bce",
               model=dict(name="unet", features=features, norm="batch",
@@ -246,6 +282,10 @@ METHOD_BLOCKS = {
     ("asdnet", "la8"): _asdnet(16, (32, 64, 128, 256)),
     ("asdnet", "la16"): _asdnet(16, (32, 64, 128, 256)),
     ("asdnet", "msd"): _asdnet(16, (32, 64, 128, 256)),
+    # The released code's method on the same data: narrower networks on the synthetic data.
+    ("asdnet", "released"): _asdnet_released((8, 16, 32, 64)),
+    ("asdnet", "la8_released"): _asdnet_released((32, 64, 128, 256)),
+    ("asdnet", "la16_released"): _asdnet_released((32, 64, 128, 256)),
 }
 
 

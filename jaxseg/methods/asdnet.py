@@ -43,9 +43,10 @@ Choices the paper leaves open, made here:
 - The D step comes first and sees only labeled predictions (𝓛) as fakes; the S step's adversarial
   term covers 𝓛 ∪ 𝓤, as Eq. 5's 𝐎 = {X, U}.
 
-Only `paper` exists; the `released` preset (the authors' code: another segmenter, sub-batches,
-gradient leaks; docs/methods/asdnet.md) is not implemented yet and is refused by `check_config`.
-At test time only P̂ is used.
+The `released` preset (`released_config`, `released_train_step`, below) reproduces the authors'
+code instead: another segmenter, random labeled/unlabeled sub-batches whose gradients accumulate,
+the gradient leaks, no Dice backward, a masked cross-entropy whose threshold reads the last
+validation Dice (`after_validation`). At test time only P̂ is used (S's main output).
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def default_config() -> ml_collections.ConfigDict:
   """The `method` block: the `paper` preset (docs/methods/asdnet.md, hyperparameters)."""
   c = ml_collections.ConfigDict()
   c.name = "asdnet"
-  c.preset = "paper"  # "paper" ("released" is not implemented yet).
+  c.preset = "paper"  # "paper" or "released" (the authors' code; `released_config` sets it up).
   c.beta = 2.0  # β: the sample-attention exponent of Eq. 2.
   c.lambda_adv = 0.03  # λ₁: weight of the adversarial term L_adv (Eq. 5).
   c.lambda_semi = 0.3  # λ₂: weight of the region-attention semi term L_semi (Eq. 6).

@@ -678,3 +678,91 @@ def symmetric_mse_loss(input1: jax.Array, input2: jax.Array) -> jax.Array:
   """
   _check_same_shape(input1, input2, "symmetric_mse_loss")
   return jnp.mean((input1 - input2) ** 2)
+
+
+# --------------------------------------------------------------------------------------------------------
+# MAML deep supervision (`YaoZhang93/MAML` MAMLTrainerV2, nnU-Net v1's deep-supervision weighting;
+# jaxseg/models/maml.py).
+
+
+def deep_supervision_weights(num_scales: int) -> tuple[float, ...]:
+  """nnU-Net v1's deep-supervision weights for `num_scales` outputs, full resolution first.
+
+  w_s ∝ 1/2^s for s = 0 … S − 1, the lowest-resolution output gets 0 (for S > 1), and the weights are
+  normalised to sum 1. A network with P poolings has S = P outputs: P = 5 gives
+  [8, 4, 2, 1, 0]/15 = [0.533, 0.267, 0.133, 0.067, 0].
+
+  Args:
+    num_scales: S ≥ 1 (S = 1: the single weight 1).
+
+  Returns:
+    S Python floats (static constants, usable outside `jit`).
+  """
+  if num_scales < 1:
+    raise ValueError(f"num_scales must be ≥ 1, got {num_scales}.")
+  weights = [0.5**s for s in range(num_scales)]
+  if num_scales > 1:
+    weights[-1] = 0.0
+  total = sum(weights)
+  return tuple(w / total for w in weights)
+
+
+def maml_loss_weights(num_scales: int, num_modalities: int) -> tuple[float, ...]:
+  """The released MAML loss weights of the flattened outputs [joint] + [branch m, scale s for m, s].
+
+  [w_0] followed by M copies of `deep_supervision_weights(num_scales)`: the joint output gets the
+  full-resolution weight w_0 and every branch the whole deep-supervision vector (the weights sum to
+  1 + M, not 1). 4 poolings and 2 modalities: [4/7, 4/7, 2/7, 1/7, 0, 4/7, 2/7, 1/7, 0].
+  """
+  if num_modalities < 1:
+    raise ValueError(f"num_modalities must be ≥ 1, got {num_modalities}.")
+  w = deep_supervision_weights(num_scales)
+  return (w[0],) + w * num_modalities
+
+
+MAML_LOSS_PRESETS = ("paper", "released")
+
+
+def maml_deep_supervised_loss(loss_fn, joint_logits: jax.Array,
+                              branch_logits: Sequence[Sequence[jax.Array]], labels: Sequence[jax.Array],
+                              preset: str = "released", branch_weight: float = 1.0) -> jax.Array:
+  """MAML's supervised loss over the joint output and every branch's deep-supervision outputs.
+
+    released: w_0·L(joint, y_0) + Σ_m Σ_s w_s·L(branch_m,s, y_s)
+    paper:    L(joint, y_0) + λ·Σ_m Σ_s w_s·L(branch_m,s, y_s), λ = `branch_weight` (1: the paper does
+              not give it)
+
+  with w = `deep_supervision_weights(S)`. Terms with weight 0 are not evaluated (as nnU-Net's
+  `MultipleOutputLoss2`).
+
+  Args:
+    loss_fn: the per-output loss, (logits (N, *S_s, K), labels (N, *S_s)) -> scalar (MAML:
+      `soft_dice_ce_loss`).
+    joint_logits: (N, *S, K).
+    branch_logits: M sequences of S logit maps each, full resolution first (`MAML`'s "branches").
+    labels: S label maps (N, *S_s), labels[s] at the resolution of scale s (labels[0] full resolution);
+      producing the coarser ones is the caller's job (nnU-Net downsamples the label map per scale).
+    preset: "released" or "paper".
+    branch_weight: λ of the paper preset; must be 1 for "released".
+
+  Returns:
+    Scalar loss.
+  """
+  if preset not in MAML_LOSS_PRESETS:
+    raise ValueError(f"Unknown preset {preset!r}; expected one of {MAML_LOSS_PRESETS}.")
+  if preset == "released" and branch_weight != 1.0:
+    raise ValueError("The released loss has no branch weight λ; use preset='paper' to set one.")
+  num_scales = len(labels)
+  if any(len(scales) != num_scales for scales in branch_logits):
+    raise ValueError(f"Every branch needs {num_scales} outputs (one per label scale), got "
+                     f"{[len(scales) for scales in branch_logits]}.")
+  w = deep_supervision_weights(num_scales)
+  total = (w[0] if preset == "released" else 1.0) * loss_fn(joint_logits, labels[0])
+  for scales in branch_logits:
+    for s, logits in enumerate(scales):
+      if w[s] != 0.0:
+        total = total + branch_weight * w[s] * loss_fn(logits, labels[s])
+  return total
+
+
+__all__ += ["MAML_LOSS_PRESETS", "deep_supervision_weights", "maml_deep_supervised_loss", "maml_loss_weights"]

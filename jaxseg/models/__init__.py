@@ -18,6 +18,8 @@
 | `svnet` | `VNet` (`drop_deepest`) | ASDNet's "SVNet" (3,612,706 params) |
 | `asdnet_confidence` | `ConfidenceFCN` | ASDNet `Discriminator_my23DLRResFCN` (5,507,970 params, 2 ch in) |
 | `hrres_segnet_ds` | `HRResSegNetDS` | ASDNet `HRResSegNet_DS` (4,036,142 params) |
+| `nnunet_branch` | `NNUNetBranch` | MAML's branch, nnU-Net v1 `Generic_UNet` (16,593,456 params, 1 channel in, 4 classes) |
+| `maml` | `MAML` | `YaoZhang93/MAML` `Generic_MAML` (66,458,128 params, 4 modalities, 4 classes; `released` 66,484,752) |
 """
 
 from __future__ import annotations
@@ -32,13 +34,16 @@ import jax.numpy as jnp
 from jaxseg.models import layers
 from jaxseg.models.asdnet import ConfidenceFCN, HRResSegNetDS, asdnet_confidence, hrres_segnet_ds
 from jaxseg.models.critics import PixelCritic, SDFDiscriminator, duo_critic, sassnet_discriminator
+from jaxseg.models.maml import MAML, NNUNetBranch, maml, nnunet_branch
 from jaxseg.models.unet import UNet, duo_unet, ssl4mis_unet2d, ssl4mis_unet3d
 from jaxseg.models.vnet import VNet, svnet, vnet, vnet_sdf
 
 __all__ = [
     "ConfidenceFCN",
     "HRResSegNetDS",
+    "MAML",
     "MODELS",
+    "NNUNetBranch",
     "PixelCritic",
     "SDFDiscriminator",
     "UNet",
@@ -50,6 +55,8 @@ __all__ = [
     "get_model",
     "hrres_segnet_ds",
     "layers",
+    "maml",
+    "nnunet_branch",
     "sassnet_discriminator",
     "ssl4mis_unet2d",
     "ssl4mis_unet3d",
@@ -70,6 +77,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "svnet": svnet,
     "asdnet_confidence": asdnet_confidence,
     "hrres_segnet_ds": hrres_segnet_ds,
+    "nnunet_branch": nnunet_branch,
+    "maml": maml,
 }
 
 

@@ -258,82 +258,97 @@ def _check_rank(ndim: int, channels: int) -> None:
     raise ValueError(f"nnunet_augment: at least one channel, got {channels}")
 
 
-def _uniform(key, lo, hi, shape=()):
-  return jax.random.uniform(key, shape, jnp.float32, lo, hi)
+class _Uniforms:
+  """Hands out consecutive slices of one vector of U[0, 1) draws: one random-number call per sample
+  (each `jax.random` call is a separate hash in the compiled program, and dozens of them made
+  compilation slow). The layout is fixed by ndim and channels only, so changing a probability or a
+  range changes no other transform's draws."""
+
+  def __init__(self, key: jax.Array, n: int):
+    self._u = jax.random.uniform(key, (n,), jnp.float32)
+    self._next = 0
+
+  def take(self, shape=()) -> jax.Array:
+    size = int(np.prod(shape, dtype=np.int64))
+    out = self._u[self._next:self._next + size].reshape(shape)
+    self._next += size
+    return out
+
+  def coin(self, p: float, shape=()) -> jax.Array:
+    return self.take(shape) < p
+
+  def uniform(self, lo: float, hi: float, shape=()) -> jax.Array:
+    return lo + self.take(shape) * (hi - lo)
+
+  def half_below_one(self, lo: float, hi: float, shape=()) -> jax.Array:
+    """nnU-Net's draw for ranges around 1: with probability 1/2 (if lo < 1) U[lo, 1), else
+    U[max(lo, 1), hi); U[lo, hi) when hi <= 1 (nnU-Net would then draw from the empty [1, hi))."""
+    pick, u = self.take(shape), self.take(shape)
+    if hi <= 1:
+      return lo + u * (hi - lo)
+    high = max(lo, 1.0) + u * (hi - max(lo, 1.0))
+    if lo >= 1:
+      return high
+    return jnp.where(pick < 0.5, lo + u * (1.0 - lo), high)
 
 
-def _half_below_one(key, lo: float, hi: float, shape=()) -> jax.Array:
-  """nnU-Net's draw for ranges around 1: with probability 1/2 (if lo < 1) U[lo, 1), else
-  U[max(lo, 1), hi); U[lo, hi] when hi <= 1."""
-  k_pick, k_low, k_high = jax.random.split(key, 3)
-  if hi <= 1:  # no half above 1 (nnU-Net would then draw from the empty [1, hi))
-    return _uniform(k_low, lo, hi, shape)
-  low = _uniform(k_low, lo, 1.0, shape)
-  high = _uniform(k_high, max(lo, 1.0), hi, shape)
-  if lo >= 1:
-    return high
-  return jnp.where(jax.random.uniform(k_pick, shape) < 0.5, low, high)
+def _draw_count(ndim: int, channels: int) -> int:
+  angles = 3 if ndim == 3 else 1
+  return (1 + 2 * angles) + 3 + 2 + (1 + 2 * channels) + (1 + channels) + (1 + 2 * channels) \
+      + (1 + 2 * channels) + 2 * (1 + 2 * channels) + ndim
 
 
 def draw_params(key: jax.Array, config: NnUNetAugmentConfig, ndim: int,
                 channels: int) -> AugmentParams:
   """One sample's random parameters for an image with `ndim` spatial axes and `channels` channels.
 
-  Each transform draws from its own subkey of `key` (split in the order of the transforms), so
-  changing one probability does not change the other transforms' draws. Jittable; vmap over keys
-  for a batch.
+  All values come from one vector of uniform draws (`_Uniforms`) whose layout depends on ndim and
+  channels only, and the noise field from a second key; so changing one probability or range does
+  not change the other transforms' draws. Jittable; vmap over keys for a batch.
   """
   _check_rank(ndim, channels)
   c = config
-  keys = jax.random.split(key, 10)
-  coin = lambda k, p, shape=(): jax.random.uniform(k, shape) < p
+  k_uniform, k_field = jax.random.split(key)
+  u = _Uniforms(k_uniform, _draw_count(ndim, channels))
 
   # Spatial. Rotation: per sample, then per axis (nnU-Net compares the per-axis draw with <=).
-  k_rot, k_axes, k_ang, k_sc, k_scv = jax.random.split(keys[0], 5)
-  rotate = coin(k_rot, c.p_rotation)
   ranges = (c.rotation_x, c.rotation_y, c.rotation_z)[:3 if ndim == 3 else 1]
+  rotate = u.coin(c.p_rotation)
+  axis_on = u.take((len(ranges),)) <= c.p_rotation_per_axis
   lo = jnp.asarray([r[0] for r in ranges], jnp.float32)
   hi = jnp.asarray([r[1] for r in ranges], jnp.float32)
-  axis_on = jax.random.uniform(k_axes, (len(ranges),)) <= c.p_rotation_per_axis
-  angles = jax.random.uniform(k_ang, (len(ranges),), jnp.float32) * (hi - lo) + lo
-  angles = jnp.where(rotate & axis_on, angles, 0.0)
-  scale_on = coin(k_sc, c.p_scale)
-  scale = jnp.where(scale_on, _half_below_one(k_scv, *c.scale_range), 1.0)
+  angles = jnp.where(rotate & axis_on, lo + u.take((len(ranges),)) * (hi - lo), 0.0)
+  scale_on = u.coin(c.p_scale)
+  scale = jnp.where(scale_on, u.half_below_one(*c.scale_range), 1.0)
 
-  k_on, k_std, k_field = jax.random.split(keys[1], 3)
-  noise = coin(k_on, c.p_noise)
-  noise_std = jnp.where(noise, _uniform(k_std, *c.noise_std_range), 0.0)
+  noise = u.coin(c.p_noise)
+  noise_std = jnp.where(noise, u.uniform(*c.noise_std_range), 0.0)
 
-  k_on, k_ch, k_sig = jax.random.split(keys[2], 3)
-  blur = coin(k_on, c.p_blur)
-  blur_channels = coin(k_ch, c.p_blur_per_channel, (channels,))
-  blur_sigma = _uniform(k_sig, *c.blur_sigma_range, (channels,))
+  blur = u.coin(c.p_blur)
+  blur_channels = u.coin(c.p_blur_per_channel, (channels,))
+  blur_sigma = u.uniform(*c.blur_sigma_range, (channels,))
 
-  k_on, k_val = jax.random.split(keys[3])
-  brightness = coin(k_on, c.p_brightness)
-  brightness_factor = jnp.where(brightness, _uniform(k_val, *c.brightness_range, (channels,)), 1.0)
+  brightness = u.coin(c.p_brightness)
+  brightness_factor = jnp.where(brightness, u.uniform(*c.brightness_range, (channels,)), 1.0)
 
-  k_on, k_val = jax.random.split(keys[4])
-  contrast = coin(k_on, c.p_contrast)
-  contrast_factor = jnp.where(contrast, _half_below_one(k_val, *c.contrast_range, (channels,)), 1.0)
+  contrast = u.coin(c.p_contrast)
+  contrast_factor = jnp.where(contrast, u.half_below_one(*c.contrast_range, (channels,)), 1.0)
 
-  k_on, k_ch, k_val = jax.random.split(keys[5], 3)
-  low_res = coin(k_on, c.p_low_resolution)
-  low_res_channels = coin(k_ch, c.p_low_resolution_per_channel, (channels,))
+  low_res = u.coin(c.p_low_resolution)
+  low_res_channels = u.coin(c.p_low_resolution_per_channel, (channels,))
   low_res_zoom = jnp.where(low_res & low_res_channels,
-                           _uniform(k_val, *c.low_resolution_zoom_range, (channels,)), 1.0)
+                           u.uniform(*c.low_resolution_zoom_range, (channels,)), 1.0)
 
-  k_on, k_val = jax.random.split(keys[6])
-  gamma_inverted = coin(k_on, c.p_gamma_inverted)
-  gamma_inverted_value = jnp.where(gamma_inverted,
-                                   _half_below_one(k_val, *c.gamma_range, (channels,)), 1.0)
-  k_on, k_val = jax.random.split(keys[7])
-  gamma = coin(k_on, c.p_gamma)
-  gamma_value = jnp.where(gamma, _half_below_one(k_val, *c.gamma_range, (channels,)), 1.0)
+  gamma_inverted = u.coin(c.p_gamma_inverted)
+  gamma_inverted_value = jnp.where(gamma_inverted, u.half_below_one(*c.gamma_range, (channels,)),
+                                   1.0)
+  gamma = u.coin(c.p_gamma)
+  gamma_value = jnp.where(gamma, u.half_below_one(*c.gamma_range, (channels,)), 1.0)
 
   axes = tuple(range(ndim)) if c.mirror_axes is None else tuple(a for a in c.mirror_axes if a < ndim)
   allowed = jnp.asarray([a in axes for a in range(ndim)])
-  mirror = coin(keys[8], c.p_mirror_per_axis, (ndim,)) & allowed
+  mirror = u.coin(c.p_mirror_per_axis, (ndim,)) & allowed
+  assert u._next == _draw_count(ndim, channels)
 
   return AugmentParams(
       rotate=rotate, angles=angles, scale_on=scale_on, scale=scale,
@@ -443,17 +458,21 @@ def gaussian_blur(x: jax.Array, sigma: jax.Array, radius: int) -> jax.Array:
   w = jnp.exp(-0.5 * (k[None, :] / sig) ** 2)
   w = jnp.where(jnp.abs(k)[None, :] <= jnp.floor(_BLUR_TRUNCATE * sig + 0.5), w, 0.0)
   w = w / w.sum(axis=1, keepdims=True)  # (C, 2r + 1)
-  out = x
-  for axis in range(x.ndim - 1):
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (radius, radius)
+  ndim, channels = x.ndim - 1, x.shape[-1]
+  spec = "".join("DHW"[3 - ndim:])
+  dims = (f"N{spec}C", f"{spec}IO", f"N{spec}C")
+  out = x[None]
+  for axis in range(ndim):
+    pad = [(0, 0)] * (ndim + 2)
+    pad[axis + 1] = (radius, radius)
     padded = jnp.pad(out, pad, mode="symmetric")  # SciPy's 'reflect': d c b a | a b c d
-    n = out.shape[axis]
-    acc = jnp.zeros_like(out)
-    for t in range(2 * radius + 1):
-      acc = acc + w[:, t] * jax.lax.slice_in_dim(padded, t, t + n, axis=axis)
-    out = acc
-  return out
+    shape = [1] * ndim + [1, channels]
+    shape[axis] = 2 * radius + 1
+    kernel = w.T.reshape(shape)  # depthwise: one 1D kernel per channel along `axis`
+    out = jax.lax.conv_general_dilated(padded, kernel, (1,) * ndim, "VALID",
+                                       dimension_numbers=dims, feature_group_count=channels,
+                                       precision=jax.lax.Precision.HIGHEST)
+  return out[0]
 
 
 def contrast_change(x: jax.Array, factor: jax.Array) -> jax.Array:

@@ -391,6 +391,19 @@ def test_draw_frequencies_match_the_probabilities():
   check(q.mirror[:, 1], 0.5)
 
 
+def test_changing_one_transform_leaves_the_other_draws():
+  # The draws' layout depends on the shape only, so a new rotation probability or gamma range
+  # changes those draws and no others.
+  key = jax.random.PRNGKey(4)
+  base = na.draw_params(key, CFG, 3, C)
+  other = na.draw_params(key, na.NnUNetAugmentConfig(p_rotation=0.9, gamma_range=(0.5, 2.0)), 3, C)
+  changed = {"rotate", "angles", "gamma_inverted_value", "gamma_value"}
+  for name in base.__dataclass_fields__:
+    if name not in changed:
+      np.testing.assert_array_equal(np.asarray(getattr(base, name)), np.asarray(getattr(other, name)),
+                                    err_msg=name)
+
+
 def test_determinism_and_the_batch_keys():
   image, label = random_volume(SHAPE2, seed=4)
   images, labels = np.stack([image] * 3), np.stack([label] * 3)

@@ -20,8 +20,10 @@ The transforms, in the order nnU-Net v1's "moreDA" pipeline (nnUNetTrainerV2) ru
 Where we differ from nnU-Net (see docs/data.md, "On-device nnU-Net augmentation"): the image is
 resampled linearly (nnU-Net: cubic spline) and the label by nearest neighbour (nnU-Net: linear
 interpolation of each label's indicator, thresholded at 0.5); the low-resolution simulation
-upsamples linearly (nnU-Net: cubic spline); elastic deformation (off in nnUNetTrainerV2), the
-"dummy 2D" mode for anisotropic 3D data and the nonzero-mask transform are not implemented.
+upsamples linearly (nnU-Net: cubic spline); elastic deformation and additive brightness (both off
+in nnUNetTrainerV2), the "dummy 2D" mode for anisotropic 3D data, the nonzero-mask transform and the
+cascade transforms are not implemented. Every transform is computed for every sample and kept where
+its flag is on (under vmap a branch would be computed anyway).
 
 `reference_spatial` and `reference_apply` reproduce the transforms on the host with NumPy/SciPy
 from the same parameters; the tests check the device code against them.
@@ -47,10 +49,9 @@ _BLUR_TRUNCATE = 4.0    # scipy.ndimage.gaussian_filter's default kernel truncat
 _EDGE_EPS = 1e-4
 
 
-def _pairs() -> tuple[str, ...]:
-  return ("rotation_x", "rotation_y", "rotation_z", "scale_range", "noise_std_range",
-          "blur_sigma_range", "brightness_range", "contrast_range", "low_resolution_zoom_range",
-          "gamma_range")
+_RANGE_FIELDS = ("rotation_x", "rotation_y", "rotation_z", "scale_range", "noise_std_range",
+                 "blur_sigma_range", "brightness_range", "contrast_range",
+                 "low_resolution_zoom_range", "gamma_range")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +136,7 @@ class NnUNetAugmentConfig:
         v = getattr(self, f.name)
         if not _is_number(v) or not 0.0 <= v <= 1.0:
           raise ValueError(f"nnunet_augment.{f.name}: a probability in [0, 1], got {v!r}")
-    for name in _pairs():
+    for name in _RANGE_FIELDS:
       v = getattr(self, name)
       if not (isinstance(v, tuple) and len(v) == 2 and all(_is_number(x) for x in v)
               and all(math.isfinite(x) for x in v) and v[0] <= v[1]):
@@ -382,7 +383,14 @@ def rotation_matrix(angles, xp=jnp):
   rx = xp.stack([xp.stack([o, z, z]), xp.stack([z, cx, -sx]), xp.stack([z, sx, cx])])
   ry = xp.stack([xp.stack([cy, z, sy]), xp.stack([z, o, z]), xp.stack([-sy, z, cy])])
   rz = xp.stack([xp.stack([cz, -sz, z]), xp.stack([sz, cz, z]), xp.stack([z, z, o])])
-  return rx @ ry @ rz
+  return _matmul(_matmul(rx, ry, xp), rz, xp)
+
+
+def _matmul(a, b, xp):
+  # Full float32 precision: accelerators may otherwise multiply in reduced precision (TF32).
+  if xp is jnp:
+    return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+  return a @ b
 
 
 def sampling_matrix(angles, scale, xp=jnp):
@@ -413,7 +421,7 @@ def _sample_coordinates(in_shape, out_shape, angles, scale) -> tuple[jax.Array, 
   grid = jnp.stack(jnp.meshgrid(*[jnp.arange(o, dtype=jnp.float32) - (o - 1) / 2.0
                                   for o in out_shape], indexing="ij"))
   a = sampling_matrix(angles, scale)
-  coords = jnp.tensordot(a, grid, axes=1)
+  coords = jnp.tensordot(a, grid, axes=1, precision=jax.lax.Precision.HIGHEST)
   coords = coords + jnp.asarray([(s - 1) / 2.0 for s in in_shape], jnp.float32).reshape(
       (ndim,) + (1,) * ndim)
   inside = jnp.ones(out_shape, jnp.bool_)

@@ -9,6 +9,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
@@ -126,6 +127,9 @@ def test_from_config_keeps_defaults_and_takes_lists():
   c = na.NnUNetAugmentConfig.from_config({"scale_range": [0.85, 1.25], "mirror_axes": [0, 1]})
   assert c.scale_range == (0.85, 1.25) and c.mirror_axes == (0, 1) and c.p_scale == 0.2
   assert na.NnUNetAugmentConfig.from_config(None) == na.NnUNetAugmentConfig()
+  block = ml_collections.ConfigDict({"p_gamma": 0.5, "gamma_range": (0.8, 1.2)})
+  assert na.NnUNetAugmentConfig.from_config(block) == na.NnUNetAugmentConfig(p_gamma=0.5,
+                                                                             gamma_range=(0.8, 1.2))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -395,6 +395,34 @@ def test_draw_frequencies_match_the_probabilities():
   check(q.mirror[:, 1], 0.5)
 
 
+def _binomial_ok(count, n, prob, z=4.5):
+  return abs(count / n - prob) <= z * math.sqrt(prob * (1 - prob) / n)
+
+
+@pytest.mark.parametrize("block, prob", [
+    ({"p_rotation": 0.2}, 0.2),
+    ({"p_gamma": 0.3}, 0.3),
+    ({"p_mirror_per_axis": 0.5, "mirror_axes": (1,)}, 0.5),
+], ids=["rotation", "gamma", "mirror"])
+def test_fraction_of_samples_transformed_matches_p(block, prob):
+  # Only one transform can fire; over 400 samples (fixed keys) the fraction of outputs that differ
+  # from the input is within 4.5 binomial standard deviations of its probability.
+  off = {f: 0.0 for f in ("p_rotation", "p_scale", "p_noise", "p_blur", "p_brightness",
+                          "p_contrast", "p_low_resolution", "p_gamma_inverted", "p_gamma",
+                          "p_mirror_per_axis")}
+  config = na.NnUNetAugmentConfig.from_config({**off, **block})
+  n = 400
+  draws = jax.jit(jax.vmap(lambda k: na.draw_params(k, config, 2, C)))(
+      jax.random.split(jax.random.PRNGKey(13), n))
+  draws = jax.tree.map(np.asarray, draws)
+  image, label = random_volume(SHAPE2, seed=5)
+  changed = 0
+  for i in range(n):
+    out, _ = _apply(image, label, jax.tree.map(lambda t: t[i], draws), None)
+    changed += not np.array_equal(np.asarray(out), image)
+  assert _binomial_ok(changed, n, prob), (changed, n, prob)
+
+
 def test_changing_one_transform_leaves_the_other_draws():
   # The draws' layout depends on the shape only, so a new rotation probability or gamma range
   # changes those draws and no others.

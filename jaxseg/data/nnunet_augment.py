@@ -627,7 +627,9 @@ def _host(params: AugmentParams) -> dict[str, Any]:
 def reference_spatial(image: np.ndarray, label: Optional[np.ndarray], params: AugmentParams,
                       out_shape: Optional[Sequence[int]] = None):
   """The spatial transform with scipy.ndimage.affine_transform in float64: order 1 for the image,
-  order 0 for the label, mode 'constant' with 0. Without a rotation or scaling, the centre crop."""
+  order 0 for the label, then 0 where the sampling point is outside the input by more than
+  _EDGE_EPS (as `apply`; SciPy's own mode='constant' has no such tolerance, and even in float64 a
+  quarter turn puts whole edges 1e-16 outside). Without a rotation or scaling, the centre crop."""
   import scipy.ndimage as ndi
 
   p = _host(params)
@@ -638,13 +640,20 @@ def reference_spatial(image: np.ndarray, label: Optional[np.ndarray], params: Au
     return image[crop].astype(np.float32), None if label is None else label[crop]
   a = sampling_matrix(p["angles"], p["scale"], np)
   offset = (np.asarray(in_shape) - 1) / 2.0 - a @ ((np.asarray(out_shape) - 1) / 2.0)
+  grid = np.stack(np.meshgrid(*[np.arange(o, dtype=np.float64) for o in out_shape], indexing="ij"))
+  coords = np.tensordot(a, grid, axes=1) + offset.reshape((-1,) + (1,) * len(out_shape))
+  inside = np.all([(coords[d] >= -_EDGE_EPS) & (coords[d] <= s - 1 + _EDGE_EPS)
+                   for d, s in enumerate(in_shape)], axis=0)
+  # Inside [0, S - 1], mode 'nearest' interpolates exactly as 'constant'; it also gives the edge
+  # value (not 0) to the points within _EDGE_EPS outside.
   out = np.stack([ndi.affine_transform(image[..., c].astype(np.float64), a, offset, out_shape,
-                                       order=1, mode="constant", cval=0.0)
-                  for c in range(image.shape[-1])], axis=-1).astype(np.float32)
+                                       order=1, mode="nearest")
+                  for c in range(image.shape[-1])], axis=-1)
+  out = np.where(inside[..., None], out, 0.0).astype(np.float32)
   if label is None:
     return out, None
-  lab = ndi.affine_transform(label, a, offset, out_shape, order=0, mode="constant", cval=0)
-  return out, lab.astype(label.dtype)
+  lab = ndi.affine_transform(label, a, offset, out_shape, order=0, mode="nearest")
+  return out, np.where(inside, lab, 0).astype(label.dtype)
 
 
 def reference_low_resolution(channel: np.ndarray, zoom: float) -> np.ndarray:

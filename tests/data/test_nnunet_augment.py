@@ -200,6 +200,28 @@ def test_a_quarter_turn_is_rot90():
   np.testing.assert_array_equal(np.asarray(lab), np.rot90(label, 1, axes=(1, 2)))
 
 
+def test_quarter_turns_about_each_axis_and_the_composition_order():
+  # The host reference (from which the device code is checked above) turns a cube by +90 degrees
+  # about axis 0, 1, 2 as np.rot90 in the planes (1, 2), (2, 0), (0, 1).
+  cube = np.random.default_rng(6).normal(size=(8, 8, 8, 1)).astype(np.float32)
+  for axis, plane in enumerate([(1, 2), (2, 0), (0, 1)]):
+    angles = [0.0, 0.0, 0.0]
+    angles[axis] = np.pi / 2
+    ref, _ = na.reference_spatial(cube, None, spatial(3, angles))
+    np.testing.assert_allclose(ref, np.rot90(cube, 1, axes=plane), atol=1e-6, err_msg=str(axis))
+  # The composition is batchgenerators': coordinates (as rows) times Rx(a) @ Ry(b) @ Rz(c).
+  a, b, c = 0.3, -0.5, 0.2
+  rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+  ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
+  rz = np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]])
+  offsets = np.random.default_rng(0).normal(size=(3, 50))
+  expected = 1.3 * np.dot(offsets.T, rx @ ry @ rz).T
+  np.testing.assert_allclose(na.sampling_matrix(np.array([a, b, c]), 1.3, np) @ offsets, expected,
+                             rtol=0, atol=1e-12)
+  got = np.asarray(na.sampling_matrix(jnp.asarray([a, b, c], jnp.float32), 1.3)) @ offsets
+  np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+
+
 def _interior(mask, ndim):
   """Voxels whose full 3^ndim neighbourhood has one value of `mask` (away from its boundary)."""
   st = np.ones((3,) * ndim, bool)

@@ -1,5 +1,7 @@
 """Every config and preset loads; the LA presets carry the LA protocol (docs/la_protocol.md)."""
 
+import math
+
 import pytest
 
 from conftest import CONFIGS_DIR, load_config_file as load
@@ -250,6 +252,33 @@ def _supervised_vnet(n_filters):
               model=dict(name="vnet", n_filters=n_filters, dtype="float32"), optimizer=LA_SGD)
 
 
+# nnU-Net v1's moreDA augmentation (jaxseg.data.nnunet_augment defaults): ±30 degrees per axis.
+_DEG30 = 30.0 / 360.0 * 2.0 * math.pi
+NNUNET_MORE_DA = dict(
+    p_rotation=0.2, rotation_x=(-_DEG30, _DEG30), rotation_y=(-_DEG30, _DEG30),
+    rotation_z=(-_DEG30, _DEG30), p_rotation_per_axis=1.0, p_scale=0.2, scale_range=(0.7, 1.4),
+    p_noise=0.1, noise_std_range=(0.0, 0.1), p_blur=0.2, p_blur_per_channel=0.5,
+    blur_sigma_range=(0.5, 1.0), p_brightness=0.15, brightness_range=(0.75, 1.25),
+    p_contrast=0.15, contrast_range=(0.75, 1.25), p_low_resolution=0.25,
+    p_low_resolution_per_channel=0.5, low_resolution_zoom_range=(0.5, 1.0), p_gamma_inverted=0.1,
+    p_gamma=0.3, gamma_range=(0.7, 1.5), gamma_retain_stats=True, p_mirror_per_axis=0.5,
+    mirror_axes=None)
+# MAMLTrainerV2: SGD 1e-2, Nesterov momentum 0.99, weight decay 3e-5, poly, gradient norm 12.
+MAML_SGD = dict(name="sgd", learning_rate=0.01, momentum=0.99, nesterov=True, weight_decay=3e-5,
+                beta1=0.9, beta2=0.999, eps=1e-8, alpha=0.99, schedule="poly", decay_every=0,
+                decay_factor=0.1, decay_boundaries=(), poly_power=0.9, min_learning_rate=0.0,
+                total_steps=0, warmup_steps=0, lr_multipliers=(), weight_decay_mask="",
+                clip_grad_norm=12.0)
+
+
+def _maml(base_features, num_pools):
+  return dict(name="maml", preset="paper", branch_weight=1.0, batch_dice=True, augment=True,
+              nnunet_augment=NNUNET_MORE_DA,
+              model=dict(name="maml", base_features=base_features, num_pools=num_pools,
+                         shared_init="torch", dtype="float32"),
+              optimizer=MAML_SGD)
+
+
 METHOD_BLOCKS = {
     ("duo", ""): _duo((8, 16, 32, 64)),
     ("duo", "synthetic2d"): _duo((16, 32, 64, 128)),
@@ -286,6 +315,9 @@ METHOD_BLOCKS = {
     ("asdnet", "released"): _asdnet_released((8, 16, 32, 64)),
     ("asdnet", "la8_released"): _asdnet_released((32, 64, 128, 256)),
     ("asdnet", "la16_released"): _asdnet_released((32, 64, 128, 256)),
+    # The synthetic default: 4 branches of width 8, 3 poolings; BraTS: the released plan's.
+    ("maml", ""): _maml(8, 3),
+    ("maml", "brats"): _maml(16, 5),
 }
 
 

@@ -1,0 +1,91 @@
+"""MAML: modality-aware mutual learning, multi-modal and fully supervised, docs/methods/maml.md.
+
+  python -m jaxseg.main --config configs/maml.py
+  python -m jaxseg.main --config configs/maml.py --config.method.preset=released   # MA 3³, w₀·L_joint
+  python -m jaxseg.main --config configs/maml.py:brats \
+    --config.data.root=/path/to/Task01_BrainTumour
+
+Default: the embedded synthetic 3D data with 4 modalities and 3 nested structures (data.num_classes
+= 4, "nested" layout, like the tumour sub-regions of BraTS; modality m shows class m at a low
+contrast, so the classes need several modalities); 24 volumes of 64x64x48, fully supervised:
+labeled = the first 20, validation = the last 4, no unlabeled cases. 32x32x16 crops, 2 per batch,
+the on-device nnU-Net augmentation, 4 branches of base width 8 with 3 poolings (widths
+8/16/32/64), SGD 0.01 (Nesterov momentum 0.99, weight decay 3e-5, poly over the run, gradient
+norm clipped to 12), 300 steps. Sliding window 32x32x16 (strides half of it). Scored per class and
+on the regions WT = {1, 2, 3}, TC = {2, 3}, ET = {3} (the nested classes as BraTS's).
+
+:brats is the Medical Segmentation Decathlon's Task01_BrainTumour (jaxseg/data/msd.py: 4D NIfTI,
+modalities FLAIR, T1w, t1gd, T2w as channels 0-3; labels 1 edema, 2 non-enhancing tumour,
+3 enhancing tumour) read from --config.data.root; regions WT = {1, 2, 3}, TC = {2, 3}, ET = {3}.
+Each modality is z-scored over the whole volume, background included (the data layer has no
+non-zero mask; nnU-Net z-scores MR over the brain's non-zero voxels). Split in manifest order:
+validation = the last 97 of the 484 cases (20 %), labeled = the other 387. 128³ crops, 2 per
+batch, the released plan's branches (base 16, 5 poolings: 16/32/64/128/256/320), 250000 steps (nnU-Net's
+1000 epochs of 250 iterations), sliding window 128³ with strides 64 (half the window) and Gaussian
+weights, as nnU-Net's (flip test-time augmentation off). Not run on the real task yet
+(tests/test_maml_config.py trains 2 steps on a tiny fake one).
+
+Time of the default: an ESTIMATE, not a measured run (the 2-core CPU was shared with a training
+job, load average 3.3-4.4, so the default was not run in full): the jitted init took 78 s and the
+first step (compilation) 42 s, then steps took 2.6-3.4 s each (`maml.train_step`, 2 crops of
+32x32x16x4 with the augmentation, commit b8da6df); 300 steps, about 15-20 min with the evaluation of
+the 4 validation volumes. The result is not measured yet.
+"""
+
+import ml_collections
+
+from jaxseg import config_blocks
+from jaxseg.methods import maml
+
+# BraTS's nested tumour regions; on the synthetic "nested" layout, the same classes nest the same way.
+REGIONS = (("WT", (1, 2, 3)), ("TC", (2, 3)), ("ET", (3,)))
+
+# {preset: overrides of the default config below}.
+PRESETS = {
+    "": {},
+    "brats": {
+        "data.source": "msd",
+        "data.num_classes": 4,
+        # Task01_BrainTumour's 484 training cases: validation = the last 97 (20 %), labeled = the
+        # 387 others (a copy with fewer cases stops the run naming data.num_labeled).
+        "data.num_labeled": 387,
+        "data.num_validation": 97,
+        "data.zscore": True,
+        "data.patch_size": (128, 128, 128),
+        "method.model.base_features": 16,
+        "method.model.num_pools": 5,
+        "train.num_steps": 250000,
+        "train.log_every": 250,
+        "train.checkpoint_every": 5000,
+        "eval.patch_size": (128, 128, 128),
+        "eval.strides": (64, 64, 64),
+        "eval.gaussian": True,
+    },
+}
+
+
+def get_config(preset: str = "") -> ml_collections.ConfigDict:
+  config_blocks.check_preset(preset, PRESETS, "configs/maml.py")
+  c = ml_collections.ConfigDict()
+  c.name = "maml" + (f"_{preset}" if preset else "")
+  c.job = "train"
+  c.seed = 0
+  c.data = config_blocks.data_block()
+  c.data.num_classes = 4
+  c.data.synthetic.num_modalities = 4
+  c.data.synthetic.layout = "nested"
+  c.data.num_labeled = 20  # Fully supervised: every training case is labeled.
+  c.data.num_validation = 4
+  c.data.batch_labeled, c.data.batch_unlabeled = 2, 0
+  c.data.patch_size = (32, 32, 16)
+  c.data.augment = False  # The method augments on the device (nnU-Net's moreDA, mirroring included).
+  c.method = maml.default_config()
+  c.method.model.base_features = 8
+  c.method.model.num_pools = 3
+  c.train = config_blocks.train_block()
+  c.train.num_steps = 300
+  c.train.checkpoint_every = 100
+  c.eval = config_blocks.eval_block()
+  c.eval.regions = REGIONS
+  config_blocks.apply_overrides(c, PRESETS[preset], f"configs/maml.py:{preset}")
+  return c

@@ -1,0 +1,144 @@
+"""configs/maml.py: the default (synthetic, 4 modalities, fully supervised) and the :brats preset,
+whose data protocol is checked on a tiny fake Task01_BrainTumour (4D NIfTI, 4 modalities, labels
+1 edema, 2 non-enhancing, 3 enhancing) written here, then trained for 2 steps and evaluated on the
+WT / TC / ET regions with tiny overrides."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import CONFIGS_DIR, load_config_file
+from jaxseg import config_blocks, train
+from jaxseg.data import sources
+from jaxseg.data.base import DataError
+from jaxseg.methods import maml
+
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
+SHAPE = (8, 8, 8)
+MODALITIES = ("FLAIR", "T1w", "t1gd", "T2w")
+LABELS = ("background", "edema", "non-enhancing tumor", "enhancing tumour")
+NUM_CASES = 6
+REGIONS = (("WT", (1, 2, 3)), ("TC", (2, 3)), ("ET", (3,)))
+# Tiny networks and crops, 2 steps: what the test changes of the preset.
+TINY = {"data.num_labeled": 4, "data.num_validation": 2, "data.patch_size": SHAPE,
+        "eval.patch_size": SHAPE, "eval.strides": (4, 4, 4), "eval.shape_bucket": 0,
+        "eval.num_figure_cases": 0, "eval.save_predictions": False,
+        "method.model.base_features": 2, "method.model.num_pools": 2, "train.num_steps": 2,
+        "train.log_every": 1, "train.checkpoint_every": 2}
+
+
+def _case(seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """A (X, Y, Z, 4) image with a nested tumour (edema ⊃ non-enhancing ⊃ enhancing) and a brain
+  region of non-zero intensities in a zero background."""
+  rng = np.random.default_rng(seed)
+  label = np.zeros(SHAPE, np.uint8)
+  o = int(rng.integers(0, 2))
+  label[1 + o:7, 1:7, 1:7] = 1
+  label[2 + o:6, 2:6, 2:6] = 2
+  label[3 + o:5, 3:5, 3:5] = 3
+  image = np.zeros(SHAPE + (4,), np.float32)
+  image[1:7, 0:8, 0:8] = 100.0 + rng.normal(size=(6, 8, 8, 4)) * 5
+  for m in range(4):
+    image[..., m] += 20.0 * (label == (m % 3) + 1)
+  return image, label
+
+
+@pytest.fixture(scope="module")
+def brats_root(tmp_path_factory) -> pathlib.Path:
+  """Task01_BrainTumour's layout with NUM_CASES cases of SHAPE."""
+  root = tmp_path_factory.mktemp("msd") / "Task01_BrainTumour"
+  affine = np.diag([1.0, 1.0, 1.0, 1.0])
+  pairs = []
+  for i in range(NUM_CASES):
+    image, label = _case(i)
+    for folder, data in (("imagesTr", image), ("labelsTr", label)):
+      (root / folder).mkdir(parents=True, exist_ok=True)
+      nib.save(nib.Nifti1Image(data, affine), root / folder / f"BRATS_{i:03d}.nii.gz")
+    pairs.append({"image": f"./imagesTr/BRATS_{i:03d}.nii.gz",
+                  "label": f"./labelsTr/BRATS_{i:03d}.nii.gz"})
+  (root / "dataset.json").write_text(json.dumps({
+      "name": "BRATS", "modality": {str(i): m for i, m in enumerate(MODALITIES)},
+      "labels": {str(i): name for i, name in enumerate(LABELS)},
+      "numTraining": NUM_CASES, "training": pairs}))
+  return root
+
+
+def _config(preset: str = "", **overrides):
+  config = load_config_file(CONFIGS_DIR / "maml.py").get_config(preset)
+  return config_blocks.apply_overrides(config, overrides, "test")
+
+
+def test_the_default_is_the_synthetic_multi_modal_fully_supervised_run():
+  config = _config()
+  data = config.data
+  assert config.name == "maml" and data.source == "synthetic"
+  assert (data.num_classes, data.synthetic.num_modalities, data.synthetic.layout) == (
+      4, 4, "nested")
+  assert tuple(data.synthetic.shape) == (64, 64, 48) and data.synthetic.num_cases == 24
+  # Every case but the 4 validation ones is labeled: no unlabeled cases, none in the batches.
+  assert (data.num_labeled, data.num_validation, data.labeled_fraction) == (20, 4, 0.0)
+  assert (data.batch_labeled, data.batch_unlabeled) == (2, 0)
+  assert tuple(data.patch_size) == (32, 32, 16) and not data.augment
+  assert config.method.preset == "paper" and config.method.augment
+  assert (config.method.model.base_features, config.method.model.num_pools) == (8, 3)
+  assert config.train.num_steps == 300 and config.seed == 0
+  assert tuple(config.eval.regions) == REGIONS and tuple(config.eval.patch_size) == ()
+  config_blocks.check_config(config)
+  maml.check_config(config)
+  dataset = sources.load_dataset(config.data)
+  assert (len(dataset.labeled), len(dataset.unlabeled), len(dataset.validation)) == (20, 0, 4)
+  assert dataset.labeled[0].image.shape == (64, 64, 48, 4)
+
+
+def test_the_brats_preset_is_the_documented_protocol():
+  config = _config("brats")
+  data = config.data
+  assert config.name == "maml_brats" and data.source == "msd" and data.root == ""
+  assert (data.num_classes, data.num_labeled, data.num_validation) == (4, 387, 97)
+  assert (data.labeled_fraction, data.validation_fraction) == (0.0, 0.0)
+  assert (data.batch_labeled, data.batch_unlabeled) == (2, 0)
+  assert data.zscore and tuple(data.clip_percentiles) == ()
+  assert tuple(data.patch_size) == (128, 128, 128) == tuple(config.eval.patch_size)
+  assert tuple(config.eval.strides) == (64, 64, 64) and config.eval.gaussian
+  assert tuple(config.eval.regions) == REGIONS and tuple(config.eval.mirror_axes) == ()
+  assert config.method.model.to_dict() == dict(name="maml", base_features=16, num_pools=5,
+                                               shared_init="torch", dtype="float32")
+  opt = config.method.optimizer
+  assert (opt.name, opt.learning_rate, opt.momentum, opt.nesterov, opt.weight_decay) == (
+      "sgd", 0.01, 0.99, True, 3e-5)
+  assert (opt.schedule, opt.clip_grad_norm) == ("poly", 12.0)
+  assert config.train.num_steps == 250000
+  maml.check_config(config)
+  with pytest.raises(DataError, match="data.root is empty"):
+    config_blocks.check_config(config)
+
+
+def test_the_brats_preset_loads_the_task(brats_root):
+  config = _config("brats", **{**TINY, "data.root": str(brats_root)})
+  config_blocks.check_config(config)
+  maml.check_config(config)
+  dataset = sources.load_dataset(config.data)
+  ids = tuple(f"BRATS_{i:03d}" for i in range(NUM_CASES))
+  assert dataset.split.labeled == ids[:4] and dataset.split.validation == ids[4:]
+  assert dataset.split.unlabeled == ()
+  case = dataset.labeled[0]
+  assert case.image.shape == SHAPE + (4,) and set(np.unique(case.label)) == {0, 1, 2, 3}
+  # z-scored per modality over the whole volume (background included).
+  np.testing.assert_allclose(case.image.reshape(-1, 4).mean(0), 0.0, atol=1e-4)
+  np.testing.assert_allclose(case.image.reshape(-1, 4).std(0), 1.0, rtol=1e-4)
+
+
+def test_two_steps_of_the_brats_preset_train_and_evaluate_the_regions(brats_root, tmp_path):
+  config = _config("brats", **{**TINY, "data.root": str(brats_root)})
+  summary = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert (summary["split"], summary["num_cases"], summary["num_classes"]) == ("validation", 2, 4)
+  (rows,) = summary["views"].values()
+  scores = rows["raw"]
+  assert {"1", "2", "3", "WT", "TC", "ET", "mean"} <= set(scores)
+  assert all(0.0 <= scores[k]["dice_mean"] <= 1.0 for k in ("WT", "TC", "ET"))

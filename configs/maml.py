@@ -1,7 +1,7 @@
 """MAML: modality-aware mutual learning, multi-modal and fully supervised, docs/methods/maml.md.
 
   python -m jaxseg.main --config configs/maml.py
-  python -m jaxseg.main --config configs/maml.py --config.method.preset=released   # MA 3³, w₀·L_joint
+  python -m jaxseg.main --config configs/maml.py --config.method.preset=released  # MA 3³, w₀·L
   python -m jaxseg.main --config configs/maml.py:brats \
     --config.data.root=/path/to/Task01_BrainTumour
 
@@ -20,9 +20,9 @@ modalities FLAIR, T1w, t1gd, T2w as channels 0-3; labels 1 edema, 2 non-enhancin
 Each modality is z-scored over the whole volume, background included (the data layer has no
 non-zero mask; nnU-Net z-scores MR over the brain's non-zero voxels). Split in manifest order:
 validation = the last 97 of the 484 cases (20 %), labeled = the other 387. 128³ crops, 2 per
-batch, the released plan's branches (base 16, 5 poolings: 16/32/64/128/256/320), 250000 steps (nnU-Net's
-1000 epochs of 250 iterations), sliding window 128³ with strides 64 (half the window) and Gaussian
-weights, as nnU-Net's (flip test-time augmentation off). Not run on the real task yet
+batch, the released plan's branches (base 16, 5 poolings: 16/32/64/128/256/320), 250000 steps
+(nnU-Net's 1000 epochs of 250 iterations), sliding window 128³ with strides 64 (half the window)
+and Gaussian weights, as nnU-Net's (flip test-time augmentation off). Not run on the real task yet
 (tests/test_maml_config.py trains 2 steps on a tiny fake one).
 
 Time of the default: an ESTIMATE, not a measured run (the 2-core CPU was shared with a training
@@ -37,7 +37,7 @@ import ml_collections
 from jaxseg import config_blocks
 from jaxseg.methods import maml
 
-# BraTS's nested tumour regions; on the synthetic "nested" layout, the same classes nest the same way.
+# BraTS's nested tumour regions; the synthetic "nested" layout nests its classes the same way.
 REGIONS = (("WT", (1, 2, 3)), ("TC", (2, 3)), ("ET", (3,)))
 
 # {preset: overrides of the default config below}.
@@ -78,7 +78,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   c.data.num_validation = 4
   c.data.batch_labeled, c.data.batch_unlabeled = 2, 0
   c.data.patch_size = (32, 32, 16)
-  c.data.augment = False  # The method augments on the device (nnU-Net's moreDA, mirroring included).
+  c.data.augment = False  # The method augments on the device (moreDA, mirroring included).
   c.method = maml.default_config()
   c.method.model.base_features = 8
   c.method.model.num_pools = 3

@@ -18,7 +18,8 @@ One iteration, on a batch of labeled crops x (B, *S, M) with labels y (B, *S):
 3. Labels per scale: y_0 = y, y_s = y[2^(s−1) :: 2^s] on every spatial axis (nearest-neighbour
    downsampling, `labels_per_scale`).
 4. The loss, with L = nnU-Net's Dice + CE (`losses.soft_dice_ce_loss`) and w = nnU-Net's
-   deep-supervision weights (∝ 1/2^s, the coarsest 0, normalised; `losses.deep_supervision_weights`):
+   deep-supervision weights (∝ 1/2^s, the coarsest 0, normalised;
+   `losses.deep_supervision_weights`):
 
        paper     L_total = L(z, y_0) + λ · Σ_m Σ_s w_s L(z_{m,s}, y_s)          (λ = 1)
        released  L_total = w_0 · L(z, y_0) + Σ_m Σ_s w_s L(z_{m,s}, y_s)
@@ -74,7 +75,7 @@ def default_config() -> ml_collections.ConfigDict:
   """The `method` block of the `paper` preset (docs/methods/maml.md, hyperparameters)."""
   c = ml_collections.ConfigDict()
   c.name = "maml"
-  c.preset = "paper"  # "paper" (MA 1³, L_joint + λ·branches) or "released" (MA 3³, w_0·L_joint + ...).
+  c.preset = "paper"  # "paper" (MA 1³, L_joint + λ·branches) or "released" (MA 3³, w_0·L_joint...).
   c.branch_weight = 1.0  # λ of the paper preset (the paper gives no value); "released" needs 1.
   c.batch_dice = True  # nnU-Net's Dice pooled over the batch (losses.soft_dice_loss).
   c.augment = True  # nnU-Net's moreDA augmentation on the device, every step.
@@ -128,7 +129,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def augment_config(cfg: ml_collections.ConfigDict) -> nnunet_augment.NnUNetAugmentConfig:
-  """`cfg.nnunet_augment` (the method block's) as an `NnUNetAugmentConfig`; DataError naming the key."""
+  """The method block's `nnunet_augment` as an `NnUNetAugmentConfig`; DataError naming the key."""
   try:
     return nnunet_augment.NnUNetAugmentConfig.from_config(cfg.nnunet_augment.to_dict())
   except ValueError as e:

@@ -1,6 +1,6 @@
-"""Tests of jaxseg.methods.maml: init, the labels per scale, the deep-supervised loss of both presets
-against the written-out sum, a few training steps, the missing-modality predictions, the on-device
-augmentation inside the step, and the config errors.
+"""Tests of jaxseg.methods.maml: init, the labels per scale, the deep-supervised loss of both
+presets against the written-out sum, a few training steps, the missing-modality predictions, the
+on-device augmentation inside the step, and the config errors.
 
 Tiny 2D networks (the MAML network is dimension-agnostic; XLA:CPU compiles 2D convolutions in
 seconds): 3 modalities, 3 classes, base width 2, 3 poolings of 16x16 patches.

@@ -147,9 +147,16 @@ def test_the_step_descends_the_written_out_deep_supervised_loss(states, preset, 
   np.testing.assert_allclose(metrics["loss_joint"], joint, rtol=1e-5)
   np.testing.assert_allclose(metrics["loss_branches"], branches, rtol=1e-5)
   np.testing.assert_allclose(metrics["learning_rate"], 0.01, rtol=1e-6)  # lr(0) of the poly.
+  # The updates (not the parameters, which one step barely moves) against the optimiser's step on
+  # the written-out gradient; each leaf to 1e-3 of its largest update. Biases ahead of an instance
+  # norm get no gradient and start at 0: their update is exactly 0 in both.
   expected = state.net.apply_gradients(grads=grads)
-  for got, want in zip(jax.tree.leaves(new.net.params), jax.tree.leaves(expected.params)):
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+  for p0, got, want in zip(jax.tree.leaves(state.net.params), jax.tree.leaves(new.net.params),
+                           jax.tree.leaves(expected.params)):
+    update = np.asarray(want) - np.asarray(p0)
+    scale = np.abs(update).max()
+    np.testing.assert_allclose(np.asarray(got) - np.asarray(p0), update, rtol=1e-3,
+                               atol=1e-3 * scale)
   assert int(new.net.step) == 1
 
 

@@ -195,8 +195,9 @@ SHARDED_SCRIPT = textwrap.dedent("""
       # for each placement of the inputs: the same program on 1 and on 2 devices.
       traced, out_shape = jax.make_jaxpr(asdnet.train_step, return_shape=True)(
           initial, batch, jax.random.PRNGKey(3))
-      step = jax.jit(lambda *args: jax.tree.unflatten(jax.tree.structure(out_shape), jax.core.eval_jaxpr(
-          traced.jaxpr, traced.consts, *jax.tree.leaves(args))))
+      step = jax.jit(lambda *args: jax.tree.unflatten(
+          jax.tree.structure(out_shape),
+          jax.core.eval_jaxpr(traced.jaxpr, traced.consts, *jax.tree.leaves(args))))
 
       def one_step(devices):
         mesh = parallel.make_mesh(devices)

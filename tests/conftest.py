@@ -169,3 +169,24 @@ def x64():
   """JAX's x64 mode for the duration of one test."""
   with jax.enable_x64(True):
     yield
+
+
+def write_msd_task(root: pathlib.Path, name: str, prefix: str, cases, affine, modalities,
+                   labels) -> pathlib.Path:
+  """A Medical Segmentation Decathlon task folder at `root`: imagesTr/<prefix>_<i:03d>.nii.gz
+  ((*spatial, M) images), labelsTr/ (the labels) and dataset.json naming the modalities and
+  labels. `cases` are (image, label) pairs."""
+  import json  # pylint: disable=import-outside-toplevel
+  import nibabel as nib  # pylint: disable=import-outside-toplevel
+  pairs = []
+  for i, (image, label) in enumerate(cases):
+    for folder, data in (("imagesTr", image), ("labelsTr", label)):
+      (root / folder).mkdir(parents=True, exist_ok=True)
+      nib.save(nib.Nifti1Image(data, affine), root / folder / f"{prefix}_{i:03d}.nii.gz")
+    pairs.append({"image": f"./imagesTr/{prefix}_{i:03d}.nii.gz",
+                  "label": f"./labelsTr/{prefix}_{i:03d}.nii.gz"})
+  (root / "dataset.json").write_text(json.dumps({
+      "name": name, "modality": {str(i): m for i, m in enumerate(modalities)},
+      "labels": {str(i): label for i, label in enumerate(labels)},
+      "numTraining": len(pairs), "training": pairs}))
+  return root

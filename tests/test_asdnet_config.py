@@ -7,11 +7,10 @@ from __future__ import annotations
 import json
 import pathlib
 
-import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import CONFIGS_DIR, load_config_file
+from conftest import CONFIGS_DIR, load_config_file, write_msd_task
 from jaxseg import config_blocks, train
 from jaxseg.data import sources
 from jaxseg.data.base import DataError
@@ -48,20 +47,8 @@ def _case(seed: int) -> tuple[np.ndarray, np.ndarray]:
 def msd_root(tmp_path_factory) -> pathlib.Path:
   """Task99_Fake: NUM_CASES training cases (dataset.json, imagesTr/, labelsTr/), 2 modalities."""
   root = tmp_path_factory.mktemp("msd") / "Task99_Fake"
-  affine = np.diag([1.5, 1.5, 2.0, 1.0])
-  pairs = []
-  for i in range(NUM_CASES):
-    image, label = _case(i)
-    for folder, data in (("imagesTr", image), ("labelsTr", label)):
-      (root / folder).mkdir(parents=True, exist_ok=True)
-      nib.save(nib.Nifti1Image(data, affine), root / folder / f"fake_{i:03d}.nii.gz")
-    pairs.append({"image": f"./imagesTr/fake_{i:03d}.nii.gz",
-                  "label": f"./labelsTr/fake_{i:03d}.nii.gz"})
-  (root / "dataset.json").write_text(json.dumps({
-      "name": "Fake", "modality": {"0": "CT", "1": "MR"},
-      "labels": {str(i): name for i, name in enumerate(LABELS)},
-      "numTraining": NUM_CASES, "training": pairs}))
-  return root
+  return write_msd_task(root, "Fake", "fake", [_case(i) for i in range(NUM_CASES)],
+                        np.diag([1.5, 1.5, 2.0, 1.0]), ("CT", "MR"), LABELS)
 
 
 def msd_config(root: pathlib.Path, **overrides):

@@ -5,14 +5,12 @@ WT / TC / ET regions with tiny overrides."""
 
 from __future__ import annotations
 
-import json
 import pathlib
 
-import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import CONFIGS_DIR, load_config_file
+from conftest import CONFIGS_DIR, load_config_file, write_msd_task
 from jaxseg import config_blocks, train
 from jaxseg.data import sources
 from jaxseg.data.base import DataError
@@ -53,20 +51,8 @@ def _case(seed: int) -> tuple[np.ndarray, np.ndarray]:
 def brats_root(tmp_path_factory) -> pathlib.Path:
   """Task01_BrainTumour's layout with NUM_CASES cases of SHAPE."""
   root = tmp_path_factory.mktemp("msd") / "Task01_BrainTumour"
-  affine = np.diag([1.0, 1.0, 1.0, 1.0])
-  pairs = []
-  for i in range(NUM_CASES):
-    image, label = _case(i)
-    for folder, data in (("imagesTr", image), ("labelsTr", label)):
-      (root / folder).mkdir(parents=True, exist_ok=True)
-      nib.save(nib.Nifti1Image(data, affine), root / folder / f"BRATS_{i:03d}.nii.gz")
-    pairs.append({"image": f"./imagesTr/BRATS_{i:03d}.nii.gz",
-                  "label": f"./labelsTr/BRATS_{i:03d}.nii.gz"})
-  (root / "dataset.json").write_text(json.dumps({
-      "name": "BRATS", "modality": {str(i): m for i, m in enumerate(MODALITIES)},
-      "labels": {str(i): name for i, name in enumerate(LABELS)},
-      "numTraining": NUM_CASES, "training": pairs}))
-  return root
+  return write_msd_task(root, "BRATS", "BRATS", [_case(i) for i in range(NUM_CASES)],
+                        np.diag([1.0, 1.0, 1.0, 1.0]), MODALITIES, LABELS)
 
 
 def _config(preset: str = "", **overrides):

@@ -124,13 +124,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if "decoder" in config.method.confidence:
     base.check_choice(config.method.confidence, "decoder", CONFIDENCE_DECODERS,
                       where="method.confidence")
-  sizes = [("data.patch_size", config.data.patch_size)]
-  if "eval" in config and config.eval.get("patch_size"):
-    sizes.append(("eval.patch_size", config.eval.patch_size))
-  for key, size in sizes:
-    if any(int(s) % SIZE_MULTIPLE for s in size):
-      raise DataError(f"config {key} = {tuple(size)!r}: asdnet's networks (svnet, the confidence "
-                      f"net) need sizes divisible by {SIZE_MULTIPLE}")
+  base.check_crop_sizes(config, SIZE_MULTIPLE,
+                        "asdnet's segmenter and confidence net halve the crop three times")
   if config.method.preset == "released":
     data, n = config.data, int(config.method.sub_batches)
     if data.batch_labeled != data.batch_unlabeled or data.batch_labeled % n:

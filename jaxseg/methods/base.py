@@ -249,6 +249,19 @@ def check_positive(block: ml_collections.ConfigDict, key: str, allow_zero: bool 
     raise DataError(f"config {where}.{key} = {value!r} must be a number {bound}")
 
 
+def check_crop_sizes(config: ml_collections.ConfigDict, multiple: int, why: str) -> None:
+  """Raises a DataError naming `data.patch_size` (or `eval.patch_size`, when set) unless every
+  size is divisible by `multiple`; `why` ends the message (e.g. "asdnet's networks halve the
+  crop three times")."""
+  sizes = [("data.patch_size", config.data.patch_size)]
+  if "eval" in config and config.eval.get("patch_size"):
+    sizes.append(("eval.patch_size", config.eval.patch_size))
+  for key, size in sizes:
+    if any(int(s) % multiple for s in size):
+      raise DataError(f"config {key} = {tuple(size)!r}: every size must be divisible by "
+                      f"{multiple} ({why})")
+
+
 def check_method_config(method: Any, config: ml_collections.ConfigDict) -> None:
   """Runs the method module's own checks of `config` (`check_config`, which also checks its
   `REQUIREMENTS` against the data block), before any data are read or anything compiled; the

@@ -118,14 +118,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   base.check_count(cfg.model, "base_features", where="method.model")
   base.check_count(cfg.model, "num_pools", where="method.model")
   multiple = 2 ** int(cfg.model.num_pools)
-  sizes = [("data.patch_size", config.data.patch_size)]
-  if "eval" in config and config.eval.get("patch_size"):
-    sizes.append(("eval.patch_size", config.eval.patch_size))
-  for key, size in sizes:
-    if any(int(s) % multiple for s in size):
-      raise DataError(f"config {key} = {tuple(size)!r}: maml's branches pool "
-                      f"method.model.num_pools = {cfg.model.num_pools} times, so every size must "
-                      f"be divisible by {multiple}")
+  base.check_crop_sizes(config, multiple, f"maml's branches pool method.model.num_pools = "
+                                          f"{cfg.model.num_pools} times")
 
 
 def augment_config(cfg: ml_collections.ConfigDict) -> nnunet_augment.NnUNetAugmentConfig:

@@ -41,3 +41,18 @@ def test_check_method_config_checks_the_optimiser_blocks_before_the_method_hook(
       name="x", discriminator_optimizer=optim.optimizer_config("adam", 1e-4, beta2=1.0))))
   with pytest.raises(DataError, match=r"^config method\.discriminator_optimizer\.beta2 = 1\.0 "):
     base.check_method_config(Method, config)
+
+
+def test_crop_sizes_are_checked_for_training_and_evaluation_windows():
+  config = ml_collections.ConfigDict(dict(
+      data=dict(patch_size=(32, 32, 16)), eval=dict(patch_size=None)))
+  base.check_crop_sizes(config, 8, "three halvings")  # Divisible: no error.
+  config.data.patch_size = (32, 36, 16)
+  with pytest.raises(DataError, match=r"^config data.patch_size = \(32, 36, 16\): every size must "
+                     r"be divisible by 8 \(three halvings\)$"):
+    base.check_crop_sizes(config, 8, "three halvings")
+  config.data.patch_size = (32, 32, 16)
+  config.eval.patch_size = (64, 64, 20)
+  with pytest.raises(DataError, match=r"^config eval.patch_size = \(64, 64, 20\)"):
+    base.check_crop_sizes(config, 8, "three halvings")
+  base.check_crop_sizes(config, 4, "two halvings")

@@ -17,8 +17,9 @@ on the regions WT = {1, 2, 3}, TC = {2, 3}, ET = {3} (the nested classes as BraT
 :brats is the Medical Segmentation Decathlon's Task01_BrainTumour (jaxseg/data/msd.py: 4D NIfTI,
 modalities FLAIR, T1w, t1gd, T2w as channels 0-3; labels 1 edema, 2 non-enhancing tumour,
 3 enhancing tumour) read from --config.data.root; regions WT = {1, 2, 3}, TC = {2, 3}, ET = {3}.
-Each modality is z-scored over the whole volume, background included (the data layer has no
-non-zero mask; nnU-Net z-scores MR over the brain's non-zero voxels). Split in manifest order:
+Each modality is z-scored over the voxels where some modality is non-zero (the brain, holes
+filled) and the background set to 0, as nnU-Net normalises MR (data.zscore_nonzero). Split in
+manifest order:
 validation = the last 97 of the 484 cases (20 %), labeled = the other 387. 128³ crops, 2 per
 batch, the released plan's branches (base 16, 5 poolings: 16/32/64/128/256/320), 250000 steps
 (nnU-Net's 1000 epochs of 250 iterations), sliding window 128³ with strides 64 (half the window)
@@ -53,6 +54,7 @@ PRESETS = {
         "data.num_labeled": 387,
         "data.num_validation": 97,
         "data.zscore": True,
+        "data.zscore_nonzero": True,  # nnU-Net's MR normalisation: the brain, not the background.
         "data.patch_size": (128, 128, 128),
         "method.model.base_features": 16,
         "method.model.num_pools": 5,

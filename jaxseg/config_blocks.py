@@ -64,6 +64,8 @@ def data_block(protocol: str = "") -> ml_collections.ConfigDict:
       in device memory.
     clip_percentiles: (lower, upper) intensity percentiles per modality, 0..100; () for no clipping.
     zscore: z-score each modality after clipping.
+    zscore_nonzero: with zscore, take the statistics over the voxels where some modality is
+      non-zero (holes filled) and set the others to 0, as nnU-Net normalises MR.
     synthetic: the generated data (its own seed, so that changing the run's `seed` keeps the data):
       seed, num_cases, shape (2 or 3 entries, voxels), num_modalities, layout (SYNTHETIC_LAYOUTS),
       noise and bias (intensity units, >= 0), num_distractors (blobs that are not organs).
@@ -89,6 +91,7 @@ def data_block(protocol: str = "") -> ml_collections.ConfigDict:
   c.on_device = False
   c.clip_percentiles = ()
   c.zscore = False
+  c.zscore_nonzero = False
   c.synthetic = ml_collections.ConfigDict(dict(
       seed=0, num_cases=24, shape=(64, 64, 48), num_modalities=1, layout="adjacent", noise=0.1,
       bias=0.2, num_distractors=3))
@@ -330,6 +333,7 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.on_device": _BOOL,
     "data.clip_percentiles": (_percentiles, "() or (lower, upper) with 0 <= lower <= upper <= 100"),
     "data.zscore": _BOOL,
+    "data.zscore_nonzero": _BOOL,
     "data.synthetic.seed": _SEED,
     "data.synthetic.num_cases": _count(1),
     "data.synthetic.shape": _sizes((2, 3)),

@@ -89,7 +89,7 @@ def test_the_brats_preset_is_the_documented_protocol():
   assert (data.num_classes, data.num_labeled, data.num_validation) == (4, 387, 97)
   assert (data.labeled_fraction, data.validation_fraction) == (0.0, 0.0)
   assert (data.batch_labeled, data.batch_unlabeled) == (2, 0)
-  assert data.zscore and tuple(data.clip_percentiles) == ()
+  assert data.zscore and data.zscore_nonzero and tuple(data.clip_percentiles) == ()
   assert tuple(data.patch_size) == (128, 128, 128) == tuple(config.eval.patch_size)
   assert tuple(config.eval.strides) == (64, 64, 64) and config.eval.gaussian
   assert tuple(config.eval.regions) == REGIONS and tuple(config.eval.mirror_axes) == ()
@@ -115,9 +115,13 @@ def test_the_brats_preset_loads_the_task(brats_root):
   assert dataset.split.unlabeled == ()
   case = dataset.labeled[0]
   assert case.image.shape == SHAPE + (4,) and set(np.unique(case.label)) == {0, 1, 2, 3}
-  # z-scored per modality over the whole volume (background included).
-  np.testing.assert_allclose(case.image.reshape(-1, 4).mean(0), 0.0, atol=1e-4)
-  np.testing.assert_allclose(case.image.reshape(-1, 4).std(0), 1.0, rtol=1e-4)
+  # z-scored per modality over the non-zero voxels (the "brain" block _case fills), the
+  # background set to 0, as nnU-Net normalises MR.
+  brain = np.zeros(SHAPE, bool)
+  brain[1:7, 0:8, 0:8] = True
+  np.testing.assert_allclose(case.image[brain].mean(0), 0.0, atol=1e-4)
+  np.testing.assert_allclose(case.image[brain].std(0), 1.0, rtol=1e-4)
+  assert np.all(case.image[~brain] == 0)
 
 
 def test_two_steps_of_the_brats_preset_train_and_evaluate_the_regions(brats_root, tmp_path):

@@ -1,7 +1,8 @@
 """Intensity preprocessing per modality: percentile clipping and z-scoring.
 
-Statistics are taken per channel (modality) over the whole image or volume, background included:
-no foreground mask is used. LA is already z-scored by its preprocessing (docs/la_protocol.md) and does
+Statistics are taken per channel (modality) over the whole image or volume, background included,
+unless `nonzero` z-scoring is asked for: then over the voxels where some modality is non-zero
+(holes filled), the rest set to 0, as nnU-Net normalises MR (BraTS' skull-stripped volumes). LA is already z-scored by its preprocessing (docs/la_protocol.md) and does
 not need this; it is meant for MSD / BraTS-like NIfTI sources.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import numpy as np
+import scipy.ndimage
 
 from jaxseg.data.base import Case, DataError
 
@@ -41,28 +43,43 @@ def clip_percentiles(image: np.ndarray, lower: float = 0.5, upper: float = 99.5,
   return np.clip(image, low, high).astype(np.float32)
 
 
-def zscore(image: np.ndarray, source: str = "<memory>") -> np.ndarray:
+def nonzero_mask(image: np.ndarray) -> np.ndarray:
+  """(*spatial,) bool: the voxels where some channel is non-zero, holes filled (nnU-Net's
+  `create_nonzero_mask`: the body inside a zero background)."""
+  return scipy.ndimage.binary_fill_holes(np.any(image != 0, axis=-1))
+
+
+def zscore(image: np.ndarray, source: str = "<memory>", nonzero: bool = False) -> np.ndarray:
   """Standardises each channel to mean 0 and standard deviation 1 (population std, ddof=0).
 
   Args:
     image: (*spatial, C) intensities.
     source: named in error messages (the file the image came from).
+    nonzero: statistics over `nonzero_mask(image)` only, and 0 outside it.
 
   Returns:
     A new float32 array of the same shape; statistics in float64.
 
   Raises:
     DataError: naming `source` and the channel when a channel is constant (its z-score would divide
-      by zero), or when the image has NaN/inf.
+      by zero), when the image has NaN/inf, or (`nonzero`) when every voxel is zero.
   """
   flat = _channels_flat(image, source).astype(np.float64)
+  if nonzero:
+    mask = nonzero_mask(image)
+    if not mask.any():
+      raise DataError(f"{source}: every voxel is 0; a z-score over the non-zero voxels is undefined")
+    flat = flat[mask.reshape(-1)]
   constant = np.flatnonzero(flat.max(axis=0) == flat.min(axis=0))
   if constant.size:
     channel = int(constant[0])
     raise DataError(f"{source}: channel {channel} is constant (value {flat[0, channel]:g}); "
                     "a z-score would divide by zero")
   mean, std = flat.mean(axis=0), flat.std(axis=0)
-  return ((image - mean) / std).astype(np.float32)
+  out = (image - mean) / std
+  if nonzero:
+    out = np.where(mask[..., None], out, 0.0)
+  return out.astype(np.float32)
 
 
 # preprocess_case's `zscore` flag shadows the function inside it.
@@ -70,13 +87,14 @@ _zscore = zscore
 
 
 def preprocess_case(case: Case, clip: Optional[Sequence[float]] = (0.5, 99.5),
-                    zscore: bool = True) -> Case:
+                    zscore: bool = True, nonzero: bool = False) -> Case:
   """Clips (optional) then z-scores (optional) a case's image, per modality.
 
   Args:
     case: the case; its label, spacing and affine are kept.
     clip: (lower, upper) percentiles, or None for no clipping.
     zscore: whether to z-score each channel after clipping.
+    nonzero: z-score over the non-zero voxels only (`zscore`'s `nonzero`).
 
   Returns:
     A new `Case` with a float32 image; `case` is not modified.
@@ -92,7 +110,7 @@ def preprocess_case(case: Case, clip: Optional[Sequence[float]] = (0.5, 99.5),
     image = clip_percentiles(image, clip[0], clip[1], source=case.source)
   if zscore:
     where = case.source if clip is None else f"{case.source} (after clipping to {tuple(clip)})"
-    image = _zscore(image, source=where)
+    image = _zscore(image, source=where, nonzero=nonzero)
   return case.replace(image=image)
 
 

@@ -146,5 +146,6 @@ def read_input(path: pathlib.Path, data_cfg: ml_collections.ConfigDict) -> Input
   check_case(case)
   clip = tuple(data_cfg.get("clip_percentiles", ())) or None
   if clip is not None or data_cfg.get("zscore", False):
-    case = preprocess.preprocess_case(case, clip=clip, zscore=data_cfg.get("zscore", False))
+    case = preprocess.preprocess_case(case, clip=clip, zscore=data_cfg.get("zscore", False),
+                                      nonzero=data_cfg.get("zscore_nonzero", False))
   return InputFile(case=case, nifti=nifti, original_size=original_size)

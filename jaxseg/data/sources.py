@@ -62,10 +62,14 @@ def load_cases(cfg: ml_collections.ConfigDict) -> list[Case]:
 
 def _preprocessed(cfg: ml_collections.ConfigDict, cases: list[Case]) -> list[Case]:
   """`cases` clipped and z-scored as `cfg` says (unchanged when it says neither)."""
+  if cfg.zscore_nonzero and not cfg.zscore:
+    raise DataError("config data.zscore_nonzero = True needs data.zscore = True (it chooses the "
+                    "voxels of the z-score)")
   if not (cfg.clip_percentiles or cfg.zscore):
     return cases
   clip = tuple(cfg.clip_percentiles) or None
-  return [preprocess.preprocess_case(c, clip=clip, zscore=cfg.zscore) for c in cases]
+  return [preprocess.preprocess_case(c, clip=clip, zscore=cfg.zscore, nonzero=cfg.zscore_nonzero)
+          for c in cases]
 
 
 def load_dataset(cfg: ml_collections.ConfigDict) -> Dataset:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from jaxseg.data.base import Case, DataError
+from jaxseg.data import preprocess
 from jaxseg.data.preprocess import clip_percentiles, preprocess_case, zscore
 
 
@@ -119,3 +120,33 @@ def test_preprocess_case_constant_after_clip_names_source():
 def test_preprocess_case_bad_clip_names_clip():
   with pytest.raises(DataError, match="clip"):
     preprocess_case(_case(_two_channels()), clip=(1, 50, 99))
+
+
+def test_zscore_over_the_nonzero_voxels_by_hand():
+  """nnU-Net's MR normalisation: statistics over the voxels where some channel is non-zero (a hole
+  inside that region counts), the background set to 0."""
+  image = np.zeros((5, 5, 2), np.float32)
+  image[1:4, 1:4, 0] = [[1, 2, 3], [4, 0, 6], [7, 8, 9]]  # (2, 2) is a hole inside the body.
+  image[1:4, 1:4, 1] = 10.0
+  image[2, 2, 1] = 0.0
+  image[1, 1, 1] = 20.0
+  mask = np.zeros((5, 5), bool)
+  mask[1:4, 1:4] = True
+  np.testing.assert_array_equal(preprocess.nonzero_mask(image), mask)
+  out = zscore(image, nonzero=True)
+  for c in range(2):
+    values = image[..., c][mask].astype(np.float64)
+    want = (values - values.mean()) / values.std()
+    np.testing.assert_allclose(out[..., c][mask], want, rtol=1e-6)
+  assert np.all(out[~mask] == 0)
+  # Differs from the whole-image z-score (the background's zeros shift the mean there).
+  assert not np.allclose(zscore(image)[mask], out[mask])
+
+
+def test_zscore_nonzero_errors_name_the_source():
+  with pytest.raises(DataError, match=r"^scan.nii.gz: every voxel is 0"):
+    zscore(np.zeros((4, 4, 1), np.float32), source="scan.nii.gz", nonzero=True)
+  image = np.zeros((4, 4, 1), np.float32)
+  image[1:3, 1:3] = 5.0  # Constant inside the mask.
+  with pytest.raises(DataError, match=r"^scan.nii.gz: channel 0 is constant"):
+    zscore(image, source="scan.nii.gz", nonzero=True)

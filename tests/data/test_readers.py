@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from jaxseg import config_blocks
 from jaxseg.data import preprocess, readers
 from jaxseg.data.base import DataError
 
@@ -128,3 +129,17 @@ def test_read_errors_name_the_file(tmp_path):
   nib.save(nib.Nifti1Image(image, np.eye(4)), tmp_path / "nan.nii.gz")
   with pytest.raises(DataError, match="nan.nii.gz.*NaN"):
     readers.read_input(tmp_path / "nan.nii.gz", _data_cfg())
+
+
+def test_read_input_z_scores_over_the_nonzero_voxels_when_asked(tmp_path):
+  """--mode predict inputs get the training preprocessing, nnU-Net's non-zero z-score included:
+  the zero background stays 0 and the statistics are the body's."""
+  rng = np.random.default_rng(0)
+  image = np.zeros((10, 9, 8, 2), np.float32)
+  image[2:8, 2:7, 1:7] = 50.0 + rng.normal(size=(6, 5, 6, 2)).astype(np.float32)
+  nib.save(nib.Nifti1Image(image, np.eye(4)), tmp_path / "mm.nii.gz")
+  cfg = config_blocks.data_block()
+  cfg.update(dict(zscore=True, zscore_nonzero=True))
+  got = readers.read_input(tmp_path / "mm.nii.gz", cfg).case.image
+  np.testing.assert_allclose(got, preprocess.zscore(image, nonzero=True), rtol=1e-6, atol=1e-6)
+  assert np.all(got[:2] == 0) and abs(float(got[2:8, 2:7, 1:7].mean())) < 1e-4

@@ -50,6 +50,7 @@ def test_labeled_fraction_and_preprocessing():
     (dict(source="msd", root="/nonexistent/msd"), "data.root"),
     (dict(num_labeled=7), "data.num_labeled"),
     (dict(labeled_fraction=2.0), "data.labeled_fraction"),
+    (dict(zscore_nonzero=True), "data.zscore_nonzero = True needs data.zscore = True"),
 ])
 def test_bad_data_config(changes, words):
   with pytest.raises(DataError, match=words):

@@ -726,6 +726,15 @@ MAML_LOSS_PRESETS = ("paper", "released")
 def maml_deep_supervised_loss(loss_fn, joint_logits: jax.Array,
                               branch_logits: Sequence[Sequence[jax.Array]], labels: Sequence[jax.Array],
                               preset: str = "released", branch_weight: float = 1.0) -> jax.Array:
+  """MAML's supervised loss (`maml_deep_supervised_terms`' total)."""
+  return maml_deep_supervised_terms(loss_fn, joint_logits, branch_logits, labels, preset,
+                                    branch_weight)[0]
+
+
+def maml_deep_supervised_terms(loss_fn, joint_logits: jax.Array,
+                               branch_logits: Sequence[Sequence[jax.Array]],
+                               labels: Sequence[jax.Array], preset: str = "released",
+                               branch_weight: float = 1.0):
   """MAML's supervised loss over the joint output and every branch's deep-supervision outputs.
 
     released: w_0·L(joint, y_0) + Σ_m Σ_s w_s·L(branch_m,s, y_s)
@@ -746,7 +755,7 @@ def maml_deep_supervised_loss(loss_fn, joint_logits: jax.Array,
     branch_weight: λ of the paper preset; must be 1 for "released".
 
   Returns:
-    Scalar loss.
+    (total, {"loss_joint": L(joint, y_0), "loss_branches": Σ_m Σ_s w_s·L(branch_m,s, y_s)}).
   """
   if preset not in MAML_LOSS_PRESETS:
     raise ValueError(f"Unknown preset {preset!r}; expected one of {MAML_LOSS_PRESETS}.")
@@ -757,12 +766,17 @@ def maml_deep_supervised_loss(loss_fn, joint_logits: jax.Array,
     raise ValueError(f"Every branch needs {num_scales} outputs (one per label scale), got "
                      f"{[len(scales) for scales in branch_logits]}.")
   w = deep_supervision_weights(num_scales)
-  total = (w[0] if preset == "released" else 1.0) * loss_fn(joint_logits, labels[0])
+  loss_joint = loss_fn(joint_logits, labels[0])
+  loss_branches = jnp.zeros((), loss_joint.dtype)
   for scales in branch_logits:
     for s, logits in enumerate(scales):
       if w[s] != 0.0:
-        total = total + branch_weight * w[s] * loss_fn(logits, labels[s])
-  return total
+        loss_branches = loss_branches + w[s] * loss_fn(logits, labels[s])
+  if preset == "released":
+    total = w[0] * loss_joint + loss_branches
+  else:
+    total = loss_joint + branch_weight * loss_branches
+  return total, dict(loss_joint=loss_joint, loss_branches=loss_branches)
 
 
-__all__ += ["MAML_LOSS_PRESETS", "deep_supervision_weights", "maml_deep_supervised_loss", "maml_loss_weights"]
+__all__ += ["MAML_LOSS_PRESETS", "deep_supervision_weights", "maml_deep_supervised_loss", "maml_deep_supervised_terms", "maml_loss_weights"]

@@ -197,20 +197,9 @@ def maml_loss(outputs: dict, labels: jax.Array, preset: str, branch_weight: floa
   def loss_fn(logits, target):
     return losses.soft_dice_ce_loss(logits, target, batch_dice=batch_dice)
 
-  num_scales = len(outputs["branches"][0])
-  targets = labels_per_scale(labels, num_scales)
-  w = losses.deep_supervision_weights(num_scales)
-  loss_joint = loss_fn(outputs["joint"], targets[0])
-  loss_branches = jnp.zeros((), jnp.float32)
-  for scales in outputs["branches"]:
-    for s, logits in enumerate(scales):
-      if w[s] != 0.0:
-        loss_branches = loss_branches + w[s] * loss_fn(logits, targets[s])
-  if preset == "released":
-    total = w[0] * loss_joint + loss_branches
-  else:
-    total = loss_joint + branch_weight * loss_branches
-  return total, dict(loss_joint=loss_joint, loss_branches=loss_branches)
+  targets = labels_per_scale(labels, len(outputs["branches"][0]))
+  return losses.maml_deep_supervised_terms(loss_fn, outputs["joint"], outputs["branches"],
+                                           targets, preset, branch_weight)
 
 
 # ------------------------------------------------------------------------------------------------

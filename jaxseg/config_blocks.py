@@ -66,6 +66,11 @@ def data_block(protocol: str = "") -> ml_collections.ConfigDict:
     zscore: z-score each modality after clipping.
     zscore_nonzero: with zscore, take the statistics over the voxels where some modality is
       non-zero (holes filled) and set the others to 0, as nnU-Net normalises MR.
+    foreground_oversample: the fraction of each batch's labeled samples whose crop is centred on
+      a foreground voxel (nnU-Net: 0.33, the last round(B_l * f) samples of the batch); 0 = every
+      crop uniformly placed. In [0, 1].
+    modalities: the channels to keep, by name or index (e.g. ("FLAIR",) or (0, 2)), in that order;
+      () keeps them all. Training and evaluation see only these (a single-modality baseline).
     synthetic: the generated data (its own seed, so that changing the run's `seed` keeps the data):
       seed, num_cases, shape (2 or 3 entries, voxels), num_modalities, layout (SYNTHETIC_LAYOUTS),
       noise and bias (intensity units, >= 0), num_distractors (blobs that are not organs).
@@ -92,6 +97,8 @@ def data_block(protocol: str = "") -> ml_collections.ConfigDict:
   c.clip_percentiles = ()
   c.zscore = False
   c.zscore_nonzero = False
+  c.foreground_oversample = 0.0
+  c.modalities = ()
   c.synthetic = ml_collections.ConfigDict(dict(
       seed=0, num_cases=24, shape=(64, 64, 48), num_modalities=1, layout="adjacent", noise=0.1,
       bias=0.2, num_distractors=3))
@@ -181,6 +188,11 @@ def eval_block() -> ml_collections.ConfigDict:
     empty_policy: how empty masks are scored, one of EMPTY_POLICIES (metrics.py).
     num_figure_cases: cases drawn in figure.png (>= 0).
     save_predictions: write each case's label map per view.
+    modalities: which modalities the method is given at evaluation and in --mode predict (the
+      others are withheld: their channels zeroed and their modality_mask entries False): "" =
+      those each case has; names or indices separated by commas (e.g. "t1,flair" or "0,2"); or
+      "subsets" = every non-empty subset, each scored as its own set of views, "<view>:<subset>"
+      (2^M - 1 of them), with the table modality_subsets.csv (evaluation only).
     view: --mode predict: the view whose labels are written: "" = the method's first view (Duo:
       "f1"), a view name, or "mean" = the average of all views' probabilities, then the usual
       decision rule. Evaluation scores every view regardless.
@@ -199,6 +211,7 @@ def eval_block() -> ml_collections.ConfigDict:
   c.empty_policy = "worst"
   c.num_figure_cases = 3
   c.save_predictions = True
+  c.modalities = ""
   c.view = ""
   return c
 
@@ -307,6 +320,13 @@ def _regions(v) -> bool:
           and len({r[0] for r in v}) == len(v))
 
 
+def _modality_selection(v) -> bool:
+  def entry(x):
+    return (isinstance(x, str) and bool(x)) or (_is_int(x) and x >= 0)
+  return (isinstance(v, (tuple, list)) and all(entry(x) for x in v)
+          and len({str(x) for x in v}) == len(v))
+
+
 _BOOL = ((lambda v: isinstance(v, bool)), "True or False")
 _STRING = ((lambda v: isinstance(v, str)), "a string")
 _SEED = _count(0)
@@ -334,6 +354,8 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.clip_percentiles": (_percentiles, "() or (lower, upper) with 0 <= lower <= upper <= 100"),
     "data.zscore": _BOOL,
     "data.zscore_nonzero": _BOOL,
+    "data.foreground_oversample": _number(lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "data.modalities": (_modality_selection, "() or distinct channel names or indices >= 0"),
     "data.synthetic.seed": _SEED,
     "data.synthetic.num_cases": _count(1),
     "data.synthetic.shape": _sizes((2, 3)),
@@ -367,6 +389,8 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "eval.empty_policy": _choice(EMPTY_POLICIES),
     "eval.num_figure_cases": _count(0),
     "eval.save_predictions": _BOOL,
+    # Names are resolved against the data's modality names when the cases are known.
+    "eval.modalities": _STRING,
     # The method's views are known once its predict function is traced: evaluate.predict_files
     # checks the name.
     "eval.view": _STRING,

@@ -75,10 +75,22 @@ def _flatten(d: dict, prefix: str = "") -> dict:
   return out
 
 
+def _same_value(a, b) -> bool:
+  """a == b, with tuples and lists (what JSON makes of tuples) alike."""
+  return (list(a) if isinstance(a, (list, tuple)) else a) == (
+      list(b) if isinstance(b, (list, tuple)) else b)
+
+
 def _added_default(key: str, current: dict) -> bool:
-  """Whether `key`, absent from a saved config, is an optimiser field added since that run was
-  started, at the default that reproduces the old behaviour (runs of older versions resume)."""
+  """Whether `key`, absent from a saved config, is a data-block key or an optimiser field added
+  since that run was started, at the default that reproduces the old behaviour (runs of older
+  versions resume)."""
   block, _, field = key.rpartition(".")
+  if block == "data":
+    defaults = config_blocks.data_block()
+    if field not in defaults:
+      return False
+    return _same_value(current[key], defaults[field])
   if not block.startswith("method.") or not block.endswith("optimizer"):
     return False
   # Before the field existed, a block with decay_every > 0 decayed in steps: schedule "step".
@@ -87,9 +99,7 @@ def _added_default(key: str, current: dict) -> bool:
                                     **({"decay_every": decay_every} if decay_every else {}))
   if field not in defaults:
     return False
-  value, default = current[key], defaults[field]
-  return (list(value) if isinstance(value, (list, tuple)) else value) == (
-      list(default) if isinstance(default, (list, tuple)) else default)
+  return _same_value(current[key], defaults[field])
 
 
 def check_same_run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:

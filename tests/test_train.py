@@ -186,3 +186,16 @@ def test_a_run_started_before_the_optimiser_fields_existed_resumes(tmp_path):
   config.method.optimizer.clip_grad_norm = 1.0
   with pytest.raises(DataError, match=r"method.optimizer.clip_grad_norm"):
     train.check_same_run(config, tmp_path)
+
+
+def test_a_run_started_before_a_data_key_existed_resumes(tmp_path):
+  """A data key added since a run started does not block its resumption at its default value (the
+  old behaviour), and does when set otherwise."""
+  config = load_config_file(CONFIGS_DIR / "supervised.py").get_config()
+  saved = json.loads(config.to_json_best_effort())
+  del saved["data"]["foreground_oversample"], saved["data"]["modalities"]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  train.check_same_run(config, tmp_path)
+  config.data.foreground_oversample = 0.33
+  with pytest.raises(DataError, match=r"data.foreground_oversample"):
+    train.check_same_run(config, tmp_path)

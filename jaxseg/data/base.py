@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -123,3 +123,39 @@ def check_case(case: Case, num_classes: Optional[int] = None) -> Case:
         raise DataError(f"{where}: label values {outside.tolist()} are outside the declared "
                         f"classes 0..{num_classes - 1}")
   return case
+
+
+def resolve_modalities(selection: Sequence[Union[str, int]], names: Sequence[str],
+                       key: str) -> tuple[int, ...]:
+  """The channel indices of `selection`: each entry a modality name (matched case-insensitively
+  against `names`, the channels' names) or a channel index (an int, or a string of digits).
+
+  Args:
+    selection: e.g. ("flair", "T1") or (0, 2) or ("0", "2"); must be non-empty and distinct.
+    names: the channels' names, e.g. `Case.modality_names`.
+    key: the config key named in errors (e.g. "data.modalities").
+
+  Raises:
+    DataError: naming `key` for an unknown name, an index out of range, a repeated channel or an
+      empty selection.
+  """
+  if not len(selection):
+    raise DataError(f"config {key}: no modality selected; the channels are {tuple(names)}")
+  lower = [n.lower() for n in names]
+  indices = []
+  for entry in selection:
+    if isinstance(entry, str) and not entry.strip().isdigit():
+      if entry.strip().lower() not in lower:
+        raise DataError(f"config {key}: unknown modality {entry!r}; the channels are "
+                        f"{tuple(names)} (names or indices 0..{len(names) - 1})")
+      indices.append(lower.index(entry.strip().lower()))
+    else:
+      index = int(entry)
+      if not 0 <= index < len(names):
+        raise DataError(f"config {key}: channel index {index} is out of range; the channels are "
+                        f"{tuple(names)} (indices 0..{len(names) - 1})")
+      indices.append(index)
+  if len(set(indices)) != len(indices):
+    raise DataError(f"config {key}: {tuple(selection)} names a channel twice; the channels are "
+                    f"{tuple(names)}")
+  return tuple(indices)

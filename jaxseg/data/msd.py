@@ -14,6 +14,10 @@ macOS carry hidden "._x.nii.gz" resource files that are not images.
 A 3D image (X, Y, Z) becomes (X, Y, Z, 1); a 4D multi-modal image (X, Y, Z, M) stays channels-last
 (MSD stores the modality on the 4th axis). Each case keeps its NIfTI affine and the voxel spacing
 (header zooms of the 3 spatial axes, mm), so predictions can be written back in place.
+
+A modality whose channel is constant over the whole volume (how multi-modal files leave out a
+sequence that was not acquired) is marked missing (`Case.modality_mask`, its channel set to 0), with
+a warning naming the case (`preprocess.with_absent_modalities`).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Any, Optional, Sequence, Union
 import nibabel as nib
 import numpy as np
 
+from jaxseg.data import preprocess
 from jaxseg.data.base import Case, DataError, check_case
 
 PathLike = Union[str, os.PathLike]
@@ -173,6 +178,7 @@ def load_msd_pair(pair: MsdPair, manifest: MsdManifest) -> Case:
               affine=np.asarray(image_nii.affine, dtype=np.float64), source=str(pair.image),
               modalities=manifest.modalities)
   check_case(case, num_classes=manifest.num_classes)
+  case = preprocess.with_absent_modalities(case)
   label_dtype = np.uint8 if manifest.num_classes <= 256 else np.int32
   return case.replace(label=label.astype(label_dtype))
 

@@ -8,7 +8,7 @@ not need this; it is meant for MSD / BraTS-like NIfTI sources.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import scipy.ndimage
@@ -49,13 +49,16 @@ def nonzero_mask(image: np.ndarray) -> np.ndarray:
   return scipy.ndimage.binary_fill_holes(np.any(image != 0, axis=-1))
 
 
-def zscore(image: np.ndarray, source: str = "<memory>", nonzero: bool = False) -> np.ndarray:
+def zscore(image: np.ndarray, source: str = "<memory>", nonzero: bool = False,
+           present: Optional[np.ndarray] = None) -> np.ndarray:
   """Standardises each channel to mean 0 and standard deviation 1 (population std, ddof=0).
 
   Args:
     image: (*spatial, C) intensities.
     source: named in error messages (the file the image came from).
     nonzero: statistics over `nonzero_mask(image)` only, and 0 outside it.
+    present: (C,) bool, the modalities the image has (`Case.present`); an absent one's channel is
+      set to 0 (the mean of a z-scored channel) and not checked. None: all present.
 
   Returns:
     A new float32 array of the same shape; statistics in float64.
@@ -70,16 +73,49 @@ def zscore(image: np.ndarray, source: str = "<memory>", nonzero: bool = False) -
     if not mask.any():
       raise DataError(f"{source}: every voxel is 0; a z-score over the non-zero voxels is undefined")
     flat = flat[mask.reshape(-1)]
-  constant = np.flatnonzero(flat.max(axis=0) == flat.min(axis=0))
+  present = np.ones(flat.shape[1], bool) if present is None else np.asarray(present, bool)
+  constant = np.flatnonzero((flat.max(axis=0) == flat.min(axis=0)) & present)
   if constant.size:
     channel = int(constant[0])
     raise DataError(f"{source}: channel {channel} is constant (value {flat[0, channel]:g}); "
                     "a z-score would divide by zero")
   mean, std = flat.mean(axis=0), flat.std(axis=0)
+  std = np.where(present, std, 1.0)  # An absent channel is zeroed below, never divided.
   out = (image - mean) / std
   if nonzero:
     out = np.where(mask[..., None], out, 0.0)
-  return out.astype(np.float32)
+  return np.where(present, out, 0.0).astype(np.float32)
+
+
+def absent_modalities(image: np.ndarray) -> np.ndarray:
+  """(C,) bool: the channels that are constant over the whole image, i.e. modalities that were not
+  acquired (tools that assemble multi-modal files fill a missing sequence with a constant, usually
+  0). None of them when every channel is constant (nothing to predict from: not a missing
+  modality but an empty image, which the z-score refuses) or when there is one channel."""
+  flat = image.reshape(-1, image.shape[-1])
+  constant = (flat.max(axis=0) == flat.min(axis=0)) if flat.size else np.zeros(0, bool)
+  if image.shape[-1] < 2 or constant.all():
+    return np.zeros(image.shape[-1], bool)
+  return constant
+
+
+def with_absent_modalities(case: Case, log: Callable[[str], None] = print) -> Case:
+  """`case` with its constant channels marked missing (`absent_modalities`): modality_mask False
+  there and the channel set to 0; a warning line naming the case and the modality goes to `log`.
+  Methods that read the mask predict such a case from the modalities it has (MAML: from those
+  branches). Unchanged when no channel is absent."""
+  absent = absent_modalities(case.image) & case.present
+  if not absent.any():
+    return case
+  names = case.modality_names
+  present = case.present & ~absent
+  first_voxel = case.image.reshape(-1, case.num_modalities)[0]
+  missing = ", ".join(f"{names[c]} (channel {c}, constant {first_voxel[c]:g})"
+                      for c in np.flatnonzero(absent))
+  log(f"warning: {case.source}: case {case.case_id!r} lacks modality {missing}; it is used with "
+      f"the modalities it has: {', '.join(names[c] for c in np.flatnonzero(present))}")
+  image = np.where(present, case.image, 0.0).astype(case.image.dtype)
+  return case.replace(image=image, modality_mask=present)
 
 
 # preprocess_case's `zscore` flag shadows the function inside it.
@@ -110,7 +146,7 @@ def preprocess_case(case: Case, clip: Optional[Sequence[float]] = (0.5, 99.5),
     image = clip_percentiles(image, clip[0], clip[1], source=case.source)
   if zscore:
     where = case.source if clip is None else f"{case.source} (after clipping to {tuple(clip)})"
-    image = _zscore(image, source=where, nonzero=nonzero)
+    image = _zscore(image, source=where, nonzero=nonzero, present=case.present)
   return case.replace(image=image)
 
 

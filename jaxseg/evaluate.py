@@ -12,6 +12,8 @@ largest-connected-component post-processing, and writes (`jaxseg.writers`)
                         | one heat panel per map of the method's optional `maps` (maps_fn), its
                         mean in the title (computed for these cases only; never scored)
       predictions/      <case>_<view>.nii.gz (3D, uint8) or <case>_<view>.png (2D)
+      modality_subsets.csv  with eval.modalities = "subsets": Dice per modality subset x class /
+                        region (`subset_table`)
 
 `predict_files` is `--mode predict`: it segments NIfTI, LA-style h5 or 2D image files
 (`jaxseg.data.readers`) with one view (eval.view: the first, a named one, or the mean of all) and
@@ -48,6 +50,7 @@ Conventions (decisions, see also docs/evaluation.md):
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import pathlib
@@ -62,7 +65,7 @@ from jax.sharding import Mesh
 
 from jaxseg import inference, metrics, parallel, postprocess, writers
 from jaxseg.data import readers
-from jaxseg.data.base import Case, DataError
+from jaxseg.data.base import Case, DataError, resolve_modalities
 from jaxseg.postprocess import LCC, RAW
 from jaxseg.writers import CSV_COLUMNS, METRIC_NAMES
 
@@ -395,6 +398,122 @@ def _labels(probs: np.ndarray, threshold: float) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Modality subsets (eval.modalities): the method given only some of the modalities.
+
+SUBSETS = "subsets"  # eval.modalities: every non-empty subset, each as its own views.
+SUBSETS_CSV = "modality_subsets.csv"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModalitySubset:
+  """Modalities given to the method: `keep[c]` for channel c; `name` joins their names with "+"."""
+
+  name: str
+  keep: tuple[bool, ...]
+
+
+def modality_subsets(setting: str, names: Sequence[str]) -> tuple[ModalitySubset, ...]:
+  """The subsets `eval.modalities` = `setting` asks for, for channels named `names`.
+
+  "" -> () (each case's own modalities); "a,b" -> that one subset (names or indices,
+  `base.resolve_modalities`); "subsets" -> every non-empty subset, by size, then in channel order
+  (2^C - 1 of them).
+
+  Raises:
+    DataError: naming eval.modalities for an unknown name or index, a repeated or empty entry.
+  """
+  if not setting.strip():
+    return ()
+  count = len(names)
+
+  def subset(indices: Sequence[int]) -> ModalitySubset:
+    return ModalitySubset("+".join(names[i] for i in indices),
+                          tuple(c in indices for c in range(count)))
+
+  if setting.strip() == SUBSETS:
+    return tuple(subset(indices) for size in range(1, count + 1)
+                 for indices in itertools.combinations(range(count), size))
+  entries = [e.strip() for e in setting.split(",")]
+  if not all(entries):
+    raise DataError(f"config eval.modalities = {setting!r}: an empty entry; give modality names "
+                    f"or indices separated by commas, or {SUBSETS!r}; the channels are "
+                    f"{tuple(names)}")
+  return (subset(resolve_modalities(entries, names, "eval.modalities")),)
+
+
+@dataclasses.dataclass(frozen=True)
+class _WithheldModalities:
+  """`predict_fn` given, per subset, only the subset's modalities (of those each window has): the
+  others' channels are set to 0 (what a z-scored channel of no signal reads as; an early-fusion
+  network sees a missing modality so) and their `modality_mask` entries to False (what a method
+  that reads the mask, as MAML, predicts from). With `rename`, each view v of subset s is returned
+  as "v:s"; else the views keep their names (one subset). Frozen, so that jit reuses it."""
+
+  subsets: tuple[ModalitySubset, ...]
+  rename: bool
+
+  def __call__(self, predict_fn: ViewsPredictFn, window_inputs: dict) -> dict:
+    image, available = window_inputs["image"], window_inputs["modality_mask"]
+    out = {}
+    for subset in self.subsets:
+      given = available & jnp.asarray(subset.keep)[None, :]
+      expand = (slice(None),) + (None,) * (image.ndim - 2) + (slice(None),)  # (B, 1.., C)
+      views = predict_fn({**window_inputs, "image": jnp.where(given[expand], image, 0.0),
+                          "modality_mask": given})
+      out.update({f"{view}:{subset.name}" if self.rename else view: p
+                  for view, p in views.items()})
+    return out
+
+
+def with_modalities(predict_fn: ViewsPredictFn, setting: str, names: Sequence[str]
+                    ) -> ViewsPredictFn:
+  """`predict_fn` restricted to the modalities `eval.modalities` = `setting` names
+  (`modality_subsets`; `predict_fn` itself when "").
+
+  A case that lacks some of a subset's modalities (`Case.present`) is predicted from the subset's
+  modalities it has; one that has none of them gets an all-withheld input (MAML: its joint head on
+  zeros), so the subset's row scores what the method does with nothing.
+  """
+  subsets = modality_subsets(setting, names)
+  if not subsets:
+    return predict_fn
+  return jax.tree_util.Partial(_WithheldModalities(subsets, rename=setting.strip() == SUBSETS),
+                               _as_partial(predict_fn))
+
+
+def subset_table(summary: dict) -> list[dict]:
+  """Rows of the subset x class / region Dice table of an evaluation with eval.modalities =
+  "subsets": per method view and subset, {"view", "modalities", "num_modalities", "<key>": Dice
+  mean (raw predictions) for each class, the class mean and each region}. [] otherwise."""
+  subsets = summary.get("modality_subsets")
+  if not subsets:
+    return []
+  rows = []
+  for view, posts in summary["views"].items():
+    base_view, _, name = view.rpartition(":")
+    if name not in subsets:
+      continue
+    row = {"view": base_view, "modalities": name, "num_modalities": len(name.split("+"))}
+    row.update({key: stats.get("dice_mean") for key, stats in posts[RAW].items()})
+    rows.append(row)
+  return rows
+
+
+def subset_table_lines(summary: dict) -> list[str]:
+  """`subset_table` as aligned text lines, Dice in %: one line per subset, one column per key."""
+  rows = subset_table(summary)
+  if not rows:
+    return []
+  keys = [k for k in rows[0] if k not in ("view", "modalities", "num_modalities")]
+  width = max(len(r["modalities"]) for r in rows) + 2
+  lines = [f"{'view':<8}{'modalities':<{width}}" + "".join(f"{k:>8}" for k in keys)]
+  for r in rows:
+    lines.append(f"{r['view']:<8}{r['modalities']:<{width}}" + "".join(
+        f"{'n/a':>8}" if r[k] is None else f"{100 * r[k]:8.2f}" for k in keys))
+  return lines
+
+
+# ---------------------------------------------------------------------------------------------------
 # evaluate.
 
 
@@ -452,7 +571,8 @@ def evaluate(predict_fn: ViewsPredictFn, cases: Iterable[Case], eval_cfg: ml_col
   patch, strides = window_geometry(eval_cfg, patch_size)
   mirror_axes = check_mirror_axes(eval_cfg, len(patch))
   regions = check_regions(eval_cfg, num_classes)
-  predict_fn = _as_partial(predict_fn)
+  modalities = eval_cfg.get("modalities", "")
+  predict_fn = _as_partial(with_modalities(predict_fn, modalities, cases[0].modality_names))
   classes = tuple(range(1, num_classes))
   postprocesses = postprocess.postprocesses(num_classes, bool(eval_cfg.lcc))
   is_2d = len(patch) == 2
@@ -530,6 +650,11 @@ def evaluate(predict_fn: ViewsPredictFn, cases: Iterable[Case], eval_cfg: ml_col
     extra["regions"] = {name: list(group) for name, group in regions}
   if mirror_axes:
     extra["mirror_axes"] = list(mirror_axes)
+  if modalities.strip():
+    extra["modalities"] = modalities.strip()
+  if modalities.strip() == SUBSETS:
+    extra["modality_subsets"] = [s.name for s in modality_subsets(modalities,
+                                                                   cases[0].modality_names)]
   summary = {
       "split": split_name,
       "num_cases": len(cases),
@@ -557,6 +682,8 @@ def evaluate(predict_fn: ViewsPredictFn, cases: Iterable[Case], eval_cfg: ml_col
     out.mkdir(parents=True, exist_ok=True)
     writers.write_metrics_csv(out / "metrics.csv", rows)
     writers.write_summary(out / "summary.json", summary)
+    if subset_table(summary):
+      writers.write_table_csv(out / SUBSETS_CSV, subset_table(summary))
     if figure_cases:
       where = "the slice with the most ground-truth foreground; " if len(patch) == 3 else ""
       means = " and map means" if any(c.maps for c in figure_cases) else ""
@@ -746,6 +873,38 @@ def summary_lines(summary: dict) -> list[str]:
 # predict_files (--mode predict).
 
 
+def _read_input_selected(path: pathlib.Path, data_cfg: ml_collections.ConfigDict
+                         ) -> readers.InputFile:
+  """`readers.read_input` with the channels of `data.modalities` kept (as `sources.load_cases`
+  does) between reading and preprocessing, so that the statistics use only the kept channels.
+
+  Raises:
+    DataError: naming the file: a name it has no channel of (files read here are unnamed:
+      "channel0", ...), or fewer channels than the selection needs.
+  """
+  # pylint: disable=import-outside-toplevel
+  from jaxseg.data import preprocess
+  from jaxseg.data.base import resolve_modalities, select_modalities
+  selection = tuple(data_cfg.get("modalities", ()) or ())
+  if not selection:
+    return readers.read_input(path, data_cfg)
+  raw = ml_collections.ConfigDict(dict(data_cfg.items()))
+  raw.clip_percentiles, raw.zscore, raw.zscore_nonzero = (), False, False
+  source = readers.read_input(path, raw)
+  case = source.case
+  try:
+    indices = resolve_modalities(selection, case.modality_names, "data.modalities")
+  except DataError as err:
+    raise DataError(f"{path}: {err} (input files are unnamed: select channels by index or as "
+                    f"channel0, channel1, ...)") from err
+  case = select_modalities(case, indices)
+  clip = tuple(data_cfg.get("clip_percentiles", ())) or None
+  if clip is not None or data_cfg.get("zscore", False):
+    case = preprocess.preprocess_case(case, clip=clip, zscore=data_cfg.get("zscore", False),
+                                      nonzero=data_cfg.get("zscore_nonzero", False))
+  return dataclasses.replace(source, case=case)
+
+
 def predict_files(predict_fn: ViewsPredictFn, input_path: PathLike, output_dir: PathLike,
                   eval_cfg: ml_collections.ConfigDict, *, patch_size: Sequence[int],
                   data_cfg: ml_collections.ConfigDict, view: Optional[str] = None,
@@ -755,9 +914,10 @@ def predict_files(predict_fn: ViewsPredictFn, input_path: PathLike, output_dir: 
 
   Inputs are read like the training data (`jaxseg.data.readers.read_input`, `data_cfg`): NIfTI (3D,
   or 4D multi-modal channels-last), LA-style h5 (`image` dataset) or 2D images (folders2d's reader,
-  `data.channels`, `data.image_size`), then clipped / z-scored per `data.clip_percentiles` /
-  `data.zscore`. The predict function gets the same inputs as in evaluation, with every modality
-  present and no fields.
+  `data.channels`, `data.image_size`), reduced to the channels of `data.modalities` (indices, or
+  the names "channel0", ...: files are unnamed), then clipped / z-scored per
+  `data.clip_percentiles` / `data.zscore`. The predict function gets the same inputs as in
+  evaluation, with every modality present and no fields.
 
   Outputs, in `output_dir` (`jaxseg.writers.write_input_prediction`): NIfTI inputs ->
   <case>.nii.gz (uint8, the input's affine and zooms); h5 -> <case>.nii.gz (identity affine: LA
@@ -773,8 +933,8 @@ def predict_files(predict_fn: ViewsPredictFn, input_path: PathLike, output_dir: 
     patch_size: config.data.patch_size, used when eval.patch_size is empty.
     data_cfg: the training config's `data` block.
     view: the view to use (`choose_view`): a name, "mean" or "" (the first); None: eval.view.
-    num_channels: the channels the model was trained on; None: any count the model accepts
-      (checked by tracing it on the file's channel count).
+    num_channels: the channels the model was trained on (after `data.modalities`); None: any
+      count the model accepts (checked by tracing it on the file's channel count).
     log: called once with the line saying which view is used (e.g. "predicting with view f1 of
       the method's views f1, f2 (choose with --config.eval.view: a view, mean)"); None: silent.
 
@@ -783,9 +943,9 @@ def predict_files(predict_fn: ViewsPredictFn, input_path: PathLike, output_dir: 
 
   Raises:
     DataError: naming the path or file: a missing input, no supported files, an unreadable file,
-      an image whose dimensionality or channel count the model does not take, two inputs that
-      would write the same output, an output that would overwrite its input; or naming the config
-      key (eval.view, eval.mirror_axes).
+      an image whose dimensionality or channel count the model does not take, fewer channels
+      than `data.modalities` selects, two inputs that would write the same output, an output that
+      would overwrite its input; or naming the config key (eval.view, eval.mirror_axes).
   """
   patch, strides = window_geometry(eval_cfg, patch_size)
   options = _window_options(eval_cfg, len(patch))
@@ -805,14 +965,16 @@ def predict_files(predict_fn: ViewsPredictFn, input_path: PathLike, output_dir: 
   channels_by_spec: dict[tuple, dict[str, int]] = {}
   written, logged = [], False
   for path, target in zip(files, targets):
-    source = readers.read_input(path, data_cfg)
+    source = _read_input_selected(path, data_cfg)
     case = source.case
     if case.ndim != len(patch):
       raise DataError(f"{path}: image {case.spatial_shape} is {case.ndim}D but the model's "
                       f"patch {patch} is {len(patch)}D")
     c = case.num_modalities
     if num_channels is not None and c != num_channels:
-      raise DataError(f"{path}: image has {c} channel(s), the model takes {num_channels}")
+      kept = (f" after data.modalities = {tuple(data_cfg.modalities)}"
+              if data_cfg.get("modalities", ()) else "")
+      raise DataError(f"{path}: image has {c} channel(s){kept}, the model takes {num_channels}")
     inputs = case_inputs(case)
     spec = window_spec(inputs, int(eval_cfg.batch_size), patch)
     key = _spec_key(spec)

@@ -442,8 +442,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ckpt = _checkpointer(config, workdir)
   if parallel.is_primary():
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
-    (workdir / "data_info.json").write_text(json.dumps({"channels": spec.channels,
-                                                        "batch_spec": spec.to_json()}))
+    (workdir / "data_info.json").write_text(json.dumps({
+        "channels": spec.channels, "batch_spec": spec.to_json(),
+        "modality_names": list(dataset.labeled[0].modality_names)}))
     dataset.split.write(workdir / "split.json")
 
   state, record = _restore_latest(ckpt, state, workdir, required=False, set_aside=True)
@@ -576,11 +577,16 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
   summary = _validate(method, state, dataset, config, out_dir)
   if not summary:
     return summary
-  scores = evaluate.headline(summary)
-  _print(f"{summary.get('split', 'validation')}: "
-         + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
-         + f" ({summary['num_cases']} cases in {summary['seconds']['total']:.1f} s, sliding "
-         f"windows {summary['seconds']['sliding_window']:.1f} s)")
+  timing = (f"{summary['num_cases']} cases in {summary['seconds']['total']:.1f} s, sliding "
+            f"windows {summary['seconds']['sliding_window']:.1f} s")
+  table = evaluate.subset_table_lines(summary)
+  if table:  # One line per modality subset instead of 2^M times the headline scalars.
+    _print(f"{summary.get('split', 'validation')} ({timing}), Dice in % of each modality subset "
+           "(raw predictions):\n" + "\n".join(table))
+  else:
+    scores = evaluate.headline(summary)
+    _print(f"{summary.get('split', 'validation')}: "
+           + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()) + f" ({timing})")
   _print(f"wrote the evaluation of step {record['step']} to {out_dir}/: {_eval_outputs(out_dir)}")
   return summary
 
@@ -601,8 +607,15 @@ def predict_workdir(config: ml_collections.ConfigDict, workdir: str, input_path:
   ckpt = _checkpointer(config, workdir, create=False)
   state, _ = _restore_latest(ckpt, state, workdir, required=True)
   ckpt.close()
+  if config.eval.modalities.strip() == evaluate.SUBSETS:
+    raise DataError(f"config eval.modalities = {evaluate.SUBSETS!r} scores every subset in --mode "
+                    "eval; --mode predict writes one prediction: name the modalities, e.g. "
+                    "--config.eval.modalities=0,2")
+  # Runs trained before the names were saved: the channels' default names.
+  names = saved.get("modality_names") or [f"channel{c}" for c in range(channels)]
+  predict_fn = evaluate.with_modalities(_predict_fn(method, state), config.eval.modalities, names)
   written = evaluate.predict_files(
-      _predict_fn(method, state), input_path, output_dir, config.eval,
+      predict_fn, input_path, output_dir, config.eval,
       patch_size=tuple(config.eval.patch_size or config.data.patch_size), data_cfg=config.data,
       num_channels=channels, log=_print)
   _print(f"wrote {len(written)} prediction(s) to {output_dir}")

@@ -115,6 +115,14 @@ def write_metrics_csv(path: pathlib.Path, rows: Sequence[dict]) -> None:
                        "gt_empty": int(row["gt_empty"])})
 
 
+def write_table_csv(path: pathlib.Path, rows: Sequence[dict]) -> None:
+  """A CSV with the keys of the first row as columns; None as empty, floats at full precision."""
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Label maps.
 

@@ -123,4 +123,5 @@ def make_batches(dataset: Dataset, cfg: ml_collections.ConfigDict) -> TwoStreamB
   return TwoStreamBatches(dataset.labeled, dataset.unlabeled, batch_labeled=cfg.batch_labeled,
                           batch_unlabeled=cfg.batch_unlabeled, patch_size=tuple(cfg.patch_size),
                           seed=cfg.seed, augment=cfg.augment, pad_to_patch=cfg.pad_to_patch,
-                          labeled_groups=cfg.labeled_groups)
+                          labeled_groups=cfg.labeled_groups,
+                          foreground_oversample=cfg.foreground_oversample)

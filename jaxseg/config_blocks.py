@@ -447,6 +447,9 @@ def _check_data(d: ml_collections.ConfigDict, files: bool) -> None:
   if d.batch_labeled % d.labeled_groups:
     raise DataError(f"config data.labeled_groups = {d.labeled_groups} must divide "
                     f"data.batch_labeled = {d.batch_labeled}")
+  if d.on_device and d.foreground_oversample > 0:
+    raise DataError(f"config data.foreground_oversample = {d.foreground_oversample} needs the host "
+                    "pipeline: set data.on_device = False (the device crops never see the labels)")
   # The axes of the data, where the config alone says them.
   axes = {"synthetic": len(d.synthetic.shape), "la": 3, "folders2d": 2}.get(d.source)
   if axes is not None and len(d.patch_size) != axes:

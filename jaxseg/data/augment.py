@@ -5,7 +5,8 @@
    the outputs are the 4 reflections of the square, never the identity or a pure rotation; we keep
    this for parity with the published LA numbers;
 2. crop a patch at a uniform offset, after zero-padding with the reference rule when the volume is
-   not larger than the patch (`RandomCrop`).
+   not larger than the patch (`RandomCrop`); or, for foreground oversampling, centred on a given
+   voxel and clamped to the (padded) volume (`random_crop_arrays(..., centre=)`).
 Images are (*spatial, C), labels (*spatial,); both get the same geometric transform.
 """
 
@@ -74,17 +75,28 @@ def random_crop(image: np.ndarray, label: Optional[np.ndarray], patch: Sequence[
   return out["image"], out.get("label")
 
 
+def centred_offsets(spatial: Sequence[int], patch: Sequence[int],
+                    centre: Sequence[int]) -> list[int]:
+  """Offsets that put voxel `centre` at index patch // 2 of the crop (o_i = c_i - P_i // 2), clamped
+  to {0, ..., max(S_i - P_i, 0)} so that the crop stays inside the volume of shape `spatial`."""
+  return [min(max(int(c) - p // 2, 0), max(s - p, 0)) for s, p, c in zip(spatial, patch, centre)]
+
+
 def random_crop_arrays(arrays: dict[str, np.ndarray], patch: Sequence[int],
                        rng: np.random.Generator, *, pad: bool = True,
-                       source: str = "<memory>") -> dict[str, np.ndarray]:
+                       source: str = "<memory>",
+                       centre: Optional[Sequence[int]] = None) -> dict[str, np.ndarray]:
   """`random_crop` of several arrays (*spatial, ...) of one spatial shape at the same offset.
 
   One draw of the offsets (`draw_crop_offsets`), whatever the number of arrays, so the draws do not
-  depend on which fields a case has.
+  depend on which fields a case has. With `centre` (a voxel of the unpadded arrays) the crop is
+  instead placed by `centred_offsets` around that voxel (shifted by the padding) and nothing is
+  drawn from `rng` (foreground oversampling, `batches.TwoStreamBatches`).
   """
   patch = tuple(int(p) for p in patch)
   first = next(iter(arrays.values()))
   spatial = first.shape[:len(patch)]
+  widths = (0,) * len(patch)
   if pad:
     widths = crop_padding(spatial, patch)
     if any(widths):
@@ -94,6 +106,9 @@ def random_crop_arrays(arrays: dict[str, np.ndarray], patch: Sequence[int],
   elif any(s < p for s, p in zip(spatial, patch)):
     raise DataError(f"{source}: patch {patch} is larger than the volume {tuple(spatial)} and "
                     "padding is off (config data.pad_to_patch)")
-  offsets = draw_crop_offsets(spatial, patch, rng)
+  if centre is None:
+    offsets = draw_crop_offsets(spatial, patch, rng)
+  else:
+    offsets = centred_offsets(spatial, patch, [int(c) + w for c, w in zip(centre, widths)])
   window = tuple(slice(o, o + p) for o, p in zip(offsets, patch))
   return {name: np.ascontiguousarray(a[window]) for name, a in arrays.items()}

@@ -7,6 +7,8 @@
 - Unlabeled stream: an endless chain of independent permutations of the unlabeled cases, read
   `batch_unlabeled` at a time (a batch may straddle two permutations).
 - Labels of unlabeled cases are never read: the unlabeled stream has no "label" field.
+- Foreground oversampling (`foreground_oversample = f`, nnU-Net): the last labeled samples of each
+  batch (`TwoStreamBatches.forced_foreground`) have their crop centred on a foreground voxel.
 
 A batch is an open pytree, `Batch(labeled={...}, unlabeled={...})`: per stream a dict of arrays
 with a leading sample axis, "image" (B, *patch, C) float32, "modality_mask" (B, C) bool (the
@@ -113,6 +115,20 @@ def _check_stream(cases: Sequence[Case], name: str, ndim: int, channels: int,
                       f"the others have {fields} (every case needs the same fields)")
 
 
+def _foreground_voxel(label: np.ndarray, rng: np.random.Generator) -> Optional[tuple[int, ...]]:
+  """A voxel of `label`: a class uniformly among the classes > 0 present, then one of its voxels
+  uniformly (two draws from `rng`); None, with nothing drawn, when there is no foreground."""
+  flat = np.asarray(label).reshape(-1)
+  counts = np.bincount(flat)
+  classes = np.flatnonzero(counts[1:]) + 1
+  if not classes.size:
+    return None
+  c = classes[int(rng.integers(0, classes.size))]
+  voxels = np.flatnonzero(flat == c)
+  v = voxels[int(rng.integers(0, voxels.size))]
+  return tuple(int(i) for i in np.unravel_index(v, np.shape(label)))
+
+
 class TwoStreamBatches(Iterator[Batch]):
   """Endless deterministic iterator of augmented two-stream batches.
 
@@ -126,11 +142,14 @@ class TwoStreamBatches(Iterator[Batch]):
     augment: rotate/flip before cropping (docs/data.md); crops are always taken.
     pad_to_patch: zero-pad volumes not larger than the patch (reference rule), else raise.
     labeled_groups: number of contiguous parts of the labeled list, sampled side by side.
+    foreground_oversample: f in [0, 1], the fraction of the labeled samples whose crop is centred on
+      a foreground voxel (nnU-Net: 0.33); which ones, `forced_foreground`; how, `_sample`.
   """
 
   def __init__(self, labeled: Sequence[Case], unlabeled: Sequence[Case], *, batch_labeled: int,
                batch_unlabeled: int, patch_size: Sequence[int], seed: int, augment: bool = True,
-               pad_to_patch: bool = True, labeled_groups: int = 1):
+               pad_to_patch: bool = True, labeled_groups: int = 1,
+               foreground_oversample: float = 0.0):
     if not labeled:
       raise DataError("config data.num_labeled: the labeled set is empty")
     if batch_labeled < 1:
@@ -146,6 +165,9 @@ class TwoStreamBatches(Iterator[Batch]):
     if min(len(g) for g in self.groups) < per_group:
       raise DataError(f"config data.labeled_groups = {labeled_groups}: {len(labeled)} labeled "
                       f"cases give a part smaller than {per_group} samples per batch")
+    if not 0.0 <= foreground_oversample <= 1.0:
+      raise DataError(f"config data.foreground_oversample = {foreground_oversample} must be in "
+                      "[0, 1]")
     if batch_unlabeled < 0:
       raise DataError(f"config data.batch_unlabeled must be >= 0, got {batch_unlabeled}")
     if batch_unlabeled > 0 and not unlabeled:
@@ -167,6 +189,7 @@ class TwoStreamBatches(Iterator[Batch]):
     self.augment = augment
     self.pad_to_patch = pad_to_patch
     self.channels = channels
+    self.foreground_oversample = float(foreground_oversample)
     self.step = 0
 
   # --- which cases go into batch `step` -------------------------------------------------------
@@ -194,13 +217,33 @@ class TwoStreamBatches(Iterator[Batch]):
 
   # --- sample preparation ---------------------------------------------------------------------
 
+  def forced_foreground(self, slot: int) -> bool:
+    """Whether labeled sample `slot` (0-based in the batch's labeled stream, over all processes) is
+    centred on a foreground voxel: nnU-Net v1's `get_do_oversample`, i.e.
+    `slot >= round(batch_labeled * (1 - foreground_oversample))`, the last ones of the batch.
+
+    Python's `round` rounds halves to even (round(0.5) = 0, round(1.5) = 2, round(2.5) = 2), as in
+    nnU-Net; so f = 0.5 with B_l = 1 forces the single sample, with B_l = 5 forces 3 of the 5.
+    With f = 0.33: B_l = 1 none, 2 -> slot 1, 3 -> slot 2, 4 -> slot 3, 12 -> slots 8..11.
+    """
+    if not self.foreground_oversample:
+      return False
+    return slot >= round(self.batch_labeled * (1.0 - self.foreground_oversample))
+
   def sample_rng(self, step: int, slot: int) -> np.random.Generator:
     """The generator of the augmentation draws of sample `slot` (labeled first) of batch `step`."""
     return np.random.default_rng([self.seed, _AUGMENT, step, slot])
 
   def _sample(self, case: Case, step: int, slot: int, with_label: bool) -> dict[str, np.ndarray]:
     """One sample: the case's image, label (if `with_label`) and fields, rotated, flipped and
-    cropped alike, and its modality mask."""
+    cropped alike, and its modality mask.
+
+    A labeled sample that `forced_foreground` names is cropped around a foreground voxel of its
+    (augmented) label: after the rotation/flip draws, a class uniformly among the classes > 0
+    present, then one voxel of that class uniformly, both from the sample's generator; the crop
+    puts that voxel at index patch // 2, clamped to the (padded) volume. A label without foreground
+    falls back to the uniform crop, drawing what an unforced sample draws.
+    """
     rng = self.sample_rng(step, slot)
     arrays = {"image": case.image}
     if with_label:
@@ -209,8 +252,11 @@ class TwoStreamBatches(Iterator[Batch]):
     if self.augment:
       k, axis = augment.draw_rot_flip(rng)
       arrays = {name: augment.rot_flip(a, k, axis) for name, a in arrays.items()}
+    centre = None
+    if with_label and self.forced_foreground(slot):
+      centre = _foreground_voxel(arrays["label"], rng)
     arrays = augment.random_crop_arrays(arrays, self.patch_size, rng, pad=self.pad_to_patch,
-                                        source=case.source)
+                                        source=case.source, centre=centre)
     arrays["image"] = arrays["image"].astype(np.float32, copy=False)
     if with_label:
       arrays["label"] = arrays["label"].astype(np.int32, copy=False)

@@ -14,7 +14,9 @@ x 2 flip axes, and the identity when augmentation is off) chosen by `lax.switch`
 
 Limitation: with augmentation on, a volume that needs the reference's padding (an axis not larger
 than the patch) requires patch[0] == patch[1], so that padding commutes with the rotation;
-`stack_volumes` refuses otherwise (the host pipeline handles that case).
+`stack_volumes` refuses otherwise (the host pipeline handles that case). Foreground oversampling
+(`data.foreground_oversample > 0`) needs each label on the host after augmentation, so
+`plan_batch` and `DeviceData` refuse it.
 """
 
 from __future__ import annotations
@@ -127,12 +129,23 @@ def stack_volumes(cases: Sequence[Case], patch: Sequence[int], *, pad_to_patch: 
   return VolumeStack(stacked, shapes)
 
 
+def _refuse_oversampling(batches: TwoStreamBatches) -> None:
+  """The device pipeline cannot centre crops on foreground voxels (it never sees the labels)."""
+  if batches.foreground_oversample > 0:
+    raise DataError(f"config data.foreground_oversample = {batches.foreground_oversample} needs the "
+                    "host pipeline (data.on_device = False)")
+
+
 def plan_batch(batches: TwoStreamBatches, shapes_l: np.ndarray, shapes_u: np.ndarray,
                step: int) -> dict[str, np.ndarray]:
   """The random draws of batch `step`, as `batches.batch_at(step)` makes them, without the crops.
 
   Returns int32 arrays: index_l, branch_l (B_l,), start_l (B_l, d), and the same for `_u`.
+
+  Raises:
+    DataError: `batches` oversamples the foreground (the host pipeline only).
   """
+  _refuse_oversampling(batches)
   patch = batches.patch_size
   out = {}
   streams = (("l", batches.labeled_indices(step), shapes_l, 0),
@@ -224,6 +237,7 @@ class DeviceData:
   """
 
   def __init__(self, batches: TwoStreamBatches, sharding: jax.sharding.Sharding):
+    _refuse_oversampling(batches)  # Before stacking the volumes.
     kw = dict(pad_to_patch=batches.pad_to_patch, augment_on=batches.augment)
     labeled = stack_volumes(batches.labeled, batches.patch_size, with_labels=True, **kw)
     self.batches = batches

@@ -159,3 +159,34 @@ def resolve_modalities(selection: Sequence[Union[str, int]], names: Sequence[str
     raise DataError(f"config {key}: {tuple(selection)} names a channel twice; the channels are "
                     f"{tuple(names)}")
   return tuple(indices)
+
+
+def select_modalities(case: Case, indices: Sequence[int]) -> Case:
+  """`case` with only the channels `indices` (e.g. from `resolve_modalities`), in that order.
+
+  The image, the channel names and the modality mask are selected alike. The names are always set:
+  an unnamed case keeps its default names ("channel2" stays "channel2"), so that they still say
+  which channel of the source each one was. Label, spacing, affine and fields are unchanged.
+
+  Raises:
+    DataError: naming `case.source` and the case: an empty selection, an index out of range, or
+      none of the selected modalities present in the case (`modality_mask`).
+  """
+  where = f"{case.source} (case {case.case_id!r})"
+  indices = [int(i) for i in indices]
+  names = case.modality_names
+  if not indices:
+    raise DataError(f"{where}: no modality selected; the channels are {names}")
+  bad = [i for i in indices if not 0 <= i < case.num_modalities]
+  if bad:
+    raise DataError(f"{where}: channel indices {bad} are out of range; the case has "
+                    f"{case.num_modalities} channel(s) {names}")
+  selected = tuple(names[i] for i in indices)
+  mask = None
+  if case.modality_mask is not None:
+    mask = np.asarray(case.modality_mask, bool)[indices]
+    if not mask.any():
+      raise DataError(f"{where}: none of the selected modalities {selected} is present in the "
+                      f"case (present: {tuple(n for n, p in zip(names, case.present) if p)})")
+  return case.replace(image=np.ascontiguousarray(case.image[..., indices]), modalities=selected,
+                      modality_mask=mask)

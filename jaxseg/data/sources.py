@@ -15,7 +15,7 @@ import ml_collections
 
 from jaxseg import config_blocks
 from jaxseg.data import folders2d, la, msd, preprocess, synthetic
-from jaxseg.data.base import Case, DataError
+from jaxseg.data.base import Case, DataError, resolve_modalities, select_modalities
 from jaxseg.data.batches import TwoStreamBatches
 from jaxseg.data.splits import Split, make_split
 
@@ -35,7 +35,8 @@ class Dataset:
 
 
 def load_cases(cfg: ml_collections.ConfigDict) -> list[Case]:
-  """All cases of the configured source, in list order, checked and preprocessed."""
+  """All cases of the configured source, in list order, checked, reduced to the channels of
+  `data.modalities` (when set) and preprocessed."""
   if cfg.source not in SOURCES:
     raise DataError(f"config data.source = {cfg.source!r} is not one of {SOURCES}")
   if cfg.source == "synthetic":
@@ -57,6 +58,12 @@ def load_cases(cfg: ml_collections.ConfigDict) -> list[Case]:
   else:
     cases = folders2d.load_folder2d(config_blocks.data_root(cfg), size=cfg.image_size or None,
                                     num_classes=cfg.num_classes, channels=cfg.channels or None)
+  selection = tuple(cfg.get("modalities", ()) or ())
+  if selection and cases:
+    # Before the preprocessing: clipping / z-scoring statistics and the non-zero mask use only
+    # the kept channels.
+    indices = resolve_modalities(selection, cases[0].modality_names, "data.modalities")
+    cases = [select_modalities(c, indices) for c in cases]
   return _preprocessed(cfg, cases)
 
 

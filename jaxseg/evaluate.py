@@ -873,38 +873,6 @@ def summary_lines(summary: dict) -> list[str]:
 # predict_files (--mode predict).
 
 
-def _read_input_selected(path: pathlib.Path, data_cfg: ml_collections.ConfigDict
-                         ) -> readers.InputFile:
-  """`readers.read_input` with the channels of `data.modalities` kept (as `sources.load_cases`
-  does) between reading and preprocessing, so that the statistics use only the kept channels.
-
-  Raises:
-    DataError: naming the file: a name it has no channel of (files read here are unnamed:
-      "channel0", ...), or fewer channels than the selection needs.
-  """
-  # pylint: disable=import-outside-toplevel
-  from jaxseg.data import preprocess
-  from jaxseg.data.base import resolve_modalities, select_modalities
-  selection = tuple(data_cfg.get("modalities", ()) or ())
-  if not selection:
-    return readers.read_input(path, data_cfg)
-  raw = ml_collections.ConfigDict(dict(data_cfg.items()))
-  raw.clip_percentiles, raw.zscore, raw.zscore_nonzero = (), False, False
-  source = readers.read_input(path, raw)
-  case = source.case
-  try:
-    indices = resolve_modalities(selection, case.modality_names, "data.modalities")
-  except DataError as err:
-    raise DataError(f"{path}: {err} (input files are unnamed: select channels by index or as "
-                    f"channel0, channel1, ...)") from err
-  case = select_modalities(case, indices)
-  clip = tuple(data_cfg.get("clip_percentiles", ())) or None
-  if clip is not None or data_cfg.get("zscore", False):
-    case = preprocess.preprocess_case(case, clip=clip, zscore=data_cfg.get("zscore", False),
-                                      nonzero=data_cfg.get("zscore_nonzero", False))
-  return dataclasses.replace(source, case=case)
-
-
 def predict_files(predict_fn: ViewsPredictFn, input_path: PathLike, output_dir: PathLike,
                   eval_cfg: ml_collections.ConfigDict, *, patch_size: Sequence[int],
                   data_cfg: ml_collections.ConfigDict, view: Optional[str] = None,
@@ -917,7 +885,8 @@ def predict_files(predict_fn: ViewsPredictFn, input_path: PathLike, output_dir: 
   `data.channels`, `data.image_size`), reduced to the channels of `data.modalities` (indices, or
   the names "channel0", ...: files are unnamed), then clipped / z-scored per
   `data.clip_percentiles` / `data.zscore`. The predict function gets the same inputs as in
-  evaluation, with every modality present and no fields.
+  evaluation (no fields; a constant channel of a multi-channel file is a missing modality, with
+  a warning naming the file).
 
   Outputs, in `output_dir` (`jaxseg.writers.write_input_prediction`): NIfTI inputs ->
   <case>.nii.gz (uint8, the input's affine and zooms); h5 -> <case>.nii.gz (identity affine: LA
@@ -965,7 +934,7 @@ def predict_files(predict_fn: ViewsPredictFn, input_path: PathLike, output_dir: 
   channels_by_spec: dict[tuple, dict[str, int]] = {}
   written, logged = [], False
   for path, target in zip(files, targets):
-    source = _read_input_selected(path, data_cfg)
+    source = readers.read_input(path, data_cfg, log=log or (lambda line: None))
     case = source.case
     if case.ndim != len(patch):
       raise DataError(f"{path}: image {case.spatial_shape} is {case.ndim}D but the model's "

@@ -132,3 +132,35 @@ def test_two_steps_of_the_brats_preset_train_and_evaluate_the_regions(brats_root
   scores = rows["raw"]
   assert {"1", "2", "3", "WT", "TC", "ET", "mean"} <= set(scores)
   assert all(0.0 <= scores[k]["dice_mean"] <= 1.0 for k in ("WT", "TC", "ET"))
+
+
+def test_mode_eval_scores_every_modality_subset_and_predict_takes_one(brats_root, tmp_path,
+                                                                        capsys):
+  """--mode eval with eval.modalities = "subsets": the 15 subsets of the 4 named modalities as
+  views, modality_subsets.csv and the printed table; --mode predict with two named modalities."""
+  config = _config("brats", **{**TINY, "data.root": str(brats_root)})
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(config, str(workdir))
+  config.eval.modalities = "subsets"
+  summary = train.evaluate_workdir(config, str(workdir))
+  assert len(summary["modality_subsets"]) == 15
+  assert summary["modality_subsets"][0] == "FLAIR"
+  assert summary["modality_subsets"][-1] == "FLAIR+T1w+t1gd+T2w"
+  assert summary["view_names"] == [f"model:{s}" for s in summary["modality_subsets"]]
+  table = (workdir / "eval_step2" / "modality_subsets.csv").read_text().splitlines()
+  assert table[0] == "view,modalities,num_modalities,1,2,3,mean,WT,TC,ET" and len(table) == 16
+  printed = capsys.readouterr().out
+  assert "Dice in % of each modality subset" in printed and "FLAIR+T1w+t1gd+T2w" in printed
+
+  with pytest.raises(DataError, match="eval.modalities = 'subsets'"):
+    train.predict_workdir(config, str(workdir), str(brats_root / "imagesTr" / "BRATS_004.nii.gz"),
+                          str(tmp_path / "out"))
+  config.eval.modalities = "flair,T2w"
+  written = train.predict_workdir(config, str(workdir),
+                                  str(brats_root / "imagesTr" / "BRATS_004.nii.gz"),
+                                  str(tmp_path / "out"))
+  assert [p.name for p in map(pathlib.Path, written)] == ["BRATS_004.nii.gz"]
+  config.eval.modalities = "t3"
+  with pytest.raises(DataError, match="unknown modality 't3'"):
+    train.predict_workdir(config, str(workdir), str(brats_root / "imagesTr" / "BRATS_004.nii.gz"),
+                          str(tmp_path / "out"))

@@ -13,7 +13,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import scipy.ndimage
 
-from jaxseg.data.base import Case, DataError
+from jaxseg.data.base import Case, DataError, resolve_modalities, select_modalities
 
 
 def clip_percentiles(image: np.ndarray, lower: float = 0.5, upper: float = 99.5,
@@ -116,6 +116,33 @@ def with_absent_modalities(case: Case, log: Callable[[str], None] = print) -> Ca
       f"the modalities it has: {', '.join(names[c] for c in np.flatnonzero(present))}")
   image = np.where(present, case.image, 0.0).astype(case.image.dtype)
   return case.replace(image=image, modality_mask=present)
+
+
+def configured_cases(cases: Sequence[Case], data_cfg) -> list[Case]:
+  """`cases` as the data block `data_cfg` says: reduced to the channels of `data.modalities` (when
+  set; resolved against the first case's names), then clipped and z-scored
+  (`data.clip_percentiles`, `data.zscore`, `data.zscore_nonzero`). The selection comes first, so
+  that the statistics and the non-zero mask use only the kept channels. Keys `data_cfg` lacks are
+  off.
+
+  Raises:
+    DataError: naming data.modalities (unknown name, index out of range) or the case at fault
+      (none of the kept modalities present, a constant channel, NaN/inf), or data.zscore_nonzero
+      without data.zscore.
+  """
+  cases = list(cases)
+  selection = tuple(data_cfg.get("modalities", ()) or ())
+  if selection and cases:
+    indices = resolve_modalities(selection, cases[0].modality_names, "data.modalities")
+    cases = [select_modalities(c, indices) for c in cases]
+  do_zscore, nonzero = data_cfg.get("zscore", False), data_cfg.get("zscore_nonzero", False)
+  if nonzero and not do_zscore:
+    raise DataError("config data.zscore_nonzero = True needs data.zscore = True (it chooses the "
+                    "voxels of the z-score)")
+  clip = tuple(data_cfg.get("clip_percentiles", ()) or ()) or None
+  if clip is None and not do_zscore:
+    return cases
+  return [preprocess_case(c, clip=clip, zscore=do_zscore, nonzero=nonzero) for c in cases]
 
 
 # preprocess_case's `zscore` flag shadows the function inside it.

@@ -2,9 +2,10 @@
 
 Each file is read as the training data were read (`read_input`): NIfTI through the MSD reader (3D,
 or 4D multi-modal channels-last), h5 through its `image` dataset (no label needed), 2D images
-through folders2d's reader with `data.channels` and `data.image_size`; then clipped / z-scored per
-`data.clip_percentiles` / `data.zscore`. The result is an unlabeled `Case` (all modalities present,
-no fields) and what writing its prediction back needs (the NIfTI header, a 2D file's size).
+through folders2d's reader with `data.channels` and `data.image_size`; then reduced to the channels
+of `data.modalities` and clipped / z-scored per `data.clip_percentiles` / `data.zscore`. The result
+is an unlabeled `Case` (its constant channels marked missing, no fields) and what writing its
+prediction back needs (the NIfTI header, a 2D file's size).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import h5py
 import ml_collections
@@ -114,11 +115,16 @@ class InputFile:
   original_size: Optional[tuple[int, int]] = None
 
 
-def read_input(path: pathlib.Path, data_cfg: ml_collections.ConfigDict) -> InputFile:
-  """Reads one input as the training data was read: channels, resizing (2D), then preprocessing.
+def read_input(path: pathlib.Path, data_cfg: ml_collections.ConfigDict,
+               log: Callable[[str], None] = print) -> InputFile:
+  """Reads one input as the training data was read: channels, resizing (2D), the channels of
+  `data.modalities`, then preprocessing (`preprocess.configured_cases`). A constant channel of a
+  multi-channel file is a modality the file lacks: marked missing, with a warning line to `log`
+  (`preprocess.with_absent_modalities`).
 
   Raises:
-    DataError: naming the file: unreadable, not 3D / 4D (NIfTI, h5), or not real-valued.
+    DataError: naming the file: unreadable, not 3D / 4D (NIfTI, h5), not real-valued, or without
+      a channel `data.modalities` names (files are unnamed: "channel0", ...).
   """
   kind = input_kind(path)
   original_size = None
@@ -144,8 +150,12 @@ def read_input(path: pathlib.Path, data_cfg: ml_collections.ConfigDict) -> Input
   case = Case(case_id=path.name, image=np.asarray(data, np.float32),
               label=None, spacing=(1.0,) * (data.ndim - 1), source=str(path))
   check_case(case)
-  clip = tuple(data_cfg.get("clip_percentiles", ())) or None
-  if clip is not None or data_cfg.get("zscore", False):
-    case = preprocess.preprocess_case(case, clip=clip, zscore=data_cfg.get("zscore", False),
-                                      nonzero=data_cfg.get("zscore_nonzero", False))
+  case = preprocess.with_absent_modalities(case, log)
+  try:
+    (case,) = preprocess.configured_cases([case], data_cfg)
+  except DataError as err:
+    if "config data.modalities" not in str(err):
+      raise
+    raise DataError(f"{path}: {err} (input files are unnamed: select channels by index or as "
+                    "channel0, channel1, ...)") from err
   return InputFile(case=case, nifti=nifti, original_size=original_size)

@@ -15,7 +15,7 @@ import ml_collections
 
 from jaxseg import config_blocks
 from jaxseg.data import folders2d, la, msd, preprocess, synthetic
-from jaxseg.data.base import Case, DataError, resolve_modalities, select_modalities
+from jaxseg.data.base import Case, DataError
 from jaxseg.data.batches import TwoStreamBatches
 from jaxseg.data.splits import Split, make_split
 
@@ -58,25 +58,7 @@ def load_cases(cfg: ml_collections.ConfigDict) -> list[Case]:
   else:
     cases = folders2d.load_folder2d(config_blocks.data_root(cfg), size=cfg.image_size or None,
                                     num_classes=cfg.num_classes, channels=cfg.channels or None)
-  selection = tuple(cfg.get("modalities", ()) or ())
-  if selection and cases:
-    # Before the preprocessing: clipping / z-scoring statistics and the non-zero mask use only
-    # the kept channels.
-    indices = resolve_modalities(selection, cases[0].modality_names, "data.modalities")
-    cases = [select_modalities(c, indices) for c in cases]
-  return _preprocessed(cfg, cases)
-
-
-def _preprocessed(cfg: ml_collections.ConfigDict, cases: list[Case]) -> list[Case]:
-  """`cases` clipped and z-scored as `cfg` says (unchanged when it says neither)."""
-  if cfg.zscore_nonzero and not cfg.zscore:
-    raise DataError("config data.zscore_nonzero = True needs data.zscore = True (it chooses the "
-                    "voxels of the z-score)")
-  if not (cfg.clip_percentiles or cfg.zscore):
-    return cases
-  clip = tuple(cfg.clip_percentiles) or None
-  return [preprocess.preprocess_case(c, clip=clip, zscore=cfg.zscore, nonzero=cfg.zscore_nonzero)
-          for c in cases]
+  return preprocess.configured_cases(cases, cfg)
 
 
 def load_dataset(cfg: ml_collections.ConfigDict) -> Dataset:
@@ -116,7 +98,7 @@ def load_evaluation_cases(cfg: ml_collections.ConfigDict, case_list: str,
     raise DataError(f"config eval.case_list = {case_list!r}: evaluation lists are read from the data "
                     f"root of data.source = 'la', not {cfg.source!r} (use the validation split)")
   root = config_blocks.data_root(cfg)
-  cases = _preprocessed(cfg, la.load_la(root, case_list))
+  cases = preprocess.configured_cases(la.load_la(root, case_list), cfg)
   training = set(dataset.split.labeled) | set(dataset.split.unlabeled)
   leaked = sorted(c.case_id for c in cases if c.case_id in training)
   if leaked:

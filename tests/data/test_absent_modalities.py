@@ -78,3 +78,17 @@ def test_msd_case_lacking_a_modality_is_loaded_masked_with_a_warning(tmp_path, c
   by_id = {c.case_id: c for c in sources.load_cases(cfg)}
   assert np.all(by_id["FAKE_001"].image[..., 2] == 0)
   assert by_id["FAKE_001"].present.tolist() == [True, True, False]
+
+
+def test_predict_input_lacking_a_modality_is_read_masked_with_a_warning(tmp_path):
+  import nibabel as nib  # pylint: disable=import-outside-toplevel
+  from jaxseg.data import readers  # pylint: disable=import-outside-toplevel
+  image = _image(np.random.default_rng(4), absent=(1,), value=0.0) * 50 + 200
+  image[..., 1] = 0.0
+  nib.save(nib.Nifti1Image(image, np.eye(4)), tmp_path / "scan.nii.gz")
+  cfg = config_blocks.data_block()
+  cfg.zscore = True
+  lines = []
+  case = readers.read_input(tmp_path / "scan.nii.gz", cfg, log=lines.append).case
+  assert case.present.tolist() == [True, False, True] and np.all(case.image[..., 1] == 0)
+  assert len(lines) == 1 and "scan.nii.gz: case 'scan.nii.gz' lacks modality channel1" in lines[0]

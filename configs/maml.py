@@ -8,8 +8,9 @@
 Default: the embedded synthetic 3D data with 4 modalities and 3 nested structures (data.num_classes
 = 4, "nested" layout, like the tumour sub-regions of BraTS; modality m shows class m at a low
 contrast, so the classes need several modalities); 24 volumes of 64x64x48, fully supervised:
-labeled = the first 20, validation = the last 4, no unlabeled cases. 32x32x16 crops, 2 per batch,
-the on-device nnU-Net augmentation, 4 branches of base width 8 with 3 poolings (widths
+labeled = the first 20, validation = the last 4, no unlabeled cases. 32x32x16 crops, 2 per batch
+(the second centred on a foreground voxel: nnU-Net's oversampling of a third, round(2 · 0.67) = 1
+uniform crop), the on-device nnU-Net augmentation, 4 branches of base width 8 with 3 poolings (widths
 8/16/32/64), SGD 0.01 (Nesterov momentum 0.99, weight decay 3e-5, poly over the run, gradient
 norm clipped to 12), 300 steps. Sliding window 32x32x16 (strides half of it). Scored per class and
 on the regions WT = {1, 2, 3}, TC = {2, 3}, ET = {3} (the nested classes as BraTS's).
@@ -83,6 +84,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   c.data.batch_labeled, c.data.batch_unlabeled = 2, 0
   c.data.patch_size = (32, 32, 16)
   c.data.augment = False  # The method augments on the device (moreDA, mirroring included).
+  c.data.foreground_oversample = 0.33  # nnU-Net's sampler: the last third centred on foreground.
   c.method = maml.default_config()
   c.method.model.base_features = 8
   c.method.model.num_pools = 3

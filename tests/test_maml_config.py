@@ -71,6 +71,7 @@ def test_the_default_is_the_synthetic_multi_modal_fully_supervised_run():
   assert (data.num_labeled, data.num_validation, data.labeled_fraction) == (20, 4, 0.0)
   assert (data.batch_labeled, data.batch_unlabeled) == (2, 0)
   assert tuple(data.patch_size) == (32, 32, 16) and not data.augment
+  assert data.foreground_oversample == 0.33 and not data.on_device
   assert config.method.preset == "paper" and config.method.augment
   assert (config.method.model.base_features, config.method.model.num_pools) == (8, 3)
   assert config.train.num_steps == 300 and config.seed == 0
@@ -90,6 +91,7 @@ def test_the_brats_preset_is_the_documented_protocol():
   assert (data.labeled_fraction, data.validation_fraction) == (0.0, 0.0)
   assert (data.batch_labeled, data.batch_unlabeled) == (2, 0)
   assert data.zscore and data.zscore_nonzero and tuple(data.clip_percentiles) == ()
+  assert data.foreground_oversample == 0.33
   assert tuple(data.patch_size) == (128, 128, 128) == tuple(config.eval.patch_size)
   assert tuple(config.eval.strides) == (64, 64, 64) and config.eval.gaussian
   assert tuple(config.eval.regions) == REGIONS and tuple(config.eval.mirror_axes) == ()

@@ -720,6 +720,30 @@ def maml_loss_weights(num_scales: int, num_modalities: int) -> tuple[float, ...]
   return (w[0],) + w * num_modalities
 
 
+def deep_supervised_loss(loss_fn, scales: Sequence[jax.Array],
+                         labels: Sequence[jax.Array]) -> jax.Array:
+  """nnU-Net v1's deep-supervised loss of one network: Σ_s w_s·L(scales[s], labels[s]).
+
+  w = `deep_supervision_weights(S)` (nnU-Net's `MultipleOutputLoss2` with its trainer's weights);
+  terms of weight 0 (the coarsest output) are not evaluated. MAML applies it to every branch
+  (`maml_deep_supervised_terms`), the early-fusion baseline to its only network.
+
+  Args:
+    loss_fn: the per-output loss, (logits (N, *S_s, K), labels (N, *S_s)) -> scalar.
+    scales: S logit maps, full resolution first.
+    labels: S label maps, labels[s] at the resolution of scales[s].
+  """
+  if len(scales) != len(labels):
+    raise ValueError(f"The network has {len(scales)} outputs but there are {len(labels)} label "
+                     "scales (one per output).")
+  total = None
+  for w, logits, target in zip(deep_supervision_weights(len(labels)), scales, labels):
+    if w != 0.0:
+      term = w * loss_fn(logits, target)
+      total = term if total is None else total + term
+  return total
+
+
 MAML_LOSS_PRESETS = ("paper", "released")
 
 
@@ -769,9 +793,7 @@ def maml_deep_supervised_terms(loss_fn, joint_logits: jax.Array,
   loss_joint = loss_fn(joint_logits, labels[0])
   loss_branches = jnp.zeros((), loss_joint.dtype)
   for scales in branch_logits:
-    for s, logits in enumerate(scales):
-      if w[s] != 0.0:
-        loss_branches = loss_branches + w[s] * loss_fn(logits, labels[s])
+    loss_branches = loss_branches + deep_supervised_loss(loss_fn, scales, labels)
   if preset == "released":
     total = w[0] * loss_joint + loss_branches
   else:
@@ -779,4 +801,4 @@ def maml_deep_supervised_terms(loss_fn, joint_logits: jax.Array,
   return total, dict(loss_joint=loss_joint, loss_branches=loss_branches)
 
 
-__all__ += ["MAML_LOSS_PRESETS", "deep_supervision_weights", "maml_deep_supervised_loss", "maml_deep_supervised_terms", "maml_loss_weights"]
+__all__ += ["MAML_LOSS_PRESETS", "deep_supervised_loss", "deep_supervision_weights", "maml_deep_supervised_loss", "maml_deep_supervised_terms", "maml_loss_weights"]

@@ -272,7 +272,8 @@ MAML_SGD = dict(name="sgd", learning_rate=0.01, momentum=0.99, nesterov=True, we
 
 
 def _maml(base_features, num_pools):
-  return dict(name="maml", preset="paper", branch_weight=1.0, batch_dice=True, augment=True,
+  return dict(name="maml", preset="paper", branch_weight=1.0, fusion="maml", batch_dice=True,
+              augment=True,
               nnunet_augment=NNUNET_MORE_DA,
               model=dict(name="maml", base_features=base_features, num_pools=num_pools,
                          shared_init="torch", dtype="float32"),

@@ -42,6 +42,15 @@ refuses such cases (`Case.modality_mask` must hold at least one True), so it ari
 hand-made mask.
 
 Training reads `modality_mask` nowhere: every branch is trained on every sample, as released.
+
+Baselines (`method.fusion`, "maml" by default): "early" replaces the MAML network by one nnU-Net
+branch (`NNUNetBranch`, model "nnunet_branch") reading all M modalities as input channels, the
+paper's early-fusion nnU-Net; with `data.modalities` naming one channel it is the single-modality
+nnU-Net. Its loss is nnU-Net's own, Σ_s w_s L(z_s, y_s) over its P deep-supervision outputs
+(`losses.deep_supervised_loss`, the same function every MAML branch's term uses), with the same
+augmentation, optimiser, schedule and steps as MAML. Only the `paper` preset with λ = 1 applies
+(the presets differ in the MA module and the joint term, which early fusion has not). `predict`
+ignores `modality_mask` there: a withheld modality is a zero channel of the input.
 """
 
 from __future__ import annotations
@@ -62,6 +71,8 @@ from jaxseg.models.maml import MAML_PRESETS
 
 PRESETS = ("paper", "released")
 MODELS = ("maml",)
+# "maml": the MAML network; "early": one nnU-Net branch on all modalities stacked (a baseline).
+FUSIONS = ("maml", "early")
 
 
 def augment_block() -> ml_collections.ConfigDict:
@@ -77,6 +88,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.name = "maml"
   c.preset = "paper"  # "paper" (MA 1³, L_joint + λ·branches) or "released" (MA 3³, w_0·L_joint...).
   c.branch_weight = 1.0  # λ of the paper preset (the paper gives no value); "released" needs 1.
+  c.fusion = "maml"  # "maml", or "early": the nnU-Net baseline on the stacked modalities.
   c.batch_dice = True  # nnU-Net's Dice pooled over the batch (losses.soft_dice_loss).
   c.augment = True  # nnU-Net's moreDA augmentation on the device, every step.
   c.nnunet_augment = augment_block()
@@ -110,6 +122,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if cfg.preset == "released" and cfg.branch_weight != 1.0:
     raise DataError(f"config method.branch_weight = {cfg.branch_weight!r}: the released loss has "
                     "no branch weight λ (it must be 1); use method.preset = 'paper' to set one")
+  base.check_choice(cfg, "fusion", FUSIONS)
+  if cfg.fusion == "early" and cfg.preset != "paper":
+    raise DataError(f"config method.fusion = 'early' with method.preset = {cfg.preset!r}: the "
+                    "presets differ in the MA module and the joint term, which early fusion has "
+                    "not; use method.preset = 'paper'")
+  if cfg.fusion == "early" and cfg.branch_weight != 1.0:
+    raise DataError(f"config method.branch_weight = {cfg.branch_weight!r} with method.fusion = "
+                    "'early': the early-fusion loss has no branch weight λ (it must be 1)")
   for key in ("augment", "batch_dice"):
     if not isinstance(cfg[key], bool):
       raise DataError(f"config method.{key} = {cfg[key]!r} must be True or False")
@@ -135,9 +155,10 @@ class State:
   """MAML's training state.
 
   Attributes:
-    net: the MAML network (all branches, fusion, MA modules, joint head), its SGD state.
+    net: the MAML network (all branches, fusion, MA modules, joint head), or with fusion "early"
+      the one nnU-Net branch; its SGD state.
     augment: the augmentation's settings (static).
-    hparams: preset, branch_weight, batch_dice, augment (static).
+    hparams: preset, branch_weight, batch_dice, augment, fusion (static).
   """
   net: base.TrainState
   augment: nnunet_augment.NnUNetAugmentConfig = flax.struct.field(pytree_node=False)
@@ -145,17 +166,24 @@ class State:
 
 
 def init(rng: jax.Array, config: ml_collections.ConfigDict, example_batch: Batch) -> State:
-  """The MAML network for the batch's M modalities (one branch each) and its optimiser."""
+  """The MAML network for the batch's M modalities (one branch each) and its optimiser; with
+  fusion "early", one `NNUNetBranch` with M input channels (the model block's base_features,
+  num_pools and dtype; `shared_init` is MAML's and unused)."""
   check_config(config)
   base.check_example_batch(example_batch, REQUIREMENTS, "maml")
   cfg = config.method
-  network = models.get_model("maml", num_classes=config.data.num_classes,
-                             ma_kernel=MAML_PRESETS[cfg.preset], **base.model_kwargs(cfg.model))
+  kwargs = base.model_kwargs(cfg.model)
+  if cfg.fusion == "early":
+    kwargs.pop("shared_init", None)
+    network = models.get_model("nnunet_branch", num_classes=config.data.num_classes, **kwargs)
+  else:
+    network = models.get_model("maml", num_classes=config.data.num_classes,
+                               ma_kernel=MAML_PRESETS[cfg.preset], **kwargs)
   net = base.create_train_state(network, optim.method_optimizer(config), rng,
                                 jnp.asarray(example_batch.labeled["image"][:1]))
   hparams = ml_collections.FrozenConfigDict(dict(
       preset=cfg.preset, branch_weight=float(cfg.branch_weight), batch_dice=cfg.batch_dice,
-      augment=cfg.augment))
+      augment=cfg.augment, fusion=cfg.fusion))
   return State(net=net, augment=augment_config(cfg), hparams=hparams)
 
 
@@ -202,6 +230,21 @@ def maml_loss(outputs: dict, labels: jax.Array, preset: str, branch_weight: floa
                                            targets, preset, branch_weight)
 
 
+def early_fusion_loss(outputs: dict, labels: jax.Array, batch_dice: bool = True):
+  """nnU-Net's deep-supervised loss of the early-fusion branch's `outputs` ("logits": P maps, full
+  resolution first) against `labels` (B, *S): Σ_s w_s L(z_s, y_s) (`losses.deep_supervised_loss`,
+  the weight-0 coarsest term not computed).
+
+  Returns:
+    (loss, {}): no parts to log.
+  """
+  def loss_fn(logits, target):
+    return losses.soft_dice_ce_loss(logits, target, batch_dice=batch_dice)
+
+  targets = labels_per_scale(labels, len(outputs["logits"]))
+  return losses.deep_supervised_loss(loss_fn, outputs["logits"], targets), {}
+
+
 # ------------------------------------------------------------------------------------------------
 # The method.
 
@@ -220,14 +263,18 @@ def augmented(state: State, batch: Batch, rng: jax.Array) -> tuple[jax.Array, ja
 def train_step(state: State, batch: Batch, rng: jax.Array):
   """One SGD step on the deep-supervised loss of the (augmented) labeled samples.
 
-  Metrics: loss (L_total), loss_joint, loss_branches (`maml_loss`), learning_rate.
+  Metrics: loss (L_total), loss_joint, loss_branches (`maml_loss`), learning_rate; with fusion
+  "early": loss (`early_fusion_loss`), learning_rate.
   """
   hp = state.hparams
   images, labels = augmented(state, batch, rng)
 
   def objective(params):
     outputs, stats = base.forward_train(state.net, params, images)
-    total, terms = maml_loss(outputs, labels, hp.preset, hp.branch_weight, hp.batch_dice)
+    if hp.fusion == "early":
+      total, terms = early_fusion_loss(outputs, labels, hp.batch_dice)
+    else:
+      total, terms = maml_loss(outputs, labels, hp.preset, hp.branch_weight, hp.batch_dice)
     return total, (terms, stats)
 
   net, loss, terms = base.gradient_step(state.net, objective)
@@ -263,6 +310,12 @@ def missing_modality_probabilities(outputs: dict, modality_mask: jax.Array) -> j
 def predict(state: State, inputs: dict) -> dict:
   """Eval-mode class probabilities of `inputs["image"]` (B, *S, M) for the modalities
   `inputs["modality_mask"]` (B, M) says each sample has (`missing_modality_probabilities`):
-  {"model": (B, *S, K)}."""
+  {"model": (B, *S, K)}.
+
+  With fusion "early": the softmax of the branch's full-resolution output; `modality_mask` is
+  ignored, the network sees a missing modality as its zero channel in the input (which is how
+  early fusion meets a missing modality)."""
   outputs = base.forward_eval(state.net, inputs["image"])
+  if state.hparams.fusion == "early":
+    return {"model": jax.nn.softmax(outputs["logits"][0], axis=-1)}
   return {"model": missing_modality_probabilities(outputs, inputs["modality_mask"])}

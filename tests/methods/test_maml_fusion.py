@@ -157,7 +157,8 @@ def test_predict_is_the_softmax_of_the_full_resolution_output_whatever_the_mask(
   module = models.get_model("nnunet_branch", num_classes=CLASSES, base_features=2,
                             num_pools=NUM_POOLS)
   want = jax.nn.softmax(module.apply({"params": state.net.params}, image)["logits"][0], axis=-1)
-  for mask in (np.ones((2, MODALITIES), bool), np.array([[True, False, False], [False, True, True]])):
+  partial = np.array([[True, False, False], [False, True, True]])
+  for mask in (np.ones((2, MODALITIES), bool), partial):
     got = maml.predict(state, {"image": image, "modality_mask": mask})
     assert sorted(got) == ["model"]
     np.testing.assert_allclose(got["model"], want, rtol=1e-6, atol=1e-7)

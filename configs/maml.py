@@ -2,6 +2,9 @@
 
   python -m jaxseg.main --config configs/maml.py
   python -m jaxseg.main --config configs/maml.py --config.method.preset=released  # MA 3³, w₀·L
+  python -m jaxseg.main --config configs/maml.py --mode eval --config.eval.modalities=subsets
+  python -m jaxseg.main --config configs/maml.py:early_fusion    # nnU-Net, modalities as channels
+  python -m jaxseg.main --config configs/maml.py:single_modality  # nnU-Net on channel 0 alone
   python -m jaxseg.main --config configs/maml.py:brats \
     --config.data.root=/path/to/Task01_BrainTumour
 
@@ -47,6 +50,11 @@ REGIONS = (("WT", (1, 2, 3)), ("TC", (2, 3)), ("ET", (3,)))
 # {preset: overrides of the default config below}.
 PRESETS = {
     "": {},
+    # The nnU-Net baselines of the paper's tables, with this config's data, loss, augmentation,
+    # sampler, optimiser and steps: one network on the 4 modalities stacked as channels...
+    "early_fusion": {"method.fusion": "early"},
+    # ...and one network on one modality (channel 0; another with --config.data.modalities='(2,)').
+    "single_modality": {"method.fusion": "early", "data.modalities": (0,)},
     "brats": {
         "data.source": "msd",
         "data.num_classes": 4,

@@ -82,12 +82,19 @@ def _same_value(a, b) -> bool:
 
 
 def _added_default(key: str, current: dict) -> bool:
-  """Whether `key`, absent from a saved config, is a data-block key or an optimiser field added
-  since that run was started, at the default that reproduces the old behaviour (runs of older
+  """Whether `key`, absent from a saved config, is a data-block key, a key of the method's own
+  block or an optimiser field added since that run was started, at the default that reproduces the old behaviour (runs of older
   versions resume)."""
   block, _, field = key.rpartition(".")
-  if block == "data":
-    defaults = config_blocks.data_block()
+  if block in ("data", "method"):
+    if block == "data":
+      defaults = config_blocks.data_block()
+    else:  # A key of the method's own block, e.g. MAML's method.fusion.
+      try:
+        defaults = load_method(ml_collections.ConfigDict(
+            {"method": {"name": current["method.name"]}})).default_config()
+      except (DataError, KeyError, AttributeError):
+        return False
     if field not in defaults:
       return False
     return _same_value(current[key], defaults[field])

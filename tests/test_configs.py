@@ -271,8 +271,8 @@ MAML_SGD = dict(name="sgd", learning_rate=0.01, momentum=0.99, nesterov=True, we
                 clip_grad_norm=12.0)
 
 
-def _maml(base_features, num_pools):
-  return dict(name="maml", preset="paper", branch_weight=1.0, fusion="maml", batch_dice=True,
+def _maml(base_features, num_pools, fusion="maml"):
+  return dict(name="maml", preset="paper", branch_weight=1.0, fusion=fusion, batch_dice=True,
               augment=True,
               nnunet_augment=NNUNET_MORE_DA,
               model=dict(name="maml", base_features=base_features, num_pools=num_pools,
@@ -319,6 +319,9 @@ METHOD_BLOCKS = {
     # The synthetic default: 4 branches of width 8, 3 poolings; BraTS: the released plan's.
     ("maml", ""): _maml(8, 3),
     ("maml", "brats"): _maml(16, 5),
+    # The nnU-Net baselines: one network on the stacked (or one) modalities, the rest as "".
+    ("maml", "early_fusion"): _maml(8, 3, fusion="early"),
+    ("maml", "single_modality"): _maml(8, 3, fusion="early"),
 }
 
 

@@ -166,3 +166,20 @@ def test_mode_eval_scores_every_modality_subset_and_predict_takes_one(brats_root
   with pytest.raises(DataError, match="unknown modality 't3'"):
     train.predict_workdir(config, str(workdir), str(brats_root / "imagesTr" / "BRATS_004.nii.gz"),
                           str(tmp_path / "out"))
+
+
+def test_the_baseline_presets_change_only_the_network_and_the_channels():
+  default = _config()
+  early, single = _config("early_fusion"), _config("single_modality")
+  assert (early.method.fusion, single.method.fusion) == ("early", "early")
+  assert tuple(early.data.modalities) == () and tuple(single.data.modalities) == (0,)
+  for config in (early, single):  # Everything else as the MAML run: data, loss, sampler, steps.
+    for block in ("data", "train", "eval"):
+      mine, theirs = config[block].to_dict(), default[block].to_dict()
+      mine.pop("modalities", None), theirs.pop("modalities", None)
+      assert mine == theirs
+    assert config.method.optimizer.to_dict() == default.method.optimizer.to_dict()
+    config_blocks.check_config(config)
+    maml.check_config(config)
+  cases = sources.load_cases(_config("single_modality", **{"data.synthetic.num_cases": 2}).data)
+  assert cases[0].image.shape == (64, 64, 48, 1) and cases[0].modality_names == ("channel0",)

@@ -199,3 +199,15 @@ def test_a_run_started_before_a_data_key_existed_resumes(tmp_path):
   config.data.foreground_oversample = 0.33
   with pytest.raises(DataError, match=r"data.foreground_oversample"):
     train.check_same_run(config, tmp_path)
+
+
+def test_a_run_started_before_a_method_key_existed_resumes(tmp_path):
+  """The same for a key of the method's own block (MAML's method.fusion, added later)."""
+  config = load_config_file(CONFIGS_DIR / "maml.py").get_config()
+  saved = json.loads(config.to_json_best_effort())
+  del saved["method"]["fusion"]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  train.check_same_run(config, tmp_path)
+  config.method.fusion = "early"
+  with pytest.raises(DataError, match=r"method.fusion"):
+    train.check_same_run(config, tmp_path)

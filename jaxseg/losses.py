@@ -802,3 +802,296 @@ def maml_deep_supervised_terms(loss_fn, joint_logits: jax.Array,
 
 
 __all__ += ["MAML_LOSS_PRESETS", "deep_supervised_loss", "deep_supervision_weights", "maml_deep_supervised_loss", "maml_deep_supervised_terms", "maml_loss_weights"]
+
+
+# --------------------------------------------------------------------------------------------------------
+# DKUXNet (dual kMaX UX-Net; `Rows21/DK-UXNet` for the supervised terms, jaxseg's own reading of the
+# poster for the contrastive ones).
+
+# `query_distribution_loss`: log clip(D, ε, 1).
+QUERY_DISTRIBUTION_EPS = 1e-6
+# Cosine similarity: x / max(‖x‖, ε), as PyTorch's `F.normalize`.
+COSINE_NORM_EPS = 1e-12
+CONTRASTIVE_NEGATIVES = ("other_class", "all")
+CONTRASTIVE_SIMILARITIES = ("cosine", "dot")
+
+
+def monai_dice_ce_loss(logits: jax.Array, labels: jax.Array, *, smooth_nr: float = 1e-5,
+                       smooth_dr: float = 1e-5) -> jax.Array:
+  """MONAI `DiceCELoss(to_onehot_y=True, softmax=True)` with every other argument at its default.
+
+  Dice part, per sample b and class k (background included), on p = softmax(logits) and y = one-hot(labels):
+
+    d_bk = 1 − (2 Σ_v p_bvk y_bvk + smooth_nr) / (Σ_v p_bvk + Σ_v y_bvk + smooth_dr)
+
+  averaged over all B·K entries (`batch=False`, `squared_pred=False`, `reduction="mean"`). Cross-entropy
+  part: PyTorch `CrossEntropyLoss` mean over samples and voxels, on the logits (`cross_entropy`). The sum
+  has weights lambda_dice = lambda_ce = 1.
+
+  Checked against MONAI's `monai/losses/dice.py` (DiceLoss, DiceCELoss; `dev`, June 2025): its Dice
+  denominator 2(tp + fp/2 + fn/2) + smooth_dr equals Σp + Σy + smooth_dr; the reduction is the plain mean
+  of the (B, K) losses; the CE receives the raw logits with the squeezed integer target, and the softmax
+  applies to the Dice input only. A class absent from a sample's labels gives
+  d = 1 − smooth_nr / (Σp + smooth_dr): ≈ 0 when the prediction is empty too, ≈ 1 once Σp ≫ 1e-5.
+
+  Args:
+    logits: (N, *spatial, K), K ≥ 2 (with K = 1 MONAI would switch to a sigmoid-free BCE; not supported).
+    labels: (N, *spatial) integer labels in [0, K).
+    smooth_nr: added to the Dice numerator.
+    smooth_dr: added to the Dice denominator.
+
+  Returns:
+    Scalar loss.
+  """
+  _check_scores_and_labels(logits, labels, "monai_dice_ce_loss")
+  num_classes = logits.shape[-1]
+  if num_classes < 2:
+    raise ValueError(f"monai_dice_ce_loss: needs K ≥ 2 classes, got {num_classes}.")
+  probs = jax.nn.softmax(logits, axis=-1)
+  target = _one_hot(labels, num_classes, probs.dtype)
+  intersection = _sum_space(probs * target)
+  denominator = _sum_space(probs) + _sum_space(target)
+  dice = 1.0 - (2.0 * intersection + smooth_nr) / (denominator + smooth_dr)
+  return jnp.mean(dice) + cross_entropy(logits, labels)
+
+
+def group_probabilities(query_logits: jax.Array, groups: Sequence[int]) -> jax.Array:
+  """Grouped query distribution D: softmax over the N queries, summed over contiguous query groups.
+
+  R = softmax(query_logits) over the last axis; D_g = Σ_{n ∈ G_g} R_n, where group g holds the queries
+  [Σ_{h<g} |G_h|, Σ_{h≤g} |G_h|). `groups=(16, 16)` with N = 32 gives background / foreground groups;
+  `(16, 4, 108)` with N = 128 the released three groups.
+
+  Args:
+    query_logits: (B, *spatial, N) per-voxel mask logits of the N queries.
+    groups: static group sizes, positive, summing to N.
+
+  Returns:
+    (B, *spatial, G) group probabilities (summing to 1 over G), in the dtype of the softmax.
+  """
+  groups = tuple(int(g) for g in groups)
+  num_queries = query_logits.shape[-1]
+  if not groups or min(groups) < 1 or sum(groups) != num_queries:
+    raise ValueError(f"group_probabilities: the group sizes {groups} must be positive and sum to the "
+                     f"{num_queries} queries.")
+  responses = jax.nn.softmax(query_logits, axis=-1)
+  out, start = [], 0
+  for size in groups:
+    out.append(jnp.sum(responses[..., start:start + size], axis=-1))
+    start += size
+  return jnp.stack(out, axis=-1)
+
+
+def query_distribution_loss(group_probs: jax.Array, labels: jax.Array,
+                            eps: float = QUERY_DISTRIBUTION_EPS) -> jax.Array:
+  """Query-distribution loss L_qd of dkux-v1: the NLL of the label's group, voxel mean.
+
+    L = −(1 / (B·V)) Σ_b Σ_v Σ_g y_bvg log clip(D_bvg, eps, 1),   y = one-hot(labels) over the G groups
+
+  (labels index the groups). The clip bounds the loss and its gradient where a group's probability
+  vanishes; it passes no gradient where D < eps. Labels outside [0, G) contribute 0 but still count in V.
+
+  Args:
+    group_probs: (B, *spatial, G) grouped query probabilities (`group_probabilities`).
+    labels: (B, *spatial) integer labels.
+    eps: lower clip of D.
+
+  Returns:
+    Scalar loss.
+  """
+  _check_scores_and_labels(group_probs, labels, "query_distribution_loss")
+  target = _one_hot(labels, group_probs.shape[-1], group_probs.dtype)
+  log_d = jnp.log(jnp.clip(group_probs, eps, 1.0))
+  return -jnp.sum(target * log_d) / (labels.size)
+
+
+def released_query_distribution_loss(group_probs: jax.Array, labels: jax.Array) -> jax.Array:
+  """The released code's query-distribution loss: voxel **sum**, sample mean, no ε.
+
+    L = −(1/B) Σ_b Σ_v Σ_g y_bvg log D_bvg,   y = one-hot(min(labels, G − 1))
+
+  Labels above G − 1 are clamped to the last group, as the released code does. The product y·log D is
+  taken literally, so the loss is +inf when the label's group has D = 0 and NaN when any group has D = 0
+  (0·log 0): released behaviour, kept on purpose; `query_distribution_loss` is the bounded variant. Its
+  scale grows with the number of voxels.
+
+  Args:
+    group_probs: (B, *spatial, G).
+    labels: (B, *spatial) integer labels ≥ 0.
+
+  Returns:
+    Scalar loss.
+  """
+  _check_scores_and_labels(group_probs, labels, "released_query_distribution_loss")
+  num_groups = group_probs.shape[-1]
+  target = _one_hot(jnp.minimum(labels, num_groups - 1), num_groups, group_probs.dtype)
+  per_sample = jnp.sum(target * jnp.log(group_probs), axis=tuple(range(1, group_probs.ndim)))
+  return -jnp.mean(per_sample)
+
+
+def stratified_anchors(key: jax.Array, classes: jax.Array, num_anchors: int) -> tuple[jax.Array, jax.Array]:
+  """Per sample, M anchor voxels stratified by a binary class map.
+
+  Rule, for every sample separately (c = 1 where `classes` > 0, else 0; n_c voxels of class c):
+
+  * quotas: with both classes present, class 1 gets q_1 = ⌊M/2⌋ anchors and class 0 q_0 = M − q_1; with one
+    class absent, the present class gets all M.
+  * the voxels of each class are put in a uniformly random order (Gumbel-top-k: Gumbel noise on
+    log-weights 0 / −∞, `lax.top_k`); the class's slot r (r = 0 … q_c − 1) takes the r-th voxel of that
+    order while r < n_c — so a class with n_c ≥ q_c is drawn uniformly **without** replacement;
+  * a short class (n_c < q_c) fills its remaining q_c − n_c slots with voxels drawn uniformly **with**
+    replacement from its n_c voxels (every voxel appears at least once).
+
+  Slots are ordered class 0 first, then class 1. Shapes are static; the function is jittable.
+
+  Args:
+    key: PRNG key.
+    classes: (B, V) integer class map over flattened space (0 / 1; anything > 0 counts as 1).
+    num_anchors: M ≥ 1 (static).
+
+  Returns:
+    (anchors, anchor_classes): (B, M) int32 flattened voxel indices and (B, M) int32 their classes (0 / 1).
+  """
+  if classes.ndim != 2:
+    raise ValueError(f"stratified_anchors: expected a (B, V) class map, got shape {classes.shape}.")
+  num_anchors = int(num_anchors)
+  if num_anchors < 1:
+    raise ValueError(f"stratified_anchors: num_anchors must be ≥ 1, got {num_anchors}.")
+  batch, num_voxels = classes.shape
+  k = min(num_anchors, num_voxels)
+  binary = (classes > 0).astype(jnp.int32)
+
+  def one_sample(sample_key, cls):
+    gumbel_key, fill_key = jax.random.split(sample_key)
+    gumbel = jax.random.gumbel(gumbel_key, (num_voxels,), jnp.float32)
+    counts, orders = [], []
+    for c in (0, 1):
+      in_class = cls == c
+      counts.append(jnp.sum(in_class.astype(jnp.int32)))
+      orders.append(jax.lax.top_k(jnp.where(in_class, gumbel, -jnp.inf), k)[1])
+    n0, n1 = counts
+    q1 = jnp.where(n0 == 0, num_anchors, jnp.where(n1 == 0, 0, num_anchors // 2))
+    q0 = num_anchors - q1
+    slot = jnp.arange(num_anchors)
+    slot_class = (slot >= q0).astype(jnp.int32)
+    rank = slot - q0 * slot_class
+    n_slot = jnp.where(slot_class == 1, n1, n0)
+    fill = jax.random.randint(fill_key, (num_anchors,), 0, jnp.maximum(n_slot, 1))
+    pos = jnp.minimum(jnp.where(rank < n_slot, rank, fill), k - 1)
+    index = jnp.where(slot_class == 1, orders[1][pos], orders[0][pos]).astype(jnp.int32)
+    return index, cls[index]
+
+  return jax.vmap(one_sample)(jax.random.split(key, batch), binary)
+
+
+def _normalise(x: jax.Array) -> jax.Array:
+  """x / max(‖x‖, 1e-12) over the last axis (finite gradient at 0)."""
+  norm_sq = jnp.sum(x * x, axis=-1, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(norm_sq, COSINE_NORM_EPS**2))
+
+
+def _flat_features(x: jax.Array) -> jax.Array:
+  return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def contrastive_loss_at(features: jax.Array, peer_features: jax.Array, anchors: jax.Array,
+                        anchor_classes: jax.Array, *, temperature: float = 0.1,
+                        negatives: str = "other_class", include_positive_in_denominator: bool = False,
+                        similarity: str = "cosine") -> jax.Array:
+  """Cross-network voxel contrastive loss at given anchors (the core of `voxel_contrastive_loss`).
+
+  Per sample, over its M anchors i, j (anchor slots, so a voxel drawn twice counts twice):
+
+    e_i = features[anchor i], f_j = stop_gradient(peer_features[anchor j]), both L2-normalised
+    (`similarity="cosine"`) or raw (`"dot"`); s_ij = e_i·f_j / τ.
+    Neg(i) = {j ≠ i : c_j ≠ c_i} (`negatives="other_class"`) or {j ≠ i} (`"all"`).
+    Den(i) = Neg(i), plus i itself with `include_positive_in_denominator`.
+    loss_i = −s_ii + log Σ_{j ∈ Den(i)} exp(s_ij)   (log-sum-exp).
+
+  Anchor i is valid when Neg(i) is non-empty; the result is the mean of loss_i over the valid anchors of
+  all samples pooled (Σ_b Σ_i valid·loss / Σ_b Σ_i valid), 0 when no anchor is valid. A sample whose
+  anchors are all of one class (with "other_class") thus has weight 0. Without the positive in the
+  denominator the loss is not bounded below by 0 (it is negative once the positive pair outscores the sum
+  of the negatives). Computed in float32 at least
+  (float64 inputs stay float64). The peer receives no gradient.
+
+  Args:
+    features: (B, *spatial, F) embeddings of the network being trained (e.g. probabilities).
+    peer_features: (B, *spatial, F) the peer network's embeddings.
+    anchors: (B, M) integer flattened voxel indices.
+    anchor_classes: (B, M) integer classes of the anchors.
+    temperature: τ > 0.
+    negatives: "other_class" or "all".
+    include_positive_in_denominator: add the positive pair to the denominator (InfoNCE form).
+    similarity: "cosine" or "dot".
+
+  Returns:
+    Scalar loss.
+  """
+  _check_same_shape(features, peer_features, "contrastive_loss_at")
+  if negatives not in CONTRASTIVE_NEGATIVES:
+    raise ValueError(f"Unknown negatives {negatives!r}; expected one of {CONTRASTIVE_NEGATIVES}.")
+  if similarity not in CONTRASTIVE_SIMILARITIES:
+    raise ValueError(f"Unknown similarity {similarity!r}; expected one of {CONTRASTIVE_SIMILARITIES}.")
+  if anchors.ndim != 2 or anchors.shape != anchor_classes.shape or anchors.shape[0] != features.shape[0]:
+    raise ValueError(f"contrastive_loss_at: anchors and anchor_classes must both be (B, M) with "
+                     f"B = {features.shape[0]}, got {anchors.shape} and {anchor_classes.shape}.")
+  dtype = jnp.promote_types(features.dtype, jnp.float32)
+  anchors = anchors.astype(jnp.int32)
+  e = jnp.take_along_axis(_flat_features(features).astype(dtype), anchors[..., None], axis=1)
+  f = jnp.take_along_axis(_flat_features(jax.lax.stop_gradient(peer_features)).astype(dtype),
+                          anchors[..., None], axis=1)
+  if similarity == "cosine":
+    e, f = _normalise(e), _normalise(f)
+  logits = jnp.einsum("bif,bjf->bij", e, f) / temperature
+  num_anchors = anchors.shape[1]
+  off_diagonal = ~jnp.eye(num_anchors, dtype=bool)
+  negative = jnp.broadcast_to(off_diagonal, logits.shape)
+  if negatives == "other_class":
+    negative = negative & (anchor_classes[:, :, None] != anchor_classes[:, None, :])
+  valid = jnp.any(negative, axis=-1)
+  in_denominator = negative | ~off_diagonal if include_positive_in_denominator else negative
+  row_max = jax.lax.stop_gradient(jnp.max(jnp.where(in_denominator, logits, -jnp.inf), axis=-1,
+                                          keepdims=True))
+  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+  shifted = jnp.where(in_denominator, logits - row_max, -jnp.inf)
+  total = jnp.sum(jnp.exp(shifted), axis=-1)
+  log_denominator = row_max[..., 0] + jnp.log(jnp.where(valid, total, 1.0))
+  positive = jnp.diagonal(logits, axis1=-2, axis2=-1)
+  per_anchor = jnp.where(valid, log_denominator - positive, 0.0)
+  count = jnp.sum(valid.astype(dtype))
+  return jnp.sum(per_anchor) / jnp.maximum(count, 1.0)
+
+
+def voxel_contrastive_loss(key: jax.Array, features: jax.Array, peer_features: jax.Array,
+                           classes: jax.Array, *, num_anchors: int = 512, temperature: float = 0.1,
+                           negatives: str = "other_class", include_positive_in_denominator: bool = False,
+                           similarity: str = "cosine") -> jax.Array:
+  """dkux-v1 cross-network contrastive loss (L_segc on probabilities, L_qdc on grouped distributions).
+
+  Draws `num_anchors` anchors per sample with `stratified_anchors(key, classes)` and returns
+  `contrastive_loss_at` there: the same voxel in the peer is the positive, voxels of the other class
+  (or all other anchors) the negatives, peer keys under stop-gradient.
+
+  Args:
+    key: PRNG key for the anchors.
+    features: (B, *spatial, F) the trained network's embeddings.
+    peer_features: (B, *spatial, F) the peer's embeddings (no gradient flows into them).
+    classes: (B, *spatial) integer classes in {0, 1} (ground truth, or the peer's argmax).
+    num_anchors, temperature, negatives, include_positive_in_denominator, similarity: see
+      `stratified_anchors` and `contrastive_loss_at`.
+
+  Returns:
+    Scalar loss.
+  """
+  _check_scores_and_labels(features, classes, "voxel_contrastive_loss")
+  anchors, anchor_classes = stratified_anchors(key, classes.reshape(classes.shape[0], -1), num_anchors)
+  return contrastive_loss_at(features, peer_features, anchors, anchor_classes, temperature=temperature,
+                             negatives=negatives,
+                             include_positive_in_denominator=include_positive_in_denominator,
+                             similarity=similarity)
+
+
+__all__ += ["CONTRASTIVE_NEGATIVES", "CONTRASTIVE_SIMILARITIES", "contrastive_loss_at", "group_probabilities",
+            "monai_dice_ce_loss", "query_distribution_loss", "released_query_distribution_loss",
+            "stratified_anchors", "voxel_contrastive_loss"]

@@ -20,6 +20,7 @@
 | `hrres_segnet_ds` | `HRResSegNetDS` | ASDNet `HRResSegNet_DS` (4,036,142 params) |
 | `nnunet_branch` | `NNUNetBranch` | MAML's branch, nnU-Net v1 `Generic_UNet` (16,593,456 params, 1 channel in, 4 classes) |
 | `maml` | `MAML` | `YaoZhang93/MAML` `Generic_MAML` (66,458,128 params, 4 modalities, 4 classes; `released` 66,484,752) |
+| `kmax_decoder` | `KMaXDecoder` (pixel features coarse to fine + final features; not a segmenter on its own) | deeplab2 kMaX-DeepLab, `Rows21/DK-UXNet` (docs/networks.md) |
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import jax.numpy as jnp
 from jaxseg.models import layers
 from jaxseg.models.asdnet import ConfidenceFCN, HRResSegNetDS, asdnet_confidence, hrres_segnet_ds
 from jaxseg.models.critics import PixelCritic, SDFDiscriminator, duo_critic, sassnet_discriminator
+from jaxseg.models.kmax import KMaXDecoder
 from jaxseg.models.maml import MAML, NNUNetBranch, maml, nnunet_branch
 from jaxseg.models.unet import UNet, duo_unet, ssl4mis_unet2d, ssl4mis_unet3d
 from jaxseg.models.vnet import VNet, svnet, vnet, vnet_sdf
@@ -41,6 +43,7 @@ from jaxseg.models.vnet import VNet, svnet, vnet, vnet_sdf
 __all__ = [
     "ConfidenceFCN",
     "HRResSegNetDS",
+    "KMaXDecoder",
     "MAML",
     "MODELS",
     "NNUNetBranch",
@@ -79,6 +82,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "hrres_segnet_ds": hrres_segnet_ds,
     "nnunet_branch": nnunet_branch,
     "maml": maml,
+    "kmax_decoder": KMaXDecoder,
 }
 
 

@@ -20,6 +20,7 @@
 | `hrres_segnet_ds` | `HRResSegNetDS` | ASDNet `HRResSegNet_DS` (4,036,142 params) |
 | `nnunet_branch` | `NNUNetBranch` | MAML's branch, nnU-Net v1 `Generic_UNet` (16,593,456 params, 1 channel in, 4 classes) |
 | `maml` | `MAML` | `YaoZhang93/MAML` `Generic_MAML` (66,458,128 params, 4 modalities, 4 classes; `released` 66,484,752) |
+| `uxnet` | `UXNet` | `MASILab/3DUX-Net` `UXNET` (53,005,922 params, 1 channel in, 2 classes) |
 | `kmax_decoder` | `KMaXDecoder` (pixel features coarse to fine + final features; not a segmenter on its own) | deeplab2 kMaX-DeepLab, `Rows21/DK-UXNet` (docs/networks.md) |
 """
 
@@ -38,6 +39,7 @@ from jaxseg.models.critics import PixelCritic, SDFDiscriminator, duo_critic, sas
 from jaxseg.models.kmax import KMaXDecoder
 from jaxseg.models.maml import MAML, NNUNetBranch, maml, nnunet_branch
 from jaxseg.models.unet import UNet, duo_unet, ssl4mis_unet2d, ssl4mis_unet3d
+from jaxseg.models.uxnet import UXNet, uxnet
 from jaxseg.models.vnet import VNet, svnet, vnet, vnet_sdf
 
 __all__ = [
@@ -50,6 +52,7 @@ __all__ = [
     "PixelCritic",
     "SDFDiscriminator",
     "UNet",
+    "UXNet",
     "VNet",
     "asdnet_confidence",
     "count_params",
@@ -64,6 +67,7 @@ __all__ = [
     "ssl4mis_unet2d",
     "ssl4mis_unet3d",
     "svnet",
+    "uxnet",
     "vnet",
     "vnet_sdf",
 ]
@@ -82,6 +86,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "hrres_segnet_ds": hrres_segnet_ds,
     "nnunet_branch": nnunet_branch,
     "maml": maml,
+    "uxnet": uxnet,
     "kmax_decoder": KMaXDecoder,
 }
 

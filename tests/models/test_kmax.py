@@ -299,3 +299,16 @@ def test_layer_parameter_count():
   assert _count(shapes["batch_stats"]) == 2 * sum(
       math.prod(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(shapes["params"])
       if path[-1].key == "scale")
+
+
+def test_full_size_parameter_counts():
+  """The counts of docs/networks.md (eval_shape only): DK-UXNet's inputs 384/192/96, final 48."""
+  features = [jax.ShapeDtypeStruct((1, 2, 2, 2, c), jnp.float32) for c in (384, 192, 96)]
+  final = jax.ShapeDtypeStruct((1, 4, 4, 4, 48), jnp.float32)
+  for n, total in ((32, 10_197_950), (128, 10_222_526)):
+    variables = jax.eval_shape(functools.partial(KMaXDecoder(num_centres=n).init, train=False),
+                               jax.random.key(0), features, final)
+    params = variables["params"]
+    assert _count(params) == total
+    assert [_count(params[f"layer_{i}_0"]) for i in range(3)] == [1_714_066, 1_664_914, 1_640_338]
+    assert _count(params["predictor"]) == 85_074

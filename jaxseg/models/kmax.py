@@ -215,7 +215,8 @@ class KMaXPredictor(nn.Module):
     logits = jnp.einsum("b...c,bnc->b...n", f, m)
     logits = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
                           axis_name=self.bn_axis_name, use_fast_variance=False, dtype=f.dtype,
-                          scale_init=nn.initializers.constant(0.1), name="logits_bn")(logits[..., None])
+                          scale_init=nn.initializers.constant(0.1),
+                          name="logits_bn")(logits[..., None])
     return logits[..., 0]
 
 
@@ -284,8 +285,8 @@ class KMaXLayer(nn.Module):
     z = z + u.astype(z.dtype)
 
     # Centre self-attention, from the pre-update Q.
-    qkv = dense(2 * self.key_dim + self.value_dim, kernel_init=nn.initializers.truncated_normal(init_std),
-                name="qkv")(q)
+    qkv = dense(2 * self.key_dim + self.value_dim,
+                kernel_init=nn.initializers.truncated_normal(init_std), name="qkv")(q)
     qkv = bn("qkv_bn")(qkv)
     aq, ak, av = jnp.split(qkv, [self.key_dim, 2 * self.key_dim], axis=-1)
     o = multi_head_attention(aq, ak, av, self.num_heads,
@@ -366,6 +367,7 @@ class KMaXDecoder(nn.Module):
                  dtype=self.dtype, name="mask_embedding")(z)
     e = _gelu(_batch_norm(train, self.dtype, self.bn_axis_name, "mask_embedding_bn")(e))
     logits = KMaXPredictor(self.pixel_head_dim, self.mask_dim, dtype=self.dtype,
-                           bn_axis_name=self.bn_axis_name, name="predictor")(final_features, e, train)
+                           bn_axis_name=self.bn_axis_name,
+                           name="predictor")(final_features, e, train)
     return {"mask_logits": logits.astype(jnp.promote_types(logits.dtype, jnp.float32)),
             "centres": z}

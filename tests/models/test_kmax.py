@@ -73,8 +73,8 @@ def test_hard_assignment_matches_numpy_argmax_including_ties():
 def test_hard_assignment_has_zero_gradient():
   logits = jnp.asarray(np.random.default_rng(1).normal(size=(2, 5, 4)), jnp.float32)
   weights = jnp.arange(40.0).reshape(2, 5, 4)
-  grad = jax.grad(lambda s: jnp.sum(hard_assignment(s) * weights) + jnp.sum(hard_assignment(s * 3)))(
-      logits)
+  loss = lambda s: jnp.sum(hard_assignment(s) * weights) + jnp.sum(hard_assignment(s * 3))  # noqa: E731
+  grad = jax.grad(loss)(logits)
   np.testing.assert_array_equal(np.asarray(grad), np.zeros((2, 5, 4), np.float32))
 
 
@@ -103,7 +103,7 @@ def _numpy_attention(q, k, v, heads, normalise=lambda x: x):
   out = np.zeros((b, l, dv))
   logits = np.zeros((b, l, m, heads))
   for h in range(heads):
-    qs, ks = slice(h * dk // heads, (h + 1) * dk // heads), slice(h * dv // heads, (h + 1) * dv // heads)
+    qs = slice(h * dk // heads, (h + 1) * dk // heads)
     for i in range(b):
       logits[i, :, :, h] = q[i, :, qs] @ k[i, :, qs].T
   weights = _softmax(normalise(logits), axis=2)
@@ -227,7 +227,8 @@ def test_decoder_shapes_modes_and_batch_stats():
       "layer_0_0", "layer_1_0", "layer_2_0"]
   assert shapes["params"]["centres"].shape == (4, SMALL["centre_dim"])
   variables = _numpy_variables(shapes)
-  eval_out = jax.eval_shape(functools.partial(decoder.apply, train=False), variables, features, final)
+  eval_out = jax.eval_shape(functools.partial(decoder.apply, train=False), variables, features,
+                            final)
   assert eval_out["mask_logits"].shape == (2, 8, 8, 8, 4)
   assert eval_out["mask_logits"].dtype == jnp.float32
   assert eval_out["centres"].shape == (2, 4, SMALL["centre_dim"])

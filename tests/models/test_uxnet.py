@@ -105,7 +105,7 @@ def _count(tree):
 
 def test_parameter_count_from_the_layer_table():
   table = _uxnet_table(48, 1, 2)
-  assert table["encoder"] == 1_311_936
+  assert table["encoder"] == 1_311_936 and table["e5"] == 24_182_784 and table["d3"] == 14_598_144
   assert sum(table.values()) == UXNET_PARAMS
   model = get_model("uxnet")
   assert model.feature_size == 48 and tuple(model.depths) == (2, 2, 2, 2)

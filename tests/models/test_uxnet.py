@@ -161,18 +161,34 @@ def test_channel_layer_norm_matches_numpy_channels_first():
   np.testing.assert_allclose(np.moveaxis(np.asarray(y), -1, 1), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("c_in,c_out,groups,k", [(3, 12, 3, 1), (12, 3, 3, 1), (4, 4, 4, 3), (6, 4, 2, 1)])
-def test_grouped_conv_matches_lax_feature_groups(c_in, c_out, groups, k):
-  conv = GroupedConv(c_out, k, groups)
-  x = normal((2, 5, 4, 3, c_in))
-  variables = _layer_variables(conv, x)
-  assert variables["params"]["kernel"].shape == (k,) * 3 + (c_in // groups, c_out)
-  y = conv.apply(variables, x)
-  p = variables["params"]
-  expected = lax.conv_general_dilated(x, p["kernel"], (1, 1, 1), ((k // 2, k // 2),) * 3,
-                                      dimension_numbers=layers.conv_dimension_numbers(5),
-                                      feature_group_count=groups) + p["bias"]
-  np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("c_in,c_out,groups,k,impl", [
+    (3, 12, 3, 1, "auto"), (12, 3, 3, 1, "auto"), (6, 4, 2, 1, "auto"),
+    (4, 4, 4, 3, "native"), (4, 4, 4, 3, "stacked2d"), (6, 4, 2, 3, "stacked2d"), (4, 4, 4, 3, "auto")])
+def test_grouped_conv_matches_lax_feature_groups(c_in, c_out, groups, k, impl):
+  conv = GroupedConv(c_out, k, groups, impl=impl)
+  for shape in ((2, 5, 4, 3, c_in), (1, 6, 5, c_in)):
+    x = normal(shape)
+    variables = _layer_variables(conv, x)
+    d = x.ndim - 2
+    assert variables["params"]["kernel"].shape == (k,) * d + (c_in // groups, c_out)
+    y = conv.apply(variables, x)
+    p = variables["params"]
+    expected = lax.conv_general_dilated(x, p["kernel"], (1,) * d, ((k // 2, k // 2),) * d,
+                                        dimension_numbers=layers.conv_dimension_numbers(x.ndim),
+                                        feature_group_count=groups, precision=lax.Precision.HIGHEST)
+    np.testing.assert_allclose(y, expected + p["bias"], rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_conv_dense_path_gradient_stays_grouped():
+  # The block-diagonal kernel of impl="stacked2d" gives the same gradients as the grouped convolution.
+  x = normal((1, 6, 5, 4, 4))
+  grads = {}
+  for impl in ("native", "stacked2d"):
+    conv = GroupedConv(4, 3, 4, impl=impl)
+    variables = _layer_variables(conv, x)
+    grads[impl] = jax.grad(lambda v: jnp.sum(jnp.sin(conv.apply(v, x))))(variables)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads["native"],
+               grads["stacked2d"])
 
 
 def test_grouped_conv_init_uses_the_grouped_fan_in():
@@ -369,5 +385,5 @@ def test_bfloat16_forward_is_finite():
   assert out["features"]["d0"].dtype == jnp.bfloat16
   logits = np.asarray(out["logits"].astype(jnp.float32))
   assert np.isfinite(logits).all() and np.abs(logits).max() > 0
-  reference = uxnet(feature_size=FS).apply(variables, x)["logits"]
+  reference = jax.jit(uxnet(feature_size=FS).apply)(variables, x)["logits"]
   np.testing.assert_allclose(logits, reference, atol=0.25 * np.abs(np.asarray(reference)).max() + 0.05)

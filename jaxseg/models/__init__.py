@@ -21,6 +21,7 @@
 | `nnunet_branch` | `NNUNetBranch` | MAML's branch, nnU-Net v1 `Generic_UNet` (16,593,456 params, 1 channel in, 4 classes) |
 | `maml` | `MAML` | `YaoZhang93/MAML` `Generic_MAML` (66,458,128 params, 4 modalities, 4 classes; `released` 66,484,752) |
 | `uxnet` | `UXNet` | `MASILab/3DUX-Net` `UXNET` (53,005,922 params, 1 channel in, 2 classes) |
+| `dkuxnet` | `DKUXNet` | UX-Net + kMaX decoder, `Rows21/DK-UXNet` (`kmax=False`: the UX-Net alone) |
 | `kmax_decoder` | `KMaXDecoder` (pixel features coarse to fine + final features; not a segmenter on its own) | deeplab2 kMaX-DeepLab, `Rows21/DK-UXNet` (docs/networks.md) |
 """
 
@@ -36,6 +37,7 @@ import jax.numpy as jnp
 from jaxseg.models import layers
 from jaxseg.models.asdnet import ConfidenceFCN, HRResSegNetDS, asdnet_confidence, hrres_segnet_ds
 from jaxseg.models.critics import PixelCritic, SDFDiscriminator, duo_critic, sassnet_discriminator
+from jaxseg.models.dkuxnet import DKUXNet, dkuxnet
 from jaxseg.models.kmax import KMaXDecoder
 from jaxseg.models.maml import MAML, NNUNetBranch, maml, nnunet_branch
 from jaxseg.models.unet import UNet, duo_unet, ssl4mis_unet2d, ssl4mis_unet3d
@@ -44,6 +46,7 @@ from jaxseg.models.vnet import VNet, svnet, vnet, vnet_sdf
 
 __all__ = [
     "ConfidenceFCN",
+    "DKUXNet",
     "HRResSegNetDS",
     "KMaXDecoder",
     "MAML",
@@ -56,6 +59,7 @@ __all__ = [
     "VNet",
     "asdnet_confidence",
     "count_params",
+    "dkuxnet",
     "duo_critic",
     "duo_unet",
     "get_model",
@@ -87,6 +91,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "nnunet_branch": nnunet_branch,
     "maml": maml,
     "uxnet": uxnet,
+    "dkuxnet": dkuxnet,
     "kmax_decoder": KMaXDecoder,
 }
 

@@ -54,6 +54,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxseg.models.uxnet import GroupedConv
+
 Array = jax.Array
 Dtype = Any
 
@@ -181,11 +183,14 @@ class KMaXPredictor(nn.Module):
     mask_dim: the embedding width of pixels and mask kernels (128).
     dtype: the computation dtype (None: from inputs and parameters); the logits are float32.
     bn_axis_name: BatchNorm cross-device axis name.
+    conv_impl: `uxnet.GroupedConv.impl` of the depthwise 5^d conv ("auto": a block-diagonal dense
+      conv on the CPU backend, the native grouped conv on GPU/TPU).
   """
   pixel_head_dim: int = 256
   mask_dim: int = 128
   dtype: Optional[Dtype] = None
   bn_axis_name: Optional[str] = None
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, pixel_features: Array, mask_embeddings: Array, train: bool = False) -> Array:
@@ -193,9 +198,11 @@ class KMaXPredictor(nn.Module):
     bn = functools.partial(_batch_norm, train, self.dtype, self.bn_axis_name)
     c = pixel_features.shape[-1]
     d = pixel_features.ndim - 2
-    f = nn.Conv(c, (5,) * d, padding=((2, 2),) * d, feature_group_count=c, use_bias=False,
-                kernel_init=nn.initializers.xavier_uniform(), dtype=self.dtype,
-                name="pixel_depthwise")(pixel_features)
+    # The parameters of nn.Conv(c, (5,)*d, feature_group_count=c, use_bias=False) with
+    # Xavier-uniform init; on CPU it runs as a block-diagonal dense conv (uxnet.GroupedConv).
+    f = GroupedConv(c, 5, groups=c, use_bias=False, dtype=self.dtype, impl=self.conv_impl,
+                    kernel_init=nn.initializers.xavier_uniform(),
+                    name="pixel_depthwise")(pixel_features)
     f = _gelu(bn("pixel_depthwise_bn")(f))
     f = nn.Dense(self.pixel_head_dim, use_bias=False, kernel_init=_he_normal(c), dtype=self.dtype,
                  name="pixel_conv1")(f)
@@ -233,6 +240,7 @@ class KMaXLayer(nn.Module):
     pixel_head_dim, mask_dim: the predictor's widths (256, 128).
     dtype: the computation dtype (None: from inputs and parameters).
     bn_axis_name: BatchNorm cross-device axis name.
+    conv_impl: the predictor's depthwise conv implementation (`KMaXPredictor.conv_impl`).
 
   Apply with `mutable=["intermediates"]` to get P, Q, V, the logits S, the assignment A and the
   M-step update (the "intermediates" collection).
@@ -247,6 +255,7 @@ class KMaXLayer(nn.Module):
   mask_dim: int = 128
   dtype: Optional[Dtype] = None
   bn_axis_name: Optional[str] = None
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, pixel_features: Array, centres: Array, train: bool = False) -> Array:
@@ -271,7 +280,8 @@ class KMaXLayer(nn.Module):
 
     # E-step.
     logits = KMaXPredictor(self.pixel_head_dim, self.mask_dim, dtype=self.dtype,
-                           bn_axis_name=self.bn_axis_name, name="predictor")(p, q, train)
+                           bn_axis_name=self.bn_axis_name, conv_impl=self.conv_impl,
+                           name="predictor")(p, q, train)
     assignment = hard_assignment(logits)
     self.sow("intermediates", "mask_logits", logits)
     self.sow("intermediates", "assignment", assignment)
@@ -322,6 +332,7 @@ class KMaXDecoder(nn.Module):
     dtype: the computation dtype (None: float32 from the parameters); parameters, BatchNorm
       statistics, the centre stream and all logits are float32.
     bn_axis_name: BatchNorm cross-device axis name (None: no cross-device sync).
+    conv_impl: the predictors' depthwise conv implementation (`KMaXPredictor.conv_impl`).
 
   BatchNorm uses batch statistics and updates `batch_stats` when `train` (apply with
   `mutable=["batch_stats"]`); running averages otherwise.
@@ -338,6 +349,7 @@ class KMaXDecoder(nn.Module):
   layers_per_scale: int = 2
   dtype: Optional[Dtype] = None
   bn_axis_name: Optional[str] = None
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, pixel_features: Sequence[Array], final_features: Array,
@@ -362,12 +374,12 @@ class KMaXDecoder(nn.Module):
                       key_dim=self.key_dim, value_dim=self.value_dim, num_heads=self.num_heads,
                       ffn_dim=self.ffn_dim, pixel_head_dim=self.pixel_head_dim,
                       mask_dim=self.mask_dim, dtype=self.dtype, bn_axis_name=self.bn_axis_name,
-                      name=f"layer_{i}_{j}")(x, z, train)
+                      conv_impl=self.conv_impl, name=f"layer_{i}_{j}")(x, z, train)
     e = nn.Dense(self.centre_dim, use_bias=False, kernel_init=_he_normal(self.centre_dim),
                  dtype=self.dtype, name="mask_embedding")(z)
     e = _gelu(_batch_norm(train, self.dtype, self.bn_axis_name, "mask_embedding_bn")(e))
     logits = KMaXPredictor(self.pixel_head_dim, self.mask_dim, dtype=self.dtype,
-                           bn_axis_name=self.bn_axis_name,
+                           bn_axis_name=self.bn_axis_name, conv_impl=self.conv_impl,
                            name="predictor")(final_features, e, train)
     return {"mask_logits": logits.astype(jnp.promote_types(logits.dtype, jnp.float32)),
             "centres": z}

@@ -134,6 +134,9 @@ class GroupedConv(nn.Module):
     impl: for k > 1: "native" (one grouped XLA convolution), "stacked2d" (the block-diagonal dense
       kernel; as `layers.Conv`'s stacked 2D convolution in 3D, a dense XLA convolution in other ranks),
       or "auto": stacked2d on the CPU backend, native otherwise.
+    kernel_init: the kernel's initialiser, called on the grouped kernel shape (*k, C_in/groups, C_out)
+      as `flax.linen.Conv` calls it (None: PyTorch's U(±1/√fan_in)); the kMaX pixel head passes
+      Xavier-uniform.
   """
   features: int
   kernel_size: int
@@ -141,6 +144,7 @@ class GroupedConv(nn.Module):
   use_bias: bool = True
   dtype: Optional[Any] = None
   impl: str = "auto"
+  kernel_init: Optional[Any] = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -154,6 +158,8 @@ class GroupedConv(nn.Module):
       raise ValueError(f"GroupedConv: kernel_size must be odd, got {k}.")
     i_per, o_per = c_in // g, self.features // g
     kernel_init, bias_init = layers.initializers("torch", i_per * k**d)
+    if self.kernel_init is not None:
+      kernel_init = self.kernel_init
     kernel = self.param("kernel", kernel_init, (k,) * d + (i_per, self.features), jnp.float32)
     bias = self.param("bias", bias_init, (self.features,), jnp.float32) if self.use_bias else None
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)

@@ -12,6 +12,7 @@ from jaxseg import config_blocks
 from jaxseg.data import augment, device_crops
 from jaxseg.data.base import Case, DataError
 from jaxseg.data.batches import TwoStreamBatches
+from test_batches import PoisonLabel
 
 PATCH = (8, 8, 6)
 CENTRE = tuple(p // 2 for p in PATCH)
@@ -26,16 +27,6 @@ def blob_case(index, shape=(30, 30, 20), blobs=(((6, 8), (20, 22), (5, 7), 1),),
     label[tuple(slice(lo, hi) for lo, hi in box)] = c
   return Case(case_id=f"c{index}", image=image, label=label, spacing=(1.0,) * len(shape),
               source=f"/fake/c{index}.h5")
-
-
-class PoisonLabel:
-  """Stands in for the label of an unlabeled case: any use of it fails the test."""
-
-  def __getattr__(self, name):
-    raise AssertionError("the sampler read the label of an unlabeled case")
-
-  def __array__(self, *args, **kwargs):
-    raise AssertionError("the sampler read the label of an unlabeled case")
 
 
 def make(labeled, unlabeled=(), **kwargs):

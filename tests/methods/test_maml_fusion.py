@@ -20,43 +20,19 @@ import numpy as np
 import pytest
 
 from conftest import jit_init, run_steps, two_stream_batch
+from test_maml import CLASSES, MODALITIES, NUM_POOLS, _batch  # The same tiny 2D data.
+from test_maml import _config as maml_config
 from jaxseg import config_blocks, losses, models
 from jaxseg.data.base import DataError
 from jaxseg.methods import base, maml
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
-PATCH = (16, 16)
-MODALITIES = 3
-CLASSES = 3
-NUM_POOLS = 3
 
 
-def _config(fusion: str = "early", **method) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.data = config_blocks.data_block()
-  c.data.num_classes = CLASSES
-  c.data.batch_unlabeled = 0
-  c.data.patch_size = PATCH
-  c.method = maml.default_config()
-  c.method.fusion = fusion
-  c.method.model.base_features = 2
-  c.method.model.num_pools = NUM_POOLS
-  c.method.augment = False
-  c.method.update(method)
-  c.train = config_blocks.train_block()
-  c.train.num_steps = 50
-  return c
-
-
-def _batch(seed: int = 0, num: int = 2):
-  """Labeled images (num, 16, 16, 3): class 1 where modality 0 is high and modality 1 low, class 2
-  where both are high (as test_maml.py)."""
-  rng = np.random.default_rng(seed)
-  image = rng.normal(size=(num, *PATCH, MODALITIES)).astype(np.float32)
-  high0, high1 = image[..., 0] > 0.0, image[..., 1] > 0.0
-  label = np.where(high0 & high1, 2, np.where(high0, 1, 0)).astype(np.int32)
-  return two_stream_batch(image, label, np.zeros((0, *PATCH, MODALITIES), np.float32))
+def _config(fusion: str = "early", preset: str = "paper", **method) -> ml_collections.ConfigDict:
+  """test_maml.py's tiny 2D config with `method.fusion` = `fusion`."""
+  return maml_config(preset, fusion=fusion, **method)
 
 
 @pytest.fixture(scope="module")

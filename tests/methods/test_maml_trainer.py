@@ -22,13 +22,12 @@ import subprocess
 import sys
 import textwrap
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from conftest import _CACHE, CONFIGS_DIR, REPO, load_config_file
 from jaxseg import train
+from test_asdnet_trainer import checkpoint  # Every leaf of a saved state.
 from test_asdnet_trainer import one_trace_per_step  # noqa: F401  (autouse, module scope)
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
@@ -57,13 +56,6 @@ def tiny_config(fusion: str, num_steps: int):
 def run(fusion: str, num_steps: int, workdir: pathlib.Path) -> pathlib.Path:
   train.train_and_evaluate(tiny_config(fusion, num_steps), workdir)
   return workdir
-
-
-def checkpoint(workdir: pathlib.Path, step: int) -> dict:
-  """{"['net']['params']...": array, ...}: every leaf of the state saved at `step`."""
-  restored = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
-  return {jax.tree_util.keystr(path): np.asarray(leaf)
-          for path, leaf in jax.tree_util.tree_leaves_with_path(restored)}
 
 
 @pytest.mark.parametrize("fusion", FUSIONS)

@@ -280,6 +280,26 @@ def _maml(base_features, num_pools, fusion="maml"):
               optimizer=MAML_SGD)
 
 
+# dkuxnet.default_config(): AdamW 1e-4, decoupled weight decay 0.01, constant.
+DKUX_ADAMW = dict(name="adamw", learning_rate=1e-4, momentum=0.9, nesterov=False, weight_decay=0.01,
+                  beta1=0.9, beta2=0.999, eps=1e-8, alpha=0.99, schedule="constant",
+                  decay_every=0, decay_factor=0.1, decay_boundaries=(), poly_power=0.9,
+                  min_learning_rate=0.0, total_steps=0, warmup_steps=0, lr_multipliers=(),
+                  weight_decay_mask="", clip_grad_norm=0.0)
+# The CPU-sized networks of the synthetic presets, and the reference widths of the LA ones.
+DKUX_SMALL = dict(name="dkuxnet", feature_size=8, centre_dim=32, key_dim=16, value_dim=32,
+                  num_heads=2, ffn_dim=64, dtype="float32")
+DKUX_FULL = dict(name="dkuxnet", feature_size=48, centre_dim=256, key_dim=128, value_dim=256,
+                 num_heads=8, ffn_dim=2048, dtype="float32")
+
+
+def _dkuxnet(preset, groups, model, rampup_block, rampup_length):
+  return dict(name="dkuxnet", preset=preset, groups=groups, qd_weight=0.1, contrast_weight=0.1,
+              rampup_block=rampup_block, rampup_length=rampup_length, num_anchors=512,
+              temperature=0.1, negatives="other_class", include_positive_in_denominator=False,
+              similarity="cosine", model=model, optimizer=DKUX_ADAMW)
+
+
 METHOD_BLOCKS = {
     ("duo", ""): _duo((8, 16, 32, 64)),
     ("duo", "synthetic2d"): _duo((16, 32, 64, 128)),
@@ -322,6 +342,14 @@ METHOD_BLOCKS = {
     # The nnU-Net baselines: one network on the stacked (or one) modalities, the rest as "".
     ("maml", "early_fusion"): _maml(8, 3, fusion="early"),
     ("maml", "single_modality"): _maml(8, 3, fusion="early"),
+    # Synthetic: the small networks, N = 8 centres, λ_c over 20 blocks of 10 steps; LA: the
+    # reference widths, N = 32 (released: 128 in 16 / 4 / 108), the LA ramp.
+    ("dkuxnet", ""): _dkuxnet("dkux-v1", (4, 4), DKUX_SMALL, 10, 20),
+    ("dkuxnet", "supervised"): _dkuxnet("supervised", (4, 4), DKUX_SMALL, 10, 20),
+    ("dkuxnet", "la4"): _dkuxnet("dkux-v1", (16, 16), DKUX_FULL, 150, 40),
+    ("dkuxnet", "la8"): _dkuxnet("dkux-v1", (16, 16), DKUX_FULL, 150, 40),
+    ("dkuxnet", "la16"): _dkuxnet("dkux-v1", (16, 16), DKUX_FULL, 150, 40),
+    ("dkuxnet", "la8_released"): _dkuxnet("released", (16, 4, 108), DKUX_FULL, 150, 40),
 }
 
 

@@ -342,10 +342,10 @@ METHOD_BLOCKS = {
     # The nnU-Net baselines: one network on the stacked (or one) modalities, the rest as "".
     ("maml", "early_fusion"): _maml(8, 3, fusion="early"),
     ("maml", "single_modality"): _maml(8, 3, fusion="early"),
-    # Synthetic: the small networks, N = 8 centres, λ_c over 20 blocks of 10 steps; LA: the
+    # Synthetic: the small networks, N = 8 centres, λ_c over 13 blocks of 10 steps; LA: the
     # reference widths, N = 32 (released: 128 in 16 / 4 / 108), the LA ramp.
-    ("dkuxnet", ""): _dkuxnet("dkux-v1", (4, 4), DKUX_SMALL, 10, 20),
-    ("dkuxnet", "supervised"): _dkuxnet("supervised", (4, 4), DKUX_SMALL, 10, 20),
+    ("dkuxnet", ""): _dkuxnet("dkux-v1", (4, 4), DKUX_SMALL, 10, 13),
+    ("dkuxnet", "supervised"): _dkuxnet("supervised", (4, 4), DKUX_SMALL, 10, 13),
     ("dkuxnet", "la4"): _dkuxnet("dkux-v1", (16, 16), DKUX_FULL, 150, 40),
     ("dkuxnet", "la8"): _dkuxnet("dkux-v1", (16, 16), DKUX_FULL, 150, 40),
     ("dkuxnet", "la16"): _dkuxnet("dkux-v1", (16, 16), DKUX_FULL, 150, 40),

@@ -14,8 +14,8 @@ decoder of N = 8 centres (groups 4 + 4) and narrow widths (centres 32, keys 16, 
 heads, FFN 64), AdamW 1e-4 (weight decay 0.01), 200 steps, λ_c ramped over 13 blocks of 10 steps
 (the LA ramp of 40 blocks of 150 steps squeezed into the first two thirds of the run). Sliding
 window 32^3, strides 16. Time on the shared 2-core CPU (load 2-4): init compile ≈50 s, step compile
-60-95 s, 2.9-3.7 s per step (two networks on 4 crops), so ≈12-15 min in all; 200 steps rather than
-300 for that reason (narrower networks barely help: UX-Net feature size 4 gave 3.2 s against 3.7 s,
+60-95 s, 2.9-3.7 s per step (two networks on 4 crops; 4-5 s in `jaxseg.main` at load 3.5, 3 steps
+measured), validation ≈40 s, so ≈15-20 min in all; 200 steps rather than 300 for that reason (narrower networks barely help: UX-Net feature size 4 gave 3.2 s against 3.7 s,
 a narrower kMaX nothing measurable). Result not measured. :supervised is the same with one
 network and dice+CE only (the baseline with the same labels, batches and steps; 0.45 s per step).
 

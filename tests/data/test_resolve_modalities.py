@@ -1,4 +1,4 @@
-"""jaxseg.data.base: resolving a modality selection against the channels' names."""
+"""jaxseg.data.base.resolve_modalities: a modality selection (names or indices) as channel indices."""
 
 import pytest
 

@@ -11,13 +11,15 @@ import numpy as np
 
 
 
-def numpy_variables(model, x, seed: int = 0) -> dict:
-  """Variables of `model` for input `x`, without compiling its init.
+def numpy_variables(model, x, seed: int = 0, takes_train: bool = True) -> dict:
+  """Variables of `model` for input `x`, without compiling its init (`takes_train`: whether its
+  __call__ has the `train` argument; a layer's may not).
 
   Kernels U(±1/√fan_in); biases, BN offsets and running means U(±0.1); scales and running variances
   U(0.5, 1.5).
   """
-  shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
+  init = functools.partial(model.init, train=False) if takes_train else model.init
+  shapes = jax.eval_shape(init, jax.random.key(0), x)
   rng = np.random.default_rng(seed)
 
   def value(path, leaf):

@@ -84,19 +84,7 @@ def _shapes(model, shape, dtype=jnp.float32):
 
 def _layer_variables(module, x, seed=0):
   """`numpy_variables` for a layer whose __call__ takes no `train` (same value rules)."""
-  shapes = jax.eval_shape(module.init, jax.random.key(0), x)
-  rng = np.random.default_rng(seed)
-
-  def value(path, leaf):
-    name = path[-1].key
-    if name == "kernel":
-      bound = 1 / math.sqrt(math.prod(leaf.shape[:-1]))
-      return jnp.asarray(rng.uniform(-bound, bound, leaf.shape), leaf.dtype)
-    if name == "scale":
-      return jnp.asarray(rng.uniform(0.5, 1.5, leaf.shape), leaf.dtype)
-    return jnp.asarray(rng.uniform(-0.1, 0.1, leaf.shape), leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(value, shapes)
+  return numpy_variables(module, x, seed, takes_train=False)
 
 
 def _count(tree):

@@ -454,10 +454,10 @@ class _WithheldModalities:
 
   def __call__(self, predict_fn: ViewsPredictFn, window_inputs: dict) -> dict:
     image, available = window_inputs["image"], window_inputs["modality_mask"]
+    expand = (slice(None),) + (None,) * (image.ndim - 2) + (slice(None),)  # (B, C) -> (B, 1.., C)
     out = {}
     for subset in self.subsets:
       given = available & jnp.asarray(subset.keep)[None, :]
-      expand = (slice(None),) + (None,) * (image.ndim - 2) + (slice(None),)  # (B, 1.., C)
       views = predict_fn({**window_inputs, "image": jnp.where(given[expand], image, 0.0),
                           "modality_mask": given})
       out.update({f"{view}:{subset.name}" if self.rename else view: p
@@ -474,11 +474,16 @@ def with_modalities(predict_fn: ViewsPredictFn, setting: str, names: Sequence[st
   modalities it has; one that has none of them gets an all-withheld input (MAML: its joint head on
   zeros), so the subset's row scores what the method does with nothing.
   """
-  subsets = modality_subsets(setting, names)
+  return _withheld(predict_fn, modality_subsets(setting, names), rename=setting.strip() == SUBSETS)
+
+
+def _withheld(predict_fn: ViewsPredictFn, subsets: tuple[ModalitySubset, ...], rename: bool
+              ) -> ViewsPredictFn:
+  """`predict_fn` given only each of `subsets`' modalities (`_WithheldModalities`); itself when
+  there is no subset."""
   if not subsets:
     return predict_fn
-  return jax.tree_util.Partial(_WithheldModalities(subsets, rename=setting.strip() == SUBSETS),
-                               _as_partial(predict_fn))
+  return jax.tree_util.Partial(_WithheldModalities(subsets, rename), _as_partial(predict_fn))
 
 
 def subset_table(summary: dict) -> list[dict]:
@@ -571,8 +576,9 @@ def evaluate(predict_fn: ViewsPredictFn, cases: Iterable[Case], eval_cfg: ml_col
   patch, strides = window_geometry(eval_cfg, patch_size)
   mirror_axes = check_mirror_axes(eval_cfg, len(patch))
   regions = check_regions(eval_cfg, num_classes)
-  modalities = eval_cfg.get("modalities", "")
-  predict_fn = _as_partial(with_modalities(predict_fn, modalities, cases[0].modality_names))
+  modalities = eval_cfg.get("modalities", "").strip()
+  subsets = modality_subsets(modalities, cases[0].modality_names)
+  predict_fn = _as_partial(_withheld(predict_fn, subsets, rename=modalities == SUBSETS))
   classes = tuple(range(1, num_classes))
   postprocesses = postprocess.postprocesses(num_classes, bool(eval_cfg.lcc))
   is_2d = len(patch) == 2
@@ -650,11 +656,10 @@ def evaluate(predict_fn: ViewsPredictFn, cases: Iterable[Case], eval_cfg: ml_col
     extra["regions"] = {name: list(group) for name, group in regions}
   if mirror_axes:
     extra["mirror_axes"] = list(mirror_axes)
-  if modalities.strip():
-    extra["modalities"] = modalities.strip()
-  if modalities.strip() == SUBSETS:
-    extra["modality_subsets"] = [s.name for s in modality_subsets(modalities,
-                                                                   cases[0].modality_names)]
+  if modalities:
+    extra["modalities"] = modalities
+  if modalities == SUBSETS:
+    extra["modality_subsets"] = [s.name for s in subsets]
   summary = {
       "split": split_name,
       "num_cases": len(cases),
@@ -682,8 +687,9 @@ def evaluate(predict_fn: ViewsPredictFn, cases: Iterable[Case], eval_cfg: ml_col
     out.mkdir(parents=True, exist_ok=True)
     writers.write_metrics_csv(out / "metrics.csv", rows)
     writers.write_summary(out / "summary.json", summary)
-    if subset_table(summary):
-      writers.write_table_csv(out / SUBSETS_CSV, subset_table(summary))
+    table = subset_table(summary)
+    if table:
+      writers.write_table_csv(out / SUBSETS_CSV, table)
     if figure_cases:
       where = "the slice with the most ground-truth foreground; " if len(patch) == 3 else ""
       means = " and map means" if any(c.maps for c in figure_cases) else ""

@@ -83,8 +83,8 @@ def _same_value(a, b) -> bool:
 
 def _added_default(key: str, current: dict) -> bool:
   """Whether `key`, absent from a saved config, is a data-block key, a key of the method's own
-  block or an optimiser field added since that run was started, at the default that reproduces the old behaviour (runs of older
-  versions resume)."""
+  block or an optimiser field added since that run was started, at the default that reproduces
+  the old behaviour (runs of older versions resume)."""
   block, _, field = key.rpartition(".")
   if block in ("data", "method"):
     if block == "data":

@@ -2,8 +2,9 @@
 
 Statistics are taken per channel (modality) over the whole image or volume, background included,
 unless `nonzero` z-scoring is asked for: then over the voxels where some modality is non-zero
-(holes filled), the rest set to 0, as nnU-Net normalises MR (BraTS' skull-stripped volumes). LA is already z-scored by its preprocessing (docs/la_protocol.md) and does
-not need this; it is meant for MSD / BraTS-like NIfTI sources.
+(holes filled), the rest set to 0, as nnU-Net normalises MR (BraTS' skull-stripped volumes). LA is
+already z-scored by its preprocessing (docs/la_protocol.md) and does not need this; it is meant
+for MSD / BraTS-like NIfTI sources.
 """
 
 from __future__ import annotations
@@ -118,6 +119,22 @@ def with_absent_modalities(case: Case, log: Callable[[str], None] = print) -> Ca
   return case.replace(image=image, modality_mask=present)
 
 
+def selected_modalities(cases: Sequence[Case], data_cfg) -> list[Case]:
+  """`cases` reduced to the channels of `data.modalities` (resolved against the first case's
+  names; all of them when the key is empty or absent).
+
+  Raises:
+    DataError: naming data.modalities (unknown name, index out of range), or the case none of whose
+      kept modalities is present.
+  """
+  cases = list(cases)
+  selection = tuple(data_cfg.get("modalities", ()) or ())
+  if not selection or not cases:
+    return cases
+  indices = resolve_modalities(selection, cases[0].modality_names, "data.modalities")
+  return [select_modalities(c, indices) for c in cases]
+
+
 def configured_cases(cases: Sequence[Case], data_cfg) -> list[Case]:
   """`cases` as the data block `data_cfg` says: reduced to the channels of `data.modalities` (when
   set; resolved against the first case's names), then clipped and z-scored
@@ -130,11 +147,18 @@ def configured_cases(cases: Sequence[Case], data_cfg) -> list[Case]:
       (none of the kept modalities present, a constant channel, NaN/inf), or data.zscore_nonzero
       without data.zscore.
   """
+  return normalised(selected_modalities(cases, data_cfg), data_cfg)
+
+
+def normalised(cases: Sequence[Case], data_cfg) -> list[Case]:
+  """`cases` clipped and z-scored as the data block `data_cfg` says (`data.clip_percentiles`,
+  `data.zscore`, `data.zscore_nonzero`; keys it lacks are off); unchanged when it says neither.
+
+  Raises:
+    DataError: data.zscore_nonzero without data.zscore, or naming the case at fault (a constant
+      channel, NaN/inf).
+  """
   cases = list(cases)
-  selection = tuple(data_cfg.get("modalities", ()) or ())
-  if selection and cases:
-    indices = resolve_modalities(selection, cases[0].modality_names, "data.modalities")
-    cases = [select_modalities(c, indices) for c in cases]
   do_zscore, nonzero = data_cfg.get("zscore", False), data_cfg.get("zscore_nonzero", False)
   if nonzero and not do_zscore:
     raise DataError("config data.zscore_nonzero = True needs data.zscore = True (it chooses the "

@@ -118,7 +118,7 @@ class InputFile:
 def read_input(path: pathlib.Path, data_cfg: ml_collections.ConfigDict,
                log: Callable[[str], None] = print) -> InputFile:
   """Reads one input as the training data was read: channels, resizing (2D), the channels of
-  `data.modalities`, then preprocessing (`preprocess.configured_cases`). A constant channel of a
+  `data.modalities`, then clipping / z-scoring (`preprocess.normalised`). A constant channel of a
   multi-channel file is a modality the file lacks: marked missing, with a warning line to `log`
   (`preprocess.with_absent_modalities`).
 
@@ -152,10 +152,9 @@ def read_input(path: pathlib.Path, data_cfg: ml_collections.ConfigDict,
   check_case(case)
   case = preprocess.with_absent_modalities(case, log)
   try:
-    (case,) = preprocess.configured_cases([case], data_cfg)
+    (case,) = preprocess.selected_modalities([case], data_cfg)
   except DataError as err:
-    if "config data.modalities" not in str(err):
-      raise
     raise DataError(f"{path}: {err} (input files are unnamed: select channels by index or as "
                     "channel0, channel1, ...)") from err
+  (case,) = preprocess.normalised([case], data_cfg)
   return InputFile(case=case, nifti=nifti, original_size=original_size)

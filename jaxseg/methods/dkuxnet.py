@@ -183,12 +183,13 @@ def init(rng: jax.Array, config: ml_collections.ConfigDict, example_batch: Batch
 
 
 def supervised_loss(outputs: dict, labels: jax.Array, hp) -> tuple[jax.Array, dict]:
-  """L_sup of one network's labeled outputs: dice_ce of the conv head, plus w_qd times the query
-  distribution loss of the preset (none for `supervised`). Returns (L_sup, its terms)."""
+  """L_sup of one network's labeled outputs ("logits", and "groups" = D unless `supervised`, as
+  `objective` computes them): dice_ce of the conv head, plus w_qd times the query distribution
+  loss of the preset (none for `supervised`). Returns (L_sup, its terms)."""
   dice_ce = losses.monai_dice_ce_loss(outputs["logits"], labels)
   if hp.preset == "supervised":
     return dice_ce, {"dice_ce": dice_ce}
-  groups = losses.group_probabilities(outputs["mask_logits"], hp.groups)
+  groups = outputs["groups"]
   if hp.preset == "released":
     qd = losses.released_query_distribution_loss(groups, labels)
   else:

@@ -31,6 +31,7 @@ ROOT_SOURCES = ("la", "msd", "folders2d")  # The sources read from the folder da
 SYNTHETIC_LAYOUTS = ("adjacent", "nested")  # data.synthetic.layout (data/synthetic.py LAYOUTS)
 EMPTY_POLICIES = ("worst", "reference", "raise")  # eval.empty_policy (metrics.py EMPTY_POLICIES)
 DISTRIBUTED_MODES = ("auto", "on", "off")  # train.distributed.mode
+VALIDATION_RULES = ("last", "random")  # data.validation, else a list file (data/splits.py)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -49,8 +50,15 @@ def data_block(protocol: str = "") -> ml_collections.ConfigDict:
     num_classes: classes including background (>= 2).
     num_labeled: labeled = the first N cases of the list (>= 1)...
     labeled_fraction: ...or, when > 0, this fraction of the training pool, in [0, 1).
-    num_validation: validation = the last K cases of the list (>= 0)...
+    num_validation: K validation cases (>= 0)...
     validation_fraction: ...or, when > 0, this fraction of the list (rounded), in [0, 1).
+    validation: which cases validate (data/splits.py): "last" = the last K of the list; "random"
+      = K drawn from the cases that are not labeled, seeded by validation_seed; or the path of a
+      list file (one ID per line; relative paths are under data.root for the sources read from
+      one), whose cases are taken whatever K says. The choice is recorded in split.json and the
+      evaluation summary.
+    validation_seed: the seed of the "random" draw (its own key: runs of other seeds keep the
+      split).
     batch_labeled: labeled samples per training batch (>= 1).
     labeled_groups: contiguous parts of the labeled list sampled side by side (Duo: 2 views); it
       divides batch_labeled.
@@ -86,6 +94,8 @@ def data_block(protocol: str = "") -> ml_collections.ConfigDict:
   c.labeled_fraction = 0.0
   c.num_validation = 4
   c.validation_fraction = 0.0
+  c.validation = "last"
+  c.validation_seed = 0
   c.batch_labeled = 2
   c.labeled_groups = 1
   c.batch_unlabeled = 2
@@ -119,9 +129,12 @@ DATA_PROTOCOLS: dict[str, dict[str, Any]] = {
     # 100 synthetic 128x128 images, labeled = first 10, validation = last 20, 96x96 crops.
     "synthetic2d": {"synthetic.shape": (128, 128), "synthetic.num_cases": 100,
                     "num_labeled": 10, "num_validation": 20, "patch_size": (96, 96)},
-    # LA 2018: labeled = first 8 of train.list, validation = last 8, 112x112x80 crops, 2 + 2 per
-    # batch; the data root is given with --config.data.root.
-    "la": {"source": "la", "num_labeled": 8, "num_validation": 8, "patch_size": (112, 112, 80)},
+    # LA 2018: labeled = first 8 of train.list, validation = 8 drawn from the other 72 (seed 0),
+    # 112x112x80 crops, 2 + 2 per batch; the data root is given with --config.data.root. Not the
+    # last 8: train.list is in ID order, and its last 8 hold 3 of the 4 volumes stored with the
+    # most compressed intensities (docs/la_protocol.md).
+    "la": {"source": "la", "num_labeled": 8, "num_validation": 8, "validation": "random",
+           "patch_size": (112, 112, 80)},
 }
 
 
@@ -343,6 +356,9 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.labeled_fraction": _number(lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "data.num_validation": _count(0),
     "data.validation_fraction": _number(lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "data.validation": ((lambda v: isinstance(v, str) and bool(v.strip())),
+                        "'last', 'random' or the path of a list file"),
+    "data.validation_seed": _SEED,
     "data.batch_labeled": _count(1),
     "data.labeled_groups": _count(1),
     "data.batch_unlabeled": _count(0),
@@ -457,6 +473,14 @@ def _check_data(d: ml_collections.ConfigDict, files: bool) -> None:
                     f"entries, the data of data.source = {d.source!r} have {axes} axes")
   if d.source == "la" and d.num_classes != 2:
     raise DataError(f"config data.num_classes = {d.num_classes}, LA has 2 (background, atrium)")
+  rule = d.get("validation", "last")
+  if files and rule not in VALIDATION_RULES:
+    file = pathlib.Path(rule).expanduser()
+    if not file.is_absolute() and d.source in ROOT_SOURCES:
+      file = data_root(d) / file
+    if not file.is_file():
+      raise DataError(f"config data.validation = {rule!r}: {file} is not a file (expected 'last', "
+                      "'random' or a list file)")
   if files and d.source in ROOT_SOURCES:
     root = data_root(d)
     if d.source == "la" and not (root / d.list_name).is_file():

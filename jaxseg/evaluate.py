@@ -63,7 +63,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxseg import inference, metrics, parallel, postprocess, writers
+from jaxseg import eval_batchnorm, inference, metrics, parallel, postprocess, writers
 from jaxseg.data import readers
 from jaxseg.data.base import Case, DataError, resolve_modalities
 from jaxseg.postprocess import LCC, RAW
@@ -525,7 +525,8 @@ def subset_table_lines(summary: dict) -> list[str]:
 def evaluate(predict_fn: ViewsPredictFn, cases: Iterable[Case], eval_cfg: ml_collections.ConfigDict,
              num_classes: int, out_dir: Optional[PathLike] = None, *, patch_size: Sequence[int],
              split_name: str = "validation", mesh: Optional[Mesh] = None,
-             maps_fn: Optional[MapsFn] = None) -> dict:
+             maps_fn: Optional[MapsFn] = None,
+             split_record: Optional[Mapping[str, Any]] = None) -> dict:
   """Scores every view of a method on labeled cases; writes the reports when `out_dir` is given.
 
   Several devices: each batch of windows is spread over `mesh` (the devices of this process).
@@ -549,6 +550,8 @@ def evaluate(predict_fn: ViewsPredictFn, cases: Iterable[Case], eval_cfg: ml_col
       `jax.tree_util.Partial(method.maps, state)`: slid (`predict_maps`) for the figure cases only,
       when figure.png is written, and shown there as heat panels; never scored nor saved. None (a
       method without maps): the figure has no map panels.
+    split_record: how the cases were chosen (`Split.rule_dict()`, e.g. {"validation_rule":
+      "random", "validation_seed": 0}), recorded as the summary's "validation_split".
 
   Returns:
     The summary (the content of summary.json):
@@ -579,6 +582,7 @@ def evaluate(predict_fn: ViewsPredictFn, cases: Iterable[Case], eval_cfg: ml_col
   modalities = eval_cfg.get("modalities", "").strip()
   subsets = modality_subsets(modalities, cases[0].modality_names)
   predict_fn = _as_partial(_withheld(predict_fn, subsets, rename=modalities == SUBSETS))
+  batchnorm = eval_batchnorm.check_mode(eval_cfg)
   classes = tuple(range(1, num_classes))
   postprocesses = postprocess.postprocesses(num_classes, bool(eval_cfg.lcc))
   is_2d = len(patch) == 2
@@ -595,6 +599,9 @@ def evaluate(predict_fn: ViewsPredictFn, cases: Iterable[Case], eval_cfg: ml_col
     if key not in channels_by_spec:
       channels = view_channels(predict_fn, window_spec(case_inputs(case), batch_size, patch))
       _check_view_classes(channels, num_classes)
+      if not channels_by_spec:
+        eval_batchnorm.check_runs_batchnorm(
+            predict_fn, window_spec(case_inputs(case), batch_size, patch), batchnorm)
       channels_by_spec[key] = channels
     channels = channels_by_spec[key]
     if view_names is None:
@@ -603,6 +610,9 @@ def evaluate(predict_fn: ViewsPredictFn, cases: Iterable[Case], eval_cfg: ml_col
       raise ValueError(f"case {case.case_id!r}: views {tuple(channels)} differ from {view_names}")
   if save_predictions:
     (out / PREDICTIONS_DIR).mkdir(parents=True, exist_ok=True)
+  predict_fn = eval_batchnorm.with_batchnorm(predict_fn, batchnorm)
+  if maps_fn is not None:
+    maps_fn = eval_batchnorm.with_batchnorm(maps_fn, batchnorm)
 
   primary = parallel.is_primary()
   start = time.perf_counter()
@@ -658,8 +668,12 @@ def evaluate(predict_fn: ViewsPredictFn, cases: Iterable[Case], eval_cfg: ml_col
     extra["mirror_axes"] = list(mirror_axes)
   if modalities:
     extra["modalities"] = modalities
+  if batchnorm != eval_batchnorm.RUNNING:
+    extra["batchnorm"] = batchnorm
   if modalities == SUBSETS:
     extra["modality_subsets"] = [s.name for s in subsets]
+  if split_record:
+    extra["validation_split"] = dict(split_record)
   summary = {
       "split": split_name,
       "num_cases": len(cases),
@@ -924,6 +938,7 @@ def predict_files(predict_fn: ViewsPredictFn, input_path: PathLike, output_dir: 
   """
   patch, strides = window_geometry(eval_cfg, patch_size)
   options = _window_options(eval_cfg, len(patch))
+  batchnorm = eval_batchnorm.check_mode(eval_cfg)
   files = readers.find_input_files(input_path)
   predict_fn = _as_partial(predict_fn)
   out = pathlib.Path(output_dir)
@@ -955,6 +970,7 @@ def predict_files(predict_fn: ViewsPredictFn, input_path: PathLike, output_dir: 
     key = _spec_key(spec)
     if key not in channels_by_spec:
       channels_by_spec[key] = _probe_input_channels(predict_fn, spec, c, path)
+      eval_batchnorm.check_runs_batchnorm(predict_fn, spec, batchnorm)
     name, k = choose_view(setting, channels_by_spec[key])
     if not logged and log is not None:
       names = list(channels_by_spec[key])
@@ -967,7 +983,8 @@ def predict_files(predict_fn: ViewsPredictFn, input_path: PathLike, output_dir: 
               else _SelectView(name))
     voxel, per_case = inputs
     probs = inference.sliding_window_predict(
-        jax.tree_util.Partial(select, predict_fn), voxel, patch, strides,
+        jax.tree_util.Partial(select, eval_batchnorm.with_batchnorm(predict_fn, batchnorm)),
+        voxel, patch, strides,
         per_case=per_case, batch_size=eval_cfg.batch_size, **options)
     labels = _labels(np.asarray(probs), eval_cfg.threshold)
     writers.write_input_prediction(target, labels, source, max(2, k))

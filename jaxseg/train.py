@@ -257,7 +257,9 @@ def _validate(method, state, dataset, config, out_dir: Optional[pathlib.Path],
                            patch_size=tuple(config.eval.patch_size or config.data.patch_size),
                            split_name=split_name, mesh=mesh,
                            # Maps go into figure.png only: none without reports (validation).
-                           maps_fn=_maps_fn(method, state) if out_dir is not None else None)
+                           maps_fn=_maps_fn(method, state) if out_dir is not None else None,
+                           split_record=(dataset.split.rule_dict()
+                                         if split_name == "validation" else None))
 
 
 def batch_spec(config: ml_collections.ConfigDict, spec: Union[int, BatchSpec]) -> BatchSpec:

@@ -65,12 +65,14 @@ LA_FAMILY = ["supervised_vnet", "dtc", "sassnet", "mean_teacher", "uamt"]
 @pytest.mark.parametrize("name", LA_FAMILY)
 @pytest.mark.parametrize("preset, labeled", [("la8", 8), ("la16", 16)])
 def test_la_family_presets_follow_the_protocol(name, preset, labeled):
-  """docs/la_protocol.md: labeled = first N of train.list, validation = last 8, 112x112x80, 2 + 2 (4
-  labeled for the supervised baseline), SGD 0.01 momentum 0.9 wd 1e-4 x0.1 every 2500, 6000 steps,
-  window strides (18, 18, 4), V-Net of width 16, ramps of 40 blocks of 150 steps."""
+  """docs/la_protocol.md: labeled = first N of train.list, validation = 8 drawn from the rest
+  (seed 0), 112x112x80, 2 + 2 (4 labeled for the supervised baseline), SGD 0.01 momentum 0.9 wd
+  1e-4 x0.1 every 2500, 6000 steps, window strides (18, 18, 4), V-Net of width 16, ramps of 40
+  blocks of 150 steps."""
   config = load(CONFIGS_DIR / f"{name}.py").get_config(preset)
   assert config.data.source == "la" and config.data.list_name == "train.list"
   assert (config.data.num_labeled, config.data.num_validation) == (labeled, 8)
+  assert (config.data.validation, config.data.validation_seed) == ("random", 0)
   assert tuple(config.data.patch_size) == (112, 112, 80)
   assert (config.data.batch_labeled, config.data.batch_unlabeled) == (
       (4, 0) if name == "supervised_vnet" else (2, 2))

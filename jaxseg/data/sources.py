@@ -10,6 +10,7 @@ name the config key (`data.root`, `data.source`, ...) or the file.
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 
 import ml_collections
 
@@ -17,7 +18,7 @@ from jaxseg import config_blocks
 from jaxseg.data import folders2d, la, msd, preprocess, synthetic
 from jaxseg.data.base import Case, DataError
 from jaxseg.data.batches import TwoStreamBatches
-from jaxseg.data.splits import Split, make_split
+from jaxseg.data.splits import VALIDATION_RULES, Split, make_split
 
 # data.source values (the data block and its checks live in jaxseg/config_blocks.py).
 SOURCES = config_blocks.SOURCES
@@ -74,7 +75,13 @@ def load_dataset(cfg: ml_collections.ConfigDict) -> Dataset:
       raise DataError(f"config data.validation_fraction must be in (0, 1), got "
                       f"{cfg.validation_fraction}")
     num_validation = int(round(cfg.validation_fraction * len(cases)))
-  split = make_split([c.case_id for c in cases], num_labeled, num_validation, key=key)
+  rule = cfg.get("validation", "last")
+  validation_ids = None
+  if rule not in VALIDATION_RULES:
+    validation_ids = _validation_file_ids(cfg, rule)
+  split = make_split([c.case_id for c in cases], num_labeled, num_validation, key=key,
+                     validation=rule, validation_seed=int(cfg.get("validation_seed", 0)),
+                     validation_ids=validation_ids)
   by_id = {c.case_id: c for c in cases}
   return Dataset(
       split=split,
@@ -83,6 +90,23 @@ def load_dataset(cfg: ml_collections.ConfigDict) -> Dataset:
       unlabeled=tuple(by_id[i].replace(label=None) for i in split.unlabeled),
       validation=tuple(by_id[i] for i in split.validation),
       num_classes=cfg.num_classes)
+
+
+def validation_file(cfg: ml_collections.ConfigDict, path: str) -> pathlib.Path:
+  """The list file named by `data.validation`: an absolute path as it is, a relative one under
+  `data.root` when the source reads one, else under the working directory."""
+  file = pathlib.Path(path).expanduser()
+  if file.is_absolute() or cfg.source not in config_blocks.ROOT_SOURCES or not cfg.root:
+    return file
+  return pathlib.Path(cfg.root).expanduser() / file
+
+
+def _validation_file_ids(cfg: ml_collections.ConfigDict, path: str) -> list[str]:
+  file = validation_file(cfg, path)
+  try:
+    return la.read_case_list(file)
+  except DataError as e:
+    raise DataError(f"config data.validation = {path!r}: {e}") from None
 
 
 def load_evaluation_cases(cfg: ml_collections.ConfigDict, case_list: str,

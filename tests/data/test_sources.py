@@ -66,7 +66,8 @@ def test_la_protocol_split_on_real_data(tmp_path):
   for i in ids:
     os.symlink(la_root / la.CASES_DIR / i, tmp_path / la.CASES_DIR / i)
   cfg = config_blocks.data_block("la")
-  cfg.update(dict(root=str(tmp_path), num_labeled=2, num_validation=2, patch_size=(112, 112, 80)))
+  cfg.update(dict(root=str(tmp_path), num_labeled=2, num_validation=2, validation="last",
+                  patch_size=(112, 112, 80)))
   ds = sources.load_dataset(cfg)
   assert ds.split.labeled == tuple(ids[:2]) and ds.split.validation == tuple(ids[-2:])
   batch = next(sources.make_batches(ds, cfg))

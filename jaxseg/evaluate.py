@@ -82,6 +82,8 @@ __all__ = [
     "predict_files",
     "predict_maps",
     "predict_views",
+    "raw_lcc_rows",
+    "raw_lcc_table_lines",
     "summary_lines",
     "view_channels",
     "window_batch_size",
@@ -559,7 +561,9 @@ def evaluate(predict_fn: ViewsPredictFn, cases: Iterable[Case], eval_cfg: ml_col
      "threshold", "units", ("regions": {name: [classes]} when eval.regions is set,
      "mirror_axes" when eval.mirror_axes is set),
      "views": {view: {postprocess: {key: stats}}},
-     "views_mean": {postprocess: {key: means}}   (only with >= 2 views)}
+     "views_mean": {postprocess: {key: means}}   (only with >= 2 views),
+     "raw_lcc": the same scores with raw and LCC side by side (`raw_lcc_rows`),
+     ("validation_split": `split_record`, when given)}
     where the keys are the classes ("1", ...), then "mean" (num_classes > 2: {"<metric>_mean": the
     mean of the class means over the classes 1..K-1}, and for 2D the pooled scores' means), then
     the regions' names; stats = {"num_cases", "num_empty_predictions", "num_empty_gt_excluded",
@@ -696,6 +700,7 @@ def evaluate(predict_fn: ViewsPredictFn, cases: Iterable[Case], eval_cfg: ml_col
       },
       **summary,
   }
+  summary["raw_lcc"] = raw_lcc_rows(summary)
   summary = writers.json_safe(summary)
   if out is not None and primary:
     out.mkdir(parents=True, exist_ok=True)
@@ -854,6 +859,68 @@ def headline(summary: dict) -> dict[str, float]:
       for key in names:
         scores[f"{view}/{region}/{key.removesuffix('_mean')}"] = value(posts[RAW][region], key)
   return scores
+
+
+TABLE_METRICS = ("dice", "jaccard", "hd95", "asd")  # The columns of `raw_lcc_rows`, in order.
+
+
+def raw_lcc_rows(summary: dict) -> list[dict]:
+  """The summary's scores with raw and LCC side by side: one row per view and class (region, and
+  the class mean of multi-class tasks), each {"view", "class", "num_cases",
+  "num_empty_predictions", and "<metric>_<raw|lcc>_<mean|std>" for each of TABLE_METRICS} (the
+  "lcc" entries only when LCC rows exist; std None for the class mean, which has none). Read from
+  the "views" entry of `summary` (the summary's "raw_lcc")."""
+  rows = []
+  for view, posts in summary["views"].items():
+    for key, raw in posts[RAW].items():
+      row: dict[str, Any] = {"view": view, "class": key, "num_cases": raw.get("num_cases"),
+                             "num_empty_predictions": raw.get("num_empty_predictions")}
+      for name in TABLE_METRICS:
+        for post in (p for p in (RAW, LCC) if p in posts):
+          stats = posts[post][key]
+          row[f"{name}_{post}_mean"] = stats.get(f"{name}_mean")
+          row[f"{name}_{post}_std"] = stats.get(f"{name}_std")
+      rows.append(row)
+  return rows
+
+
+def raw_lcc_table_lines(summary: dict) -> list[str]:
+  """The printed table of `raw_lcc_rows`: a header naming the split, its rule and the units, then
+  one line per view and class with n, the empty predictions and mean ± std (population) of Dice,
+  Jaccard (in %), 95HD and ASD, raw and LCC side by side."""
+  rows = summary.get("raw_lcc") or raw_lcc_rows(summary)
+  if not rows:
+    return []
+  posts = [p for p in (RAW, LCC) if f"dice_{p}_mean" in rows[0]]
+  rule = summary.get("validation_split")
+  how = ""
+  if rule:
+    how = f" (validation: {rule['validation_rule']}"
+    how += (f", seed {rule['validation_seed']}" if "validation_seed" in rule
+            else f", {rule['validation_file']}" if "validation_file" in rule else "")
+    how += ")"
+  lines = [f"{summary['split']}{how}: {summary['num_cases']} cases; mean ± std over the n scored "
+           f"cases; Dice, Jaccard in %; 95HD, ASD in {summary['units']['distances'].split(':')[0]}"]
+
+  def cell(row: dict, name: str, post: str) -> str:
+    mean, std = row.get(f"{name}_{post}_mean"), row.get(f"{name}_{post}_std")
+    scale = 100.0 if name in ("dice", "jaccard") else 1.0
+    if mean is None:
+      return "n/a"
+    return f"{scale * mean:.2f}" + ("" if std is None else f" ± {scale * std:.2f}")
+
+  header = ["view", "class", "n", "empty"] + [f"{TABLE_LABELS[m]} {p}" for m in TABLE_METRICS
+                                              for p in posts]
+  table = [header] + [
+      [str(r["view"]), str(r["class"]), "" if r["num_cases"] is None else str(r["num_cases"]),
+       "" if r["num_empty_predictions"] is None else str(r["num_empty_predictions"])]
+      + [cell(r, m, p) for m in TABLE_METRICS for p in posts] for r in rows]
+  widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+  lines += ["  " + "  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in table]
+  return lines
+
+
+TABLE_LABELS = {"dice": "Dice", "jaccard": "Jaccard", "hd95": "95HD", "asd": "ASD"}
 
 
 def summary_lines(summary: dict) -> list[str]:

@@ -520,6 +520,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     _check_replicas(state)
     summary = _validate(method, state, dataset, config, workdir / "eval")
     _log_validation(writer, summary, num_steps)
+    _print_table(summary)
   finally:
     failing = sys.exc_info()[0] is not None  # Then keep the error that stopped the run.
     ckpt.close(quiet=failing)
@@ -569,6 +570,12 @@ def _log_validation(writer, summary: dict, step: int) -> None:
         flush=True)
 
 
+def _print_table(summary: dict) -> None:
+  """The final evaluation's scores, raw and LCC side by side, mean ± std over n cases."""
+  if summary:
+    _print("\n".join(evaluate.raw_lcc_table_lines(summary)), flush=True)
+
+
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """--mode eval: evaluates the latest checkpoint of `workdir` on the validation split (or on the
   cases of `eval.case_list`)."""
@@ -596,6 +603,7 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
     scores = evaluate.headline(summary)
     _print(f"{summary.get('split', 'validation')}: "
            + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()) + f" ({timing})")
+    _print_table(summary)
   _print(f"wrote the evaluation of step {record['step']} to {out_dir}/: {_eval_outputs(out_dir)}")
   return summary
 

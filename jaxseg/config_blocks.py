@@ -32,6 +32,7 @@ SYNTHETIC_LAYOUTS = ("adjacent", "nested")  # data.synthetic.layout (data/synthe
 EMPTY_POLICIES = ("worst", "reference", "raise")  # eval.empty_policy (metrics.py EMPTY_POLICIES)
 DISTRIBUTED_MODES = ("auto", "on", "off")  # train.distributed.mode
 VALIDATION_RULES = ("last", "random")  # data.validation, else a list file (data/splits.py)
+INTENSITY_RESCALES = ("none", "labeled")  # eval.intensity_rescale (data/intensity.py)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -206,6 +207,10 @@ def eval_block() -> ml_collections.ConfigDict:
       those each case has; names or indices separated by commas (e.g. "t1,flair" or "0,2"); or
       "subsets" = every non-empty subset, each scored as its own set of views, "<view>:<subset>"
       (2^M - 1 of them), with the table modality_subsets.csv (evaluation only).
+    intensity_rescale: "labeled" maps each evaluated image, channel by channel, linearly to the
+      mean and standard deviation of the labeled training images (the average of their per-case
+      values; no label read), a diagnostic of cases that fail because of their intensity scale;
+      --mode eval then writes eval_step<N>_rescaled/. "none": as preprocessed.
     view: --mode predict: the view whose labels are written: "" = the method's first view (Duo:
       "f1"), a view name, or "mean" = the average of all views' probabilities, then the usual
       decision rule. Evaluation scores every view regardless.
@@ -225,6 +230,7 @@ def eval_block() -> ml_collections.ConfigDict:
   c.num_figure_cases = 3
   c.save_predictions = True
   c.modalities = ""
+  c.intensity_rescale = "none"
   c.view = ""
   return c
 
@@ -407,6 +413,7 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "eval.save_predictions": _BOOL,
     # Names are resolved against the data's modality names when the cases are known.
     "eval.modalities": _STRING,
+    "eval.intensity_rescale": _choice(INTENSITY_RESCALES),
     # The method's views are known once its predict function is traced: evaluate.predict_files
     # checks the name.
     "eval.view": _STRING,

@@ -678,6 +678,8 @@ def evaluate(predict_fn: ViewsPredictFn, cases: Iterable[Case], eval_cfg: ml_col
     extra["modality_subsets"] = [s.name for s in subsets]
   if split_record:
     extra["validation_split"] = dict(split_record)
+  if eval_cfg.get("intensity_rescale", "none") != "none":
+    extra["intensity_rescale"] = eval_cfg.intensity_rescale
   summary = {
       "split": split_name,
       "num_cases": len(cases),

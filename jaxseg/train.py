@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 
 from jaxseg import checkpoint, config_blocks, curves, evaluate, optim, parallel
-from jaxseg.data import device_crops, sources
+from jaxseg.data import device_crops, intensity, sources
 from jaxseg.data.base import DataError
 from jaxseg.data.batches import Batch, BatchSpec, zero_batch
 from jaxseg.methods import base
@@ -248,6 +248,9 @@ def _validate(method, state, dataset, config, out_dir: Optional[pathlib.Path],
   if not cases:
     _print("no validation cases (config data.num_validation = 0): evaluation skipped")
     return {}
+  if config.eval.get("intensity_rescale", "none") == "labeled":
+    mean, std = intensity.reference_stats(dataset.labeled)
+    cases = tuple(intensity.rescaled(c, mean, std) for c in cases)
   # Windows are spread over this process's devices; processes share out the cases.
   mesh = parallel.local_mesh()
   if jax.process_count() > 1:
@@ -589,7 +592,8 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ckpt = _checkpointer(config, workdir, create=False)
   state, record = _restore_latest(ckpt, state, workdir, required=True)
   ckpt.close()
-  out_dir = workdir / f"eval_step{record['step']}"
+  rescaled = "_rescaled" if config.eval.get("intensity_rescale", "none") == "labeled" else ""
+  out_dir = workdir / f"eval_step{record['step']}{rescaled}"
   summary = _validate(method, state, dataset, config, out_dir)
   if not summary:
     return summary

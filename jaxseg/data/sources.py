@@ -38,6 +38,12 @@ class Dataset:
 def load_cases(cfg: ml_collections.ConfigDict) -> list[Case]:
   """All cases of the configured source, in list order, checked, reduced to the channels of
   `data.modalities` (when set) and preprocessed."""
+  return preprocess.normalised(read_cases(cfg), cfg)
+
+
+def read_cases(cfg: ml_collections.ConfigDict) -> list[Case]:
+  """`load_cases` before the intensity preprocessing: the images as stored (the per-case analysis
+  describes them so)."""
   if cfg.source not in SOURCES:
     raise DataError(f"config data.source = {cfg.source!r} is not one of {SOURCES}")
   if cfg.source == "synthetic":
@@ -59,7 +65,7 @@ def load_cases(cfg: ml_collections.ConfigDict) -> list[Case]:
   else:
     cases = folders2d.load_folder2d(config_blocks.data_root(cfg), size=cfg.image_size or None,
                                     num_classes=cfg.num_classes, channels=cfg.channels or None)
-  return preprocess.configured_cases(cases, cfg)
+  return preprocess.selected_modalities(cases, cfg)
 
 
 def load_dataset(cfg: ml_collections.ConfigDict) -> Dataset:

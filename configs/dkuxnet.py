@@ -65,6 +65,9 @@ PRESETS = {
     "la4": {**_LA, "data.num_labeled": 4},
     "la8": {**_LA, "data.num_labeled": 8},
     "la16": {**_LA, "data.num_labeled": 16},
+    # la8 + per-case z-score + on-device intensity augmentation (configs/_la_family.py).
+    "la8_robust": {**_LA, "data.num_labeled": 8, "data.zscore": True,
+                   "data.intensity_augment.enabled": True},
     "la8_released": {**_LA, "data.num_labeled": 8, "method.preset": "released",
                      "method.groups": (16, 4, 108), "data.batch_unlabeled": 0},
 }

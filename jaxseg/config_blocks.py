@@ -32,6 +32,11 @@ SYNTHETIC_LAYOUTS = ("adjacent", "nested")  # data.synthetic.layout (data/synthe
 EMPTY_POLICIES = ("worst", "reference", "raise")  # eval.empty_policy (metrics.py EMPTY_POLICIES)
 DISTRIBUTED_MODES = ("auto", "on", "off")  # train.distributed.mode
 VALIDATION_RULES = ("last", "random")  # data.validation, else a list file (data/splits.py)
+# data.intensity_augment's defaults (nnU-Net v1 moreDA's brightness, contrast and gamma; the class
+# data/intensity_augment.py IntensityAugmentConfig has the same).
+INTENSITY_AUGMENT = dict(enabled=False, p_scale=0.15, scale_range=(0.75, 1.25), p_shift=0.15,
+                         shift_range=(-0.25, 0.25), p_contrast=0.15, contrast_range=(0.75, 1.25),
+                         p_gamma=0.3, gamma_range=(0.7, 1.5))
 INTENSITY_RESCALES = ("none", "labeled")  # eval.intensity_rescale (data/intensity.py)
 
 
@@ -78,6 +83,15 @@ def data_block(protocol: str = "") -> ml_collections.ConfigDict:
     foreground_oversample: the fraction of each batch's labeled samples whose crop is centred on
       a foreground voxel (nnU-Net: 0.33, the last round(B_l * f) samples of the batch); 0 = every
       crop uniformly placed. In [0, 1].
+    percentile_scale: () = off, or (lower, upper) percentiles: each modality of each case mapped
+      to (x - median) / (p_upper - p_lower), a robust scaling that one bright or dark volume does
+      not set (data/intensity.py); after clip_percentiles, instead of zscore. Applied alike in
+      training, evaluation and --mode predict.
+    intensity_augment: on-device intensity augmentation of every training batch, for any method
+      (data/intensity_augment.py): enabled, then per transform a probability per sample and a
+      range drawn per channel: p_scale / scale_range (x * s), p_shift / shift_range (x + b, in
+      intensity units), p_contrast / contrast_range, p_gamma / gamma_range (nnU-Net's contrast
+      and gamma, as MAML's augmentation). Off by default.
     modalities: the channels to keep, by name or index (e.g. ("FLAIR",) or (0, 2)), in that order;
       () keeps them all. Training and evaluation see only these (a single-modality baseline).
     synthetic: the generated data (its own seed, so that changing the run's `seed` keeps the data):
@@ -109,6 +123,8 @@ def data_block(protocol: str = "") -> ml_collections.ConfigDict:
   c.zscore = False
   c.zscore_nonzero = False
   c.foreground_oversample = 0.0
+  c.percentile_scale = ()
+  c.intensity_augment = ml_collections.ConfigDict(INTENSITY_AUGMENT)
   c.modalities = ()
   c.synthetic = ml_collections.ConfigDict(dict(
       seed=0, num_cases=24, shape=(64, 64, 48), num_modalities=1, layout="adjacent", noise=0.1,
@@ -324,6 +340,17 @@ def _percentiles(v) -> bool:
   return not v or (len(v) == 2 and all(_is_number(p) for p in v) and 0 <= v[0] <= v[1] <= 100)
 
 
+def _scale_percentiles(v) -> bool:
+  return _percentiles(v) and (not v or v[0] < v[1])
+
+
+def _range(positive: bool) -> tuple[Callable[[Any], bool], str]:
+  def test(v):
+    return (isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_number(x) for x in v)
+            and v[0] <= v[1] and (not positive or v[0] > 0))
+  return test, "(lo, hi) with " + ("0 < lo <= hi" if positive else "lo <= hi")
+
+
 def _mirror_axes(v) -> bool:
   return (isinstance(v, (tuple, list)) and len(set(v)) == len(v)
           and all(_is_int(a) and 0 <= a <= 2 for a in v))
@@ -377,6 +404,17 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.zscore": _BOOL,
     "data.zscore_nonzero": _BOOL,
     "data.foreground_oversample": _number(lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "data.percentile_scale": (_scale_percentiles,
+                              "() or (lower, upper) with 0 <= lower < upper <= 100"),
+    "data.intensity_augment.enabled": _BOOL,
+    "data.intensity_augment.p_scale": _number(lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "data.intensity_augment.scale_range": _range(positive=True),
+    "data.intensity_augment.p_shift": _number(lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "data.intensity_augment.shift_range": _range(positive=False),
+    "data.intensity_augment.p_contrast": _number(lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "data.intensity_augment.contrast_range": _range(positive=True),
+    "data.intensity_augment.p_gamma": _number(lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "data.intensity_augment.gamma_range": _range(positive=True),
     "data.modalities": (_modality_selection, "() or distinct channel names or indices >= 0"),
     "data.synthetic.seed": _SEED,
     "data.synthetic.num_cases": _count(1),
@@ -470,6 +508,9 @@ def _check_data(d: ml_collections.ConfigDict, files: bool) -> None:
   if d.batch_labeled % d.labeled_groups:
     raise DataError(f"config data.labeled_groups = {d.labeled_groups} must divide "
                     f"data.batch_labeled = {d.batch_labeled}")
+  if d.get("percentile_scale", ()) and d.zscore:
+    raise DataError(f"config data.percentile_scale = {_shown(d.percentile_scale)} and data.zscore "
+                    "= True: choose one normalisation")
   if d.on_device and d.foreground_oversample > 0:
     raise DataError(f"config data.foreground_oversample = {d.foreground_oversample} needs the host "
                     "pipeline: set data.on_device = False (the device crops never see the labels)")

@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 
 from jaxseg import checkpoint, config_blocks, curves, evaluate, optim, parallel
-from jaxseg.data import device_crops, intensity, sources
+from jaxseg.data import device_crops, intensity, intensity_augment, sources
 from jaxseg.data.base import DataError
 from jaxseg.data.batches import Batch, BatchSpec, zero_batch
 from jaxseg.methods import base
@@ -86,9 +86,11 @@ def _added_default(key: str, current: dict) -> bool:
   block or an optimiser field added since that run was started, at the default that reproduces
   the old behaviour (runs of older versions resume)."""
   block, _, field = key.rpartition(".")
+  if block.startswith("data."):  # A key of a data sub-block, e.g. data.intensity_augment.p_gamma.
+    block, field = "data", key[len("data."):]
   if block in ("data", "method"):
     if block == "data":
-      defaults = config_blocks.data_block()
+      defaults = _flatten(config_blocks.data_block().to_dict())
     else:  # A key of the method's own block, e.g. MAML's method.fusion.
       try:
         defaults = load_method(ml_collections.ConfigDict(
@@ -472,6 +474,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
          f"{mesh.size} {jax.devices()[0].platform} device(s){processes}")
 
   batch_sharding = parallel.data_sharding(mesh)
+  # The method's step, after the on-device intensity augmentation when data.intensity_augment is on.
+  train_step = intensity_augment.with_intensity_augment(method.train_step, config.data)
   if config.data.on_device:
     device_data = device_crops.DeviceData(batches, parallel.replicated(mesh))
     _print(f"training volumes on the device(s): {device_data.nbytes / 2**20:.0f} MiB")
@@ -480,12 +484,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     def step_on_device(state, arrays, plan, key):
       batch = device_crops.assemble(arrays, plan, patch)
       batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
-      return method.train_step(state, batch, key)
+      return train_step(state, batch, key)
 
     jitted = jax.jit(_with_finite_flag(step_on_device), donate_argnums=(0,))
     step_fn = lambda state, key: jitted(state, device_data.arrays, device_data.next_plan(), key)
   else:
-    jitted = jax.jit(_with_finite_flag(method.train_step), donate_argnums=(0,))
+    jitted = jax.jit(_with_finite_flag(train_step), donate_argnums=(0,))
     next_batch = _host_batches(batches, batch_sharding)
     step_fn = lambda state, key: jitted(state, next_batch(), key)
   writer = _writer(workdir, start)

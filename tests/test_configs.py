@@ -353,6 +353,11 @@ METHOD_BLOCKS = {
     ("dkuxnet", "la16"): _dkuxnet("dkux-v1", (16, 16), DKUX_FULL, 150, 40),
     ("dkuxnet", "la8_released"): _dkuxnet("released", (16, 4, 108), DKUX_FULL, 150, 40),
 }
+# The intensity-robust variants change the data block only: the method block of their base preset.
+METHOD_BLOCKS.update({
+    (name, f"{base}_robust"): METHOD_BLOCKS[(name, base)]
+    for name in ("dtc", "mean_teacher", "uamt", "sassnet", "supervised_vnet", "asdnet", "dkuxnet")
+    for base in (("la8",) if name == "dkuxnet" else ("la8", "la16"))})
 
 
 def test_every_method_config_preset_is_pinned():

@@ -79,3 +79,25 @@ def rescaled(case: Case, mean: np.ndarray, std: np.ndarray) -> Case:
                     "rescaled (eval.intensity_rescale)")
   out = (image - own_mean) / own_std * np.asarray(std) + np.asarray(mean)
   return case.replace(image=out.astype(np.float32))
+
+
+def percentile_scaled(case: Case, lower: float, upper: float) -> Case:
+  """`case` with each present channel mapped to (x - median) / (p_upper - p_lower) (percentiles
+  over the whole image, np.percentile's linear interpolation, in float64); absent channels
+  (`Case.present` False) set to 0. `data.percentile_scale`.
+
+  Raises:
+    DataError: naming the case and channel when its percentile range is empty (p_upper == p_lower).
+  """
+  image = np.asarray(case.image, np.float64)
+  flat = image.reshape(-1, image.shape[-1])
+  low, median, high = np.percentile(flat, [lower, 50.0, upper], axis=0)
+  present = np.asarray(case.present, bool)
+  empty = np.flatnonzero((high <= low) & present)
+  if empty.size:
+    raise DataError(f"{case.source}: case {case.case_id!r}, channel {int(empty[0])}: its "
+                    f"{lower}th and {upper}th percentiles are equal ({low[empty[0]]:g}); "
+                    "data.percentile_scale would divide by zero")
+  width = np.where(present, high - low, 1.0)
+  out = np.where(present, (image - median) / width, 0.0)
+  return case.replace(image=out.astype(np.float32))

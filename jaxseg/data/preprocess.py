@@ -14,6 +14,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import scipy.ndimage
 
+from jaxseg.data import intensity
 from jaxseg.data.base import Case, DataError, resolve_modalities, select_modalities
 
 
@@ -164,9 +165,15 @@ def normalised(cases: Sequence[Case], data_cfg) -> list[Case]:
     raise DataError("config data.zscore_nonzero = True needs data.zscore = True (it chooses the "
                     "voxels of the z-score)")
   clip = tuple(data_cfg.get("clip_percentiles", ()) or ()) or None
-  if clip is None and not do_zscore:
-    return cases
-  return [preprocess_case(c, clip=clip, zscore=do_zscore, nonzero=nonzero) for c in cases]
+  scale = tuple(data_cfg.get("percentile_scale", ()) or ())
+  if scale and do_zscore:
+    raise DataError(f"config data.percentile_scale = {scale} and data.zscore = True: choose one "
+                    "normalisation")
+  if clip is not None or do_zscore:
+    cases = [preprocess_case(c, clip=clip, zscore=do_zscore, nonzero=nonzero) for c in cases]
+  if scale:
+    cases = [intensity.percentile_scaled(c, *scale) for c in cases]
+  return cases
 
 
 # preprocess_case's `zscore` flag shadows the function inside it.

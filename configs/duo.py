@@ -6,7 +6,11 @@
   python -m jaxseg.main --config configs/duo.py:la --config.data.root /path/to/la2018
   python -m jaxseg.main --config configs/duo.py:nuclei --config.data.root /path/to/nuclei
   (also :heart, :spleen: 2D slices in images/ + masks/ folders; add --config.method.preset released
-   for the released code's effective losses)
+   for the released code's effective losses only)
+  python -m jaxseg.main --config configs/duo.py:released        # the released protocol, synthetic 2D
+  python -m jaxseg.main --config configs/duo.py:paper           # = :synthetic2d, for comparison
+  python -m jaxseg.main --config configs/duo.py:nuclei_released --config.data.root /path/to/nuclei
+  (also :heart_released, :spleen_released)
 
 Default: the embedded synthetic 2D data (100 images of 128x128; labeled = the first 10, halved into
 the views X^1 and X^2; validation = the last 20; unlabeled = the 70 between), 96x96 crops, 1
@@ -45,6 +49,23 @@ _FOLDERS2D = {
     "train.checkpoint_every": 2000,
 }
 
+# The released code's protocol around its losses (docs/methods/duo.md, presets): its effective
+# gradients (method.preset), separate batch-1 BatchNorm calls, RGB input with ImageNet statistics
+# in training only, bilinear soft masks, per-image BatchNorm at evaluation, 199 epochs of
+# min(|X^1|, |X^2|, |U|) batches of 1 + 1 + 1 samples.
+RELEASED_PROTOCOL = {
+    "method.preset": "released",
+    "method.separate_bn_calls": True,
+    "data.batch_labeled": 2,
+    "data.batch_unlabeled": 1,
+    "data.input": "rgb_imagenet",
+    "data.zscore": False,
+    "data.soft_masks": True,
+    "eval.batchnorm": "per_image",
+    "train.num_steps": 0,
+    "train.num_epochs": 199,
+}
+
 # {preset: overrides of the config}.
 PRESETS = {
     # The quick start: 2D synthetic images (Duo-SegNet is a 2D method; 2D trains in minutes on a
@@ -64,6 +85,17 @@ PRESETS = {
     "nuclei": {**_FOLDERS2D, "data.channels": 3},
     "heart": _FOLDERS2D,
     "spleen": _FOLDERS2D,
+    # The `paper` and `released` protocols side by side on the :synthetic2d data and network:
+    # `paper` is :synthetic2d itself (today's choices, named for the comparison), `released` adds
+    # RELEASED_PROTOCOL (199 epochs of 5 batches = 995 steps there).
+    "paper": {**config_blocks.data_overrides("synthetic2d"),
+              "method.model.features": (16, 32, 64, 128), "method.preset": "paper"},
+    "released": {**config_blocks.data_overrides("synthetic2d"),
+                 "method.model.features": (16, 32, 64, 128), **RELEASED_PROTOCOL},
+    # The 2D folder presets under the released protocol.
+    "nuclei_released": {**_FOLDERS2D, "data.channels": 3, **RELEASED_PROTOCOL},
+    "heart_released": {**_FOLDERS2D, **RELEASED_PROTOCOL},
+    "spleen_released": {**_FOLDERS2D, **RELEASED_PROTOCOL},
 }
 
 

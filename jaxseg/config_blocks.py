@@ -31,6 +31,8 @@ ROOT_SOURCES = ("la", "msd", "folders2d")  # The sources read from the folder da
 SYNTHETIC_LAYOUTS = ("adjacent", "nested")  # data.synthetic.layout (data/synthetic.py LAYOUTS)
 EMPTY_POLICIES = ("worst", "reference", "raise")  # eval.empty_policy (metrics.py EMPTY_POLICIES)
 DISTRIBUTED_MODES = ("auto", "on", "off")  # train.distributed.mode
+INPUTS = ("grayscale", "rgb_imagenet")  # data.input (data/preprocess.py INPUTS)
+BATCHNORM_MODES = ("running", "per_image")  # eval.batchnorm (eval_batchnorm.py MODES)
 VALIDATION_RULES = ("last", "random")  # data.validation, else a list file (data/splits.py)
 # data.intensity_augment's defaults (nnU-Net v1 moreDA's brightness, contrast and gamma; the class
 # data/intensity_augment.py IntensityAugmentConfig has the same).
@@ -99,6 +101,14 @@ def data_block(protocol: str = "") -> ml_collections.ConfigDict:
       noise and bias (intensity units, >= 0), num_distractors (blobs that are not organs).
     image_size: folders2d: (H, W) in pixels to resize to; () keeps the file size.
     channels: folders2d: 1 or 3 to force; 0 keeps the file's channels.
+    input: one of INPUTS. "grayscale": images as read (then clipped / z-scored as configured).
+      "rgb_imagenet" (the released Duo-SegNet input): one-channel images repeated to 3 channels,
+      the training images (labeled, unlabeled) normalised with the ImageNet mean / std, the
+      validation, test and --mode predict images not normalised (data/preprocess.py).
+    soft_masks: binary tasks: the labeled targets are soft masks in [0, 1] (2D folders: the mask
+      resized bilinearly to image_size; other sources: the label itself), and every scored
+      ground truth is its soft mask > 0.5 (the released Duo-SegNet masks). The method must take
+      soft targets (its Requirements.soft_labels).
   """
   c = ml_collections.ConfigDict()
   c.source = "synthetic"
@@ -131,6 +141,8 @@ def data_block(protocol: str = "") -> ml_collections.ConfigDict:
       bias=0.2, num_distractors=3))
   c.image_size = ()
   c.channels = 0
+  c.input = "grayscale"
+  c.soft_masks = False
   if protocol:
     if protocol not in DATA_PROTOCOLS:
       raise ValueError(f"unknown data protocol {protocol!r}, expected one of "
@@ -181,7 +193,11 @@ def train_block() -> ml_collections.ConfigDict:
   """The `train` block: the length of the run and what it writes.
 
   Keys (in optimiser steps, one step = one batch):
-    num_steps: steps of the run (>= 1).
+    num_steps: steps of the run (>= 1), or 0 with num_epochs.
+    num_epochs: 0, or the length of the run in epochs (then num_steps must be 0): num_steps is
+      num_epochs x the epoch length, the batches after which the shortest stream has gone once
+      through its cases (min(|X^1|, |X^2|, |U|) with one sample per stream; data/batches.py
+      epoch_length), known once the data are split.
     log_every: steps between console progress lines and TensorBoard scalars (>= 1).
     checkpoint_every: steps between checkpoints (>= 1); one is also written at the end.
     eval_every: steps between validations during training (0: only at the end).
@@ -190,7 +206,7 @@ def train_block() -> ml_collections.ConfigDict:
       decides.
   """
   return ml_collections.ConfigDict(dict(
-      num_steps=1000, log_every=50, checkpoint_every=200, eval_every=0, keep_checkpoints=2,
+      num_steps=1000, num_epochs=0, log_every=50, checkpoint_every=200, eval_every=0, keep_checkpoints=2,
       distributed=distributed_block()))
 
 
@@ -230,6 +246,10 @@ def eval_block() -> ml_collections.ConfigDict:
     view: --mode predict: the view whose labels are written: "" = the method's first view (Duo:
       "f1"), a view name, or "mean" = the average of all views' probabilities, then the usual
       decision rule. Evaluation scores every view regardless.
+    batchnorm: one of BATCHNORM_MODES, how BatchNorm layers normalise in evaluation and --mode
+      predict: "running" (their running statistics, eval mode) or "per_image" (each window by its
+      own statistics: a batch-1 train-mode forward, the released Duo-SegNet test; jaxseg/
+      eval_batchnorm.py). "per_image" is refused for networks without BatchNorm.
   """
   c = ml_collections.ConfigDict()
   c.patch_size = ()
@@ -248,6 +268,7 @@ def eval_block() -> ml_collections.ConfigDict:
   c.modalities = ""
   c.intensity_rescale = "none"
   c.view = ""
+  c.batchnorm = "running"
   return c
 
 
@@ -426,7 +447,12 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.synthetic.num_distractors": _count(0),
     "data.image_size": _sizes((2,), empty=True),
     "data.channels": _choice((0, 1, 3)),
-    "train.num_steps": _count(1),
+    "data.input": _choice(INPUTS),
+    "data.soft_masks": _BOOL,
+    # 0 only with num_epochs: see check_config.
+    "train.num_steps": ((lambda v: _is_int(v) and v >= 0),
+                        "an integer >= 1 (or 0 with train.num_epochs >= 1)"),
+    "train.num_epochs": _count(0),
     "train.log_every": _count(1),
     "train.checkpoint_every": _count(1),
     "train.eval_every": _count(0),
@@ -455,6 +481,7 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     # The method's views are known once its predict function is traced: evaluate.predict_files
     # checks the name.
     "eval.view": _STRING,
+    "eval.batchnorm": _choice(BATCHNORM_MODES),
 }
 
 
@@ -496,10 +523,22 @@ def check_config(config: ml_collections.ConfigDict, files: bool = True) -> None:
     present, value = _lookup(config, key)
     if present and not accepts(value):
       _fail(key, value, what)
+  if "train" in config:
+    _check_length(config.train)
   if "data" in config:
     _check_data(config.data, files)
   if "eval" in config and "data" in config:
     _check_eval(config.eval, config.data, files)
+
+
+def _check_length(t: ml_collections.ConfigDict) -> None:
+  epochs = t.get("num_epochs", 0)
+  if epochs and t.num_steps:
+    raise DataError(f"config train.num_epochs = {epochs} and train.num_steps = {t.num_steps} are "
+                    "both set: give the length once (train.num_steps = 0 to count in epochs, "
+                    "train.num_epochs = 0 to count in steps)")
+  if not epochs and t.num_steps < 1:
+    _fail("train.num_steps", t.num_steps, "an integer >= 1 (or 0 with train.num_epochs >= 1)")
 
 
 def _check_data(d: ml_collections.ConfigDict, files: bool) -> None:
@@ -508,6 +547,22 @@ def _check_data(d: ml_collections.ConfigDict, files: bool) -> None:
   if d.batch_labeled % d.labeled_groups:
     raise DataError(f"config data.labeled_groups = {d.labeled_groups} must divide "
                     f"data.batch_labeled = {d.batch_labeled}")
+  if d.get("percentile_scale", ()) and d.zscore:
+    raise DataError(f"config data.percentile_scale = {_shown(d.percentile_scale)} and data.zscore "
+                    "= True: choose one normalisation")
+  if d.get("input", "grayscale") == "rgb_imagenet" and d.zscore:
+    raise DataError("config data.input = 'rgb_imagenet' normalises with the ImageNet statistics: "
+                    "set data.zscore = False")
+  if d.get("soft_masks", False):
+    if d.num_classes != 2:
+      raise DataError(f"config data.soft_masks = True needs a binary task, not data.num_classes = "
+                      f"{d.num_classes}")
+    if d.on_device or d.foreground_oversample > 0:
+      raise DataError("config data.soft_masks = True needs the host pipeline without foreground "
+                      "crops: set data.on_device = False and data.foreground_oversample = 0")
+  if d.get("percentile_scale", ()) and d.zscore:
+    raise DataError(f"config data.percentile_scale = {_shown(d.percentile_scale)} and data.zscore "
+                    "= True: choose one normalisation")
   if d.get("percentile_scale", ()) and d.zscore:
     raise DataError(f"config data.percentile_scale = {_shown(d.percentile_scale)} and data.zscore "
                     "= True: choose one normalisation")

@@ -55,8 +55,35 @@ def checked_method(config: ml_collections.ConfigDict, files: bool = True) -> Mod
   """
   config_blocks.check_config(config, files=files)
   method = load_method(config)
-  base.check_method_config(method, config)
+  base.check_method_config(method, _steps_known(config))
   return method
+
+
+def _steps_known(config: ml_collections.ConfigDict, epoch_length: int = 1
+                 ) -> ml_collections.ConfigDict:
+  """`config` with train.num_steps = train.num_epochs x `epoch_length` when the run is counted in
+  epochs (a copy; `config` itself otherwise). Before the data are split the epoch length is
+  unknown: the checks then take 1 batch per epoch (optimiser schedules need some T > 0), and the
+  run resolves it (`with_run_length`)."""
+  epochs = config.get("train", {}).get("num_epochs", 0)
+  if not epochs:
+    return config
+  resolved = ml_collections.ConfigDict(config.to_dict())
+  resolved.train.num_steps = int(epochs) * int(epoch_length)
+  return resolved
+
+
+def with_run_length(config: ml_collections.ConfigDict, method: ModuleType, batches
+                    ) -> ml_collections.ConfigDict:
+  """`config` with its run length in steps: with train.num_epochs, train.num_steps = num_epochs x
+  `batches.epoch_length()` (checked again by the method, e.g. its optimiser schedules)."""
+  if not config.train.get("num_epochs", 0):
+    return config
+  resolved = _steps_known(config, batches.epoch_length())
+  base.check_method_config(method, resolved)
+  _print(f"train.num_epochs = {config.train.num_epochs} epochs of {batches.epoch_length()} "
+         f"batches: train.num_steps = {resolved.train.num_steps}")
+  return resolved
 
 
 # Keys that may change between a run and its resumption (everything else must match).
@@ -86,6 +113,8 @@ def _added_default(key: str, current: dict) -> bool:
   block or an optimiser field added since that run was started, at the default that reproduces
   the old behaviour (runs of older versions resume)."""
   block, _, field = key.rpartition(".")
+  if key == "train.num_epochs":
+    return _same_value(current[key], config_blocks.train_block().num_epochs)
   if block.startswith("data."):  # A key of a data sub-block, e.g. data.intensity_augment.p_gamma.
     block, field = "data", key[len("data."):]
   if block in ("data", "method"):
@@ -451,6 +480,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = parallel.make_mesh()
   parallel.check_batch_fits_mesh(config.data, mesh)
   batches = sources.make_batches(dataset, config.data)
+  config = with_run_length(config, method, batches)
   spec = batches.spec
   state, train_key = _initial_state(method, config, spec, mesh)
   ckpt = _checkpointer(config, workdir)
@@ -592,6 +622,7 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
   parallel.initialize_distributed(config.train.distributed)
   dataset = sources.load_dataset(config.data)
   spec = BatchSpec.of_case(dataset.labeled[0], config.data.patch_size)
+  config = with_run_length(config, method, sources.make_batches(dataset, config.data))
   state, _ = _initial_state(method, config, spec, parallel.make_mesh())
   ckpt = _checkpointer(config, workdir, create=False)
   state, record = _restore_latest(ckpt, state, workdir, required=True)
@@ -628,7 +659,8 @@ def predict_workdir(config: ml_collections.ConfigDict, workdir: str, input_path:
   saved = json.loads(info.read_text())
   channels = saved["channels"]
   spec = BatchSpec.from_json(saved["batch_spec"]) if "batch_spec" in saved else channels
-  state, _ = _initial_state(method, config, spec, parallel.make_mesh())
+  # No data here to count an epoch in: the optimiser's schedule length does not matter to predict.
+  state, _ = _initial_state(method, _steps_known(config), spec, parallel.make_mesh())
   ckpt = _checkpointer(config, workdir, create=False)
   state, _ = _restore_latest(ckpt, state, workdir, required=True)
   ckpt.close()

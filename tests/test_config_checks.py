@@ -331,11 +331,12 @@ def run_main(*args, cwd=REPO):
     # data.root is missing too: the first failure is reported and the data are never reached.
     (["--config", "configs/dtc.py:la8", "--config.train.num_steps=-5",
       "--config.data.root=/nonexistent/la2018"],
-     "error: config train.num_steps = -5 must be an integer >= 1\n"),
+     "error: config train.num_steps = -5 must be an integer >= 1 (or 0 with train.num_epochs >= "
+     "1)\n"),
     (["--config", "configs/duo.py", "--config.train.stepz=3"],
      "error: bad config override --config.train.stepz=3: unknown key train.stepz (did you mean "
      "train.num_steps?); the keys of train are checkpoint_every, distributed, eval_every, "
-     "keep_checkpoints, log_every, num_steps\n"),
+     "keep_checkpoints, log_every, num_epochs, num_steps\n"),
     (["--config", "configs/supervised.py", "--mode", "eval", "--config.eval.threshold=1.5"],
      "error: config eval.threshold = 1.5 must be a number in (0, 1)\n"),
 ], ids=["num_steps", "unknown_key", "eval_threshold"])

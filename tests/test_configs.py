@@ -175,9 +175,9 @@ SASSNET_ADAM = dict(name="adam", learning_rate=1e-4, momentum=0.9, nesterov=Fals
                     lr_multipliers=(), weight_decay_mask="", clip_grad_norm=0.0)
 
 
-def _duo(features):
-  return dict(name="duo", preset="paper", lambda_s=0.5, lambda_u=0.4, lambda_c=0.2, eta=0.5,
-              w_dice=0.0, k_s=1, k_c=1,
+def _duo(features, preset="paper", separate_bn_calls=False):
+  return dict(name="duo", preset=preset, lambda_s=0.5, lambda_u=0.4, lambda_c=0.2, eta=0.5,
+              w_dice=0.0, k_s=1, k_c=1, separate_bn_calls=separate_bn_calls,
               model=dict(name="unet", features=features, norm="batch",
                          upsample="linear_align_corners", dtype="float32"),
               critic=dict(name="duo_critic", ndf=64, dtype="float32"),
@@ -310,6 +310,11 @@ METHOD_BLOCKS = {
     ("duo", "nuclei"): _duo((64, 128, 256, 512, 1024)),
     ("duo", "heart"): _duo((64, 128, 256, 512, 1024)),
     ("duo", "spleen"): _duo((64, 128, 256, 512, 1024)),
+    ("duo", "paper"): _duo((16, 32, 64, 128)),
+    ("duo", "released"): _duo((16, 32, 64, 128), "released", True),
+    ("duo", "nuclei_released"): _duo((64, 128, 256, 512, 1024), "released", True),
+    ("duo", "heart_released"): _duo((64, 128, 256, 512, 1024), "released", True),
+    ("duo", "spleen_released"): _duo((64, 128, 256, 512, 1024), "released", True),
     # The LA presets run the `released` preset (effective beta 0.3; `beta` itself is unused).
     ("dtc", ""): _dtc("paper", 8, 10),
     ("dtc", "la8"): _dtc("released", 16, 150),

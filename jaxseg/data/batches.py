@@ -9,6 +9,10 @@
 - Labels of unlabeled cases are never read: the unlabeled stream has no "label" field.
 - Foreground oversampling (`foreground_oversample = f`, nnU-Net): the last labeled samples of each
   batch (`TwoStreamBatches.forced_foreground`) have their crop centred on a foreground voxel.
+- Soft masks (`soft_labels`, data.soft_masks): the labeled stream's "label" is then the case's
+  float32 soft mask in [0, 1], augmented and cropped like the image, instead of its class indices.
+- Epochs (`epoch_length`, train.num_epochs): an epoch is the number of batches after which the
+  shortest stream has gone once through its cases.
 
 A batch is an open pytree, `Batch(labeled={...}, unlabeled={...})`: per stream a dict of arrays
 with a leading sample axis, "image" (B, *patch, C) float32, "modality_mask" (B, C) bool (the
@@ -100,6 +104,34 @@ def stack_samples(samples: Sequence[dict], empty: dict[str, np.ndarray]) -> dict
   return {name: np.stack([s[name] for s in samples]) for name in samples[0]}
 
 
+def epoch_length(group_sizes: Sequence[int], per_group: int, num_unlabeled: int,
+                 batch_unlabeled: int) -> int:
+  """Batches in one epoch of two-stream batches: the shortest stream's passes over its cases.
+
+  Args:
+    group_sizes: the cases of each labeled part (one part without labeled_groups).
+    per_group: labeled samples per part in a batch.
+    num_unlabeled: the unlabeled cases.
+    batch_unlabeled: unlabeled samples per batch (0: no unlabeled stream, not counted).
+
+  Returns:
+    min over the parts of floor(size / per_group), and floor(num_unlabeled / batch_unlabeled) when
+    batch_unlabeled > 0; at least 1 is required.
+
+  Raises:
+    DataError: naming train.num_epochs, when a stream has fewer cases than one batch takes.
+  """
+  lengths = [size // per_group for size in group_sizes]
+  if batch_unlabeled:
+    lengths.append(num_unlabeled // batch_unlabeled)
+  length = min(lengths)
+  if length < 1:
+    raise DataError(f"config train.num_epochs: a stream has fewer cases than one batch takes "
+                    f"(labeled parts {list(group_sizes)} at {per_group} per batch, {num_unlabeled} "
+                    f"unlabeled at {batch_unlabeled}): an epoch would have no batch")
+  return length
+
+
 def _check_stream(cases: Sequence[Case], name: str, ndim: int, channels: int,
                   fields: dict, need_labels: bool) -> None:
   for case in cases:
@@ -144,12 +176,15 @@ class TwoStreamBatches(Iterator[Batch]):
     labeled_groups: number of contiguous parts of the labeled list, sampled side by side.
     foreground_oversample: f in [0, 1], the fraction of the labeled samples whose crop is centred on
       a foreground voxel (nnU-Net: 0.33); which ones, `forced_foreground`; how, `_sample`.
+    soft_labels: one float32 (*spatial,) soft mask per labeled case (same order), the labeled
+      stream's targets in place of the labels; None: the labels.
   """
 
   def __init__(self, labeled: Sequence[Case], unlabeled: Sequence[Case], *, batch_labeled: int,
                batch_unlabeled: int, patch_size: Sequence[int], seed: int, augment: bool = True,
                pad_to_patch: bool = True, labeled_groups: int = 1,
-               foreground_oversample: float = 0.0):
+               foreground_oversample: float = 0.0,
+               soft_labels: Optional[Sequence[np.ndarray]] = None):
     if not labeled:
       raise DataError("config data.num_labeled: the labeled set is empty")
     if batch_labeled < 1:
@@ -190,7 +225,26 @@ class TwoStreamBatches(Iterator[Batch]):
     self.pad_to_patch = pad_to_patch
     self.channels = channels
     self.foreground_oversample = float(foreground_oversample)
+    if soft_labels is not None:
+      if len(soft_labels) != len(labeled):
+        raise ValueError(f"{len(soft_labels)} soft labels for {len(labeled)} labeled cases")
+      if self.foreground_oversample:
+        raise DataError("config data.soft_masks = True and data.foreground_oversample > 0: "
+                        "foreground crops need class labels; set one of them off")
+      for case, soft in zip(labeled, soft_labels):
+        if np.shape(soft) != case.spatial_shape:
+          raise DataError(f"{case.source}: soft mask {np.shape(soft)} and image "
+                          f"{case.spatial_shape} differ")
+    self.soft_labels = None if soft_labels is None else tuple(
+        np.asarray(s, np.float32) for s in soft_labels)
     self.step = 0
+
+  def epoch_length(self) -> int:
+    """Batches per epoch: min over the labeled parts of floor(|part| / samples per part) and, with
+    an unlabeled stream, floor(|U| / batch_unlabeled). With one sample per stream and part this is
+    min(|X^1|, |X^2|, |U|), the released Duo-SegNet epoch (its loaders zipped, batch size 1)."""
+    return epoch_length([len(g) for g in self.groups], self.batch_labeled // len(self.groups),
+                        len(self.unlabeled), self.batch_unlabeled)
 
   # --- which cases go into batch `step` -------------------------------------------------------
 
@@ -234,7 +288,8 @@ class TwoStreamBatches(Iterator[Batch]):
     """The generator of the augmentation draws of sample `slot` (labeled first) of batch `step`."""
     return np.random.default_rng([self.seed, _AUGMENT, step, slot])
 
-  def _sample(self, case: Case, step: int, slot: int, with_label: bool) -> dict[str, np.ndarray]:
+  def _sample(self, case: Case, step: int, slot: int, with_label: bool,
+              soft_label: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
     """One sample: the case's image, label (if `with_label`) and fields, rotated, flipped and
     cropped alike, and its modality mask.
 
@@ -243,11 +298,13 @@ class TwoStreamBatches(Iterator[Batch]):
     present, then one voxel of that class uniformly, both from the sample's generator; the crop
     puts that voxel at index patch // 2, clamped to the (padded) volume. A label without foreground
     falls back to the uniform crop, drawing what an unforced sample draws.
+
+    With `soft_label` (float32, the case's soft mask), "label" is that mask, transformed alike.
     """
     rng = self.sample_rng(step, slot)
     arrays = {"image": case.image}
     if with_label:
-      arrays["label"] = case.label
+      arrays["label"] = case.label if soft_label is None else soft_label
     arrays.update(case.fields)
     if self.augment:
       k, axis = augment.draw_rot_flip(rng)
@@ -259,7 +316,8 @@ class TwoStreamBatches(Iterator[Batch]):
                                         source=case.source, centre=centre)
     arrays["image"] = arrays["image"].astype(np.float32, copy=False)
     if with_label:
-      arrays["label"] = arrays["label"].astype(np.int32, copy=False)
+      arrays["label"] = arrays["label"].astype(np.int32 if soft_label is None else np.float32,
+                                               copy=False)
     arrays["modality_mask"] = case.present
     return arrays
 
@@ -272,7 +330,8 @@ class TwoStreamBatches(Iterator[Batch]):
     """
     first_l, last_l = labeled_rows or (0, self.batch_labeled)
     first_u, last_u = unlabeled_rows or (0, self.batch_unlabeled)
-    labeled = [self._sample(self.labeled[i], step, slot, with_label=True)
+    labeled = [self._sample(self.labeled[i], step, slot, with_label=True,
+                            soft_label=None if self.soft_labels is None else self.soft_labels[i])
                for slot, i in enumerate(self.labeled_indices(step)) if first_l <= slot < last_l]
     unlabeled = [self._sample(self.unlabeled[i], step, self.batch_labeled + slot, False)
                  for slot, i in enumerate(self.unlabeled_indices(step)) if first_u <= slot < last_u]

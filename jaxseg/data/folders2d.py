@@ -142,6 +142,24 @@ def resize_mask(mask: np.ndarray, size: Sequence[int]) -> np.ndarray:
   return mask[rows[:, np.newaxis], cols[np.newaxis, :]]
 
 
+def soft_mask(root: PathLike, stem: str, size: Optional[Sequence[int]] = None) -> np.ndarray:
+  """The soft (H, W) float32 mask in [0, 1] of the binary mask of `stem` in root/masks: foreground
+  (value > 0) as 1.0, resized bilinearly to `size` like the images (`resize_image`); None keeps
+  the file's size (then it is the binary mask itself). The released Duo-SegNet code resized its
+  masks so and trained on the soft values; thresholded at 0.5 they are its test ground truth.
+
+  Raises:
+    DataError: naming the folder or file: no mask of that stem, an unreadable mask.
+  """
+  masks = _files_by_stem(pathlib.Path(root) / MASK_DIR)
+  if stem not in masks:
+    raise DataError(f"{pathlib.Path(root) / MASK_DIR}: no mask of stem {stem!r}")
+  binary = (read_mask(masks[stem]) > 0).astype(np.float32)
+  if size is None:
+    return binary
+  return np.clip(resize_image(binary[..., np.newaxis], size)[..., 0], 0.0, 1.0)
+
+
 def _nearest_indices(n_in: int, n_out: int) -> np.ndarray:
   """Source index of each output pixel centre: floor((i + 0.5) * n_in / n_out)."""
   return np.minimum(((np.arange(n_out) + 0.5) * n_in / n_out).astype(np.int64), n_in - 1)

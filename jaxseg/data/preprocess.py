@@ -154,12 +154,16 @@ def configured_cases(cases: Sequence[Case], data_cfg) -> list[Case]:
 def normalised(cases: Sequence[Case], data_cfg) -> list[Case]:
   """`cases` clipped and z-scored as the data block `data_cfg` says (`data.clip_percentiles`,
   `data.zscore`, `data.zscore_nonzero`; keys it lacks are off); unchanged when it says neither.
+  With data.input = "rgb_imagenet" the images are first made RGB (`as_rgb`); their ImageNet
+  normalisation is for training images only (`sources.load_dataset`).
 
   Raises:
     DataError: data.zscore_nonzero without data.zscore, or naming the case at fault (a constant
       channel, NaN/inf).
   """
   cases = list(cases)
+  if data_cfg.get("input", GRAYSCALE) == RGB_IMAGENET:
+    cases = [as_rgb(c) for c in cases]
   do_zscore, nonzero = data_cfg.get("zscore", False), data_cfg.get("zscore_nonzero", False)
   if nonzero and not do_zscore:
     raise DataError("config data.zscore_nonzero = True needs data.zscore = True (it chooses the "
@@ -174,6 +178,46 @@ def normalised(cases: Sequence[Case], data_cfg) -> list[Case]:
   if scale:
     cases = [intensity.percentile_scaled(c, *scale) for c in cases]
   return cases
+
+
+# data.input: how images enter the network. "grayscale": as read (and clipped / z-scored as
+# configured). "rgb_imagenet": the released Duo-SegNet input, an RGB image (a one-channel image
+# repeated 3 times) whose training images (labeled and unlabeled) are normalised with the ImageNet
+# channel means and standard deviations (`imagenet_normalised`, applied by
+# `sources.load_dataset`), while validation, test and --mode predict images are left in [0, 1] as
+# the released test code leaves them.
+GRAYSCALE, RGB_IMAGENET = "grayscale", "rgb_imagenet"
+INPUTS = (GRAYSCALE, RGB_IMAGENET)
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def as_rgb(case: Case) -> Case:
+  """`case` with 3 channels: a one-channel image repeated 3 times (its modality flag too, names
+  dropped); a 3-channel image unchanged.
+
+  Raises:
+    DataError: naming data.input and the case, for another channel count.
+  """
+  channels = case.num_modalities
+  if channels == 3:
+    return case
+  if channels != 1:
+    raise DataError(f"config data.input = {RGB_IMAGENET!r}: {case.source} (case "
+                    f"{case.case_id!r}) has {channels} channels; it takes 1 (repeated) or 3")
+  mask = None if case.modality_mask is None else np.repeat(case.present, 3)
+  return case.replace(image=np.repeat(np.asarray(case.image, np.float32), 3, axis=-1),
+                      modalities=(), modality_mask=mask)
+
+
+def imagenet_normalised(case: Case) -> Case:
+  """`case` (3 channels) with each channel c mapped to (x - IMAGENET_MEAN[c]) / IMAGENET_STD[c]
+  (torchvision's `Normalize` with the ImageNet statistics)."""
+  if case.num_modalities != 3:
+    raise DataError(f"config data.input = {RGB_IMAGENET!r}: {case.source} (case "
+                    f"{case.case_id!r}) has {case.num_modalities} channels, not 3")
+  image = (np.asarray(case.image, np.float32) - IMAGENET_MEAN) / IMAGENET_STD
+  return case.replace(image=image.astype(np.float32))
 
 
 # preprocess_case's `zscore` flag shadows the function inside it.

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+from typing import Optional
 
 import ml_collections
+import numpy as np
 
 from jaxseg import config_blocks
 from jaxseg.data import folders2d, la, msd, preprocess, synthetic
@@ -33,6 +35,9 @@ class Dataset:
   unlabeled: tuple[Case, ...]
   validation: tuple[Case, ...]
   num_classes: int
+  # data.soft_masks: the soft mask of each labeled case (same order), the training targets; None:
+  # the labels are.
+  soft_labels: Optional[tuple[np.ndarray, ...]] = None
 
 
 def load_cases(cfg: ml_collections.ConfigDict) -> list[Case]:
@@ -89,13 +94,34 @@ def load_dataset(cfg: ml_collections.ConfigDict) -> Dataset:
                      validation=rule, validation_seed=int(cfg.get("validation_seed", 0)),
                      validation_ids=validation_ids)
   by_id = {c.case_id: c for c in cases}
-  return Dataset(
-      split=split,
-      labeled=tuple(by_id[i] for i in split.labeled),
-      # Labels of unlabeled cases are dropped here, so no loss can ever see them.
-      unlabeled=tuple(by_id[i].replace(label=None) for i in split.unlabeled),
-      validation=tuple(by_id[i] for i in split.validation),
-      num_classes=cfg.num_classes)
+  labeled = tuple(by_id[i] for i in split.labeled)
+  # Labels of unlabeled cases are dropped here, so no loss can ever see them.
+  unlabeled = tuple(by_id[i].replace(label=None) for i in split.unlabeled)
+  validation = tuple(by_id[i] for i in split.validation)
+  soft_labels = None
+  if cfg.get("soft_masks", False):
+    soft_labels = tuple(soft_mask(cfg, c) for c in labeled)
+    # Every label (the scored ground truth included) is its soft mask > 0.5.
+    labeled = tuple(c.replace(label=(s > 0.5).astype(np.uint8))
+                    for c, s in zip(labeled, soft_labels))
+    validation = tuple(c.replace(label=(soft_mask(cfg, c) > 0.5).astype(np.uint8))
+                       for c in validation)
+  if cfg.get("input", preprocess.GRAYSCALE) == preprocess.RGB_IMAGENET:
+    # Training images only: validation (and test, predict) images stay in [0, 1], as released.
+    labeled = tuple(preprocess.imagenet_normalised(c) for c in labeled)
+    unlabeled = tuple(preprocess.imagenet_normalised(c) for c in unlabeled)
+  return Dataset(split=split, labeled=labeled, unlabeled=unlabeled, validation=validation,
+                 num_classes=cfg.num_classes, soft_labels=soft_labels)
+
+
+def soft_mask(cfg: ml_collections.ConfigDict, case: Case) -> np.ndarray:
+  """The soft mask (*spatial,) float32 in [0, 1] of a binary labeled `case` (data.soft_masks): for
+  2D folders its mask file resized bilinearly to data.image_size (`folders2d.soft_mask`); for the
+  other sources, which are not resized, its label as 0.0 / 1.0."""
+  if cfg.source == "folders2d":
+    return folders2d.soft_mask(config_blocks.data_root(cfg), case.case_id,
+                               tuple(cfg.image_size) or None)
+  return np.asarray(case.label, np.float32)
 
 
 def validation_file(cfg: ml_collections.ConfigDict, path: str) -> pathlib.Path:
@@ -143,4 +169,5 @@ def make_batches(dataset: Dataset, cfg: ml_collections.ConfigDict) -> TwoStreamB
                           batch_unlabeled=cfg.batch_unlabeled, patch_size=tuple(cfg.patch_size),
                           seed=cfg.seed, augment=cfg.augment, pad_to_patch=cfg.pad_to_patch,
                           labeled_groups=cfg.labeled_groups,
-                          foreground_oversample=cfg.foreground_oversample)
+                          foreground_oversample=cfg.foreground_oversample,
+                          soft_labels=dataset.soft_labels)

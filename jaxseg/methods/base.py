@@ -164,12 +164,15 @@ class Requirements:
       (Duo-SegNet's views X^1, X^2: 2); the batches are built with this many.
     unlabeled: the method needs unlabeled samples (data.batch_unlabeled >= 1).
     modalities: "any" (any number of image channels) or "one" (exactly one).
+    soft_labels: the method takes soft targets: with data.soft_masks the labeled stream's "label"
+      is a float32 mask in [0, 1] instead of class indices (Duo-SegNet's BCE and critic).
   """
 
   classes: str = "any"
   labeled_groups: int = 1
   unlabeled: bool = False
   modalities: str = "any"
+  soft_labels: bool = False
 
   def __post_init__(self):
     if self.classes not in CLASSES or self.modalities not in MODALITIES:
@@ -195,6 +198,9 @@ def check_requirements(config: ml_collections.ConfigDict, needs: Requirements) -
     raise DataError(f"config data.labeled_groups = {data.get('labeled_groups', 1)}: {name} needs "
                     f"{groups} (its labeled cases are sampled in {groups} parts side by side)")
   check_batch_sizes(data.batch_labeled, data.batch_unlabeled, needs, name)
+  if data.get("soft_masks", False) and not needs.soft_labels:
+    raise DataError(f"config data.soft_masks = True: {name} trains on class labels, not soft "
+                    "masks; set data.soft_masks = False")
 
 
 def check_batch_sizes(batch_labeled: int, batch_unlabeled: int, needs: Requirements,

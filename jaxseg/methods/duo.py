@@ -28,11 +28,12 @@ gradient, its labeled adversarial term is detached). L_u is computed and logged 
 (weight 0 in `released`); `loss_c` is the preset's L_c.
 
 Batch-norm and modes (docs/methods/duo.md, one step; docs/networks.md, batch statistics):
-- Each segmenter forwards its view and the unlabeled images in ONE train-mode call, F_i(concat(X^i,
-  U)), so its BN batch statistics span the view's labeled and the unlabeled samples and its running
-  statistics are updated once per segmenter step. The reference calls F_i(X^i) and F_i(U) separately
-  with batch size 1: there each call normalises with one image's statistics and the running
-  statistics move twice per step. The losses are otherwise the same.
+- By default each segmenter forwards its view and the unlabeled images in ONE train-mode call,
+  F_i(concat(X^i, U)), so its BN batch statistics span the view's labeled and the unlabeled samples
+  and its running statistics are updated once per segmenter step. The reference calls F_i(X^i) and
+  F_i(U) separately with batch size 1: there each call normalises with one image's statistics and
+  the running statistics move twice per step. `method.separate_bn_calls = True` does the same
+  (`segment_views_separately`). The losses are otherwise the same.
 - The critic is always in train mode, as in the reference (which never calls `critic.eval()`): each
   critic call normalises with its own batch statistics. Calls are made per view and per stream, in
   the reference's order — segmenter step D(p¹), D(p²), D(u₁), D(u₂); critic step D(sg p¹), D(sg p²),
@@ -81,6 +82,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.w_dice = 0.0  # Linear Dice in L_s (paper only; 1 = the authors' BCE + Dice intent).
   c.k_s = 1  # Segmenter steps per batch.
   c.k_c = 1  # Critic steps per batch.
+  # False: F_i(concat(X^i, U)), one train-mode call per segmenter. True: the released code's
+  # separate calls F₁(X¹), F₂(X²), F₁(U), F₂(U), each network's BN state threaded through its two.
+  c.separate_bn_calls = False
   c.model = ml_collections.ConfigDict(dict(
       name="unet", features=(8, 16, 32, 64), norm="batch", upsample="linear_align_corners",
       dtype="float32"))
@@ -93,7 +97,9 @@ def default_config() -> ml_collections.ConfigDict:
 
 # One logit per segmenter (binary); two views of the labeled set; the unlabeled stream feeds L_u
 # and the critic's adversarial term.
-REQUIREMENTS = base.Requirements(classes="binary", labeled_groups=len(VIEWS), unlabeled=True)
+# BCE and the critic take soft targets (data.soft_masks: the released bilinear masks).
+REQUIREMENTS = base.Requirements(classes="binary", labeled_groups=len(VIEWS), unlabeled=True,
+                                 soft_labels=True)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -105,7 +111,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 def apply_preset(cfg: ml_collections.ConfigDict) -> ml_collections.FrozenConfigDict:
   """The effective loss weights and step counts of the method block `cfg`.
 
-  Returns a frozen dict with `preset`, `k_s`, `k_c` and the weights of
+  Returns a frozen dict with `preset`, `k_s`, `k_c`, `separate_bn_calls` (as configured in both
+  presets) and the weights of
 
       segmenters: lambda_s·L_s + lambda_u·L_u + lambda_c·L_c,
         L_s = Σ_i [bce(p^i, Y^i) + w_dice·dice_lin(p^i, Y^i)],
@@ -127,7 +134,10 @@ def apply_preset(cfg: ml_collections.ConfigDict) -> ml_collections.FrozenConfigD
     base.check_positive(cfg, key)
   if not 0 <= cfg.eta <= 1:
     raise DataError(f"config method.eta = {cfg.eta!r} must be in [0, 1]")
-  weights = dict(preset=cfg.preset, k_s=int(cfg.k_s), k_c=int(cfg.k_c),
+  separate = cfg.get("separate_bn_calls", False)
+  if not isinstance(separate, bool):
+    raise DataError(f"config method.separate_bn_calls = {separate!r} must be True or False")
+  weights = dict(preset=cfg.preset, k_s=int(cfg.k_s), k_c=int(cfg.k_c), separate_bn_calls=separate,
                  lambda_s=float(cfg.lambda_s), lambda_c=float(cfg.lambda_c))
   if cfg.preset == "paper":
     weights.update(lambda_u=float(cfg.lambda_u), w_dice=float(cfg.w_dice),
@@ -229,6 +239,26 @@ def segment_views(seg: peers.Peers, params, images: Sequence[jax.Array], unlabel
   return tuple(probs), tuple(unlabeled_probs), stats
 
 
+def segment_views_separately(seg: peers.Peers, params, images: Sequence[jax.Array],
+                             unlabeled: jax.Array, rng: jax.Array):
+  """Train-mode F₁(X¹), F₂(X²), F₁(U), F₂(U): four calls in this order (the released code's), each
+  normalised by its own batch statistics; each network's BN state is threaded from its labeled to
+  its unlabeled call, so its running statistics move twice per step.
+
+  Returns:
+    as `segment_views`.
+  """
+  keys = jax.random.split(rng, 2 * len(VIEWS))
+  stats = {view: seg[view].batch_stats for view in VIEWS}
+  outputs = []
+  for call, (view, x) in enumerate([*zip(VIEWS, images), *((v, unlabeled) for v in VIEWS)]):
+    logits, stats[view] = base.forward_train(seg[view], params[view], x, keys[call],
+                                             batch_stats=stats[view])
+    outputs.append(jax.nn.sigmoid(logits))
+  n = len(VIEWS)
+  return tuple(outputs[:n]), tuple(outputs[n:]), stats
+
+
 def critic_probabilities(critic: base.TrainState, params, batch_stats, maps: Sequence[jax.Array]):
   """D(m) = σ(critic(m)) for each map, one train-mode call each, BN statistics threaded in order.
 
@@ -280,7 +310,8 @@ def segmenter_objective(params, seg: peers.Peers, critic: base.TrainState, batch
     D(u_i) and the labeled predictions (p¹, p²).
   """
   (x1, x2), labels = split_views(batch)
-  probs, (u1, u2), seg_stats = segment_views(seg, params, (x1, x2), batch.unlabeled["image"], rng)
+  segment = segment_views_separately if hp.separate_bn_calls else segment_views
+  probs, (u1, u2), seg_stats = segment(seg, params, (x1, x2), batch.unlabeled["image"], rng)
   d, critic_stats = critic_probabilities(critic, critic.params, critic.batch_stats,
                                          (*probs, u1, u2))
   loss_s = supervised_loss(probs, labels, hp.w_dice)

@@ -103,14 +103,15 @@ def test_losses_equal_numpy_formulas():
 
 def test_presets_give_the_effective_weights():
   paper = duo.apply_preset(duo.default_config())
-  assert dict(paper) == dict(preset="paper", k_s=1, k_c=1, lambda_s=0.5, lambda_u=0.4, lambda_c=0.2,
-                             w_dice=0.0, eta_segmenter=0.5, critic_real=0.5, critic_fake=0.5)
+  assert dict(paper) == dict(preset="paper", k_s=1, k_c=1, separate_bn_calls=False, lambda_s=0.5,
+                             lambda_u=0.4, lambda_c=0.2, w_dice=0.0, eta_segmenter=0.5,
+                             critic_real=0.5, critic_fake=0.5)
   cfg = duo.default_config()
   cfg.update(preset="released", lambda_u=0.9, w_dice=1.0, eta=0.3)  # ignored by `released`
   released = duo.apply_preset(cfg)
-  assert dict(released) == dict(preset="released", k_s=1, k_c=1, lambda_s=0.5, lambda_u=0.0,
-                                lambda_c=0.2, w_dice=0.0, eta_segmenter=0.0, critic_real=1.0,
-                                critic_fake=1.0)
+  assert dict(released) == dict(preset="released", k_s=1, k_c=1, separate_bn_calls=False,
+                                lambda_s=0.5, lambda_u=0.0, lambda_c=0.2, w_dice=0.0,
+                                eta_segmenter=0.0, critic_real=1.0, critic_fake=1.0)
   for key, value in (("preset", "code"), ("k_s", 0), ("k_c", 1.5)):
     bad = duo.default_config().to_dict()
     bad[key] = value

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The LA 2018 comparison of the LA family on one host: each method's :la8 (or :la16) preset, one after
-# the other, last-iteration evaluation on the validation split (the last 8 of train.list).
+# the other, last-iteration evaluation on the validation split (8 cases of train.list drawn with
+# data.validation_seed 0 from the non-labeled ones; the runs of record used the last 8, which
+# --config.data.validation=last restores). The intensity question's runs: la_intensity_runs.sh in
+# benchmarks/.
 #
 #   bash launch/la_protocol.sh /path/to/la2018 [la8|la16] [runs_dir] [method ...]
 #

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxseg import checkpoint, config_blocks, curves, evaluate, optim, parallel
+from jaxseg import checkpoint, config_blocks, curves, eval_batchnorm, evaluate, optim, parallel
 from jaxseg.data import device_crops, intensity, intensity_augment, sources
 from jaxseg.data.base import DataError
 from jaxseg.data.batches import Batch, BatchSpec, zero_batch
@@ -296,6 +296,16 @@ def _validate(method, state, dataset, config, out_dir: Optional[pathlib.Path],
                                          if split_name == "validation" else None))
 
 
+def _check_eval_batchnorm(method: ModuleType, state: Any, config: ml_collections.ConfigDict,
+                          dataset) -> None:
+  """Refuses eval.batchnorm = "per_image" for networks without BatchNorm before training (the
+  evaluation would refuse it only after the last step)."""
+  patch = tuple(config.eval.patch_size or config.data.patch_size)
+  spec = evaluate.window_spec(evaluate.case_inputs(dataset.labeled[0]), 1, patch)
+  eval_batchnorm.check_runs_batchnorm(_predict_fn(method, state), spec,
+                                      eval_batchnorm.check_mode(config.eval))
+
+
 def batch_spec(config: ml_collections.ConfigDict, spec: Union[int, BatchSpec]) -> BatchSpec:
   """`spec`, or for a channel count the spec of plain images of that many channels (no fields)."""
   if isinstance(spec, BatchSpec):
@@ -483,6 +493,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config = with_run_length(config, method, batches)
   spec = batches.spec
   state, train_key = _initial_state(method, config, spec, mesh)
+  _check_eval_batchnorm(method, state, config, dataset)
   ckpt = _checkpointer(config, workdir)
   if parallel.is_primary():
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))

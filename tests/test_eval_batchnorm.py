@@ -149,3 +149,25 @@ def test_config_check():
   cfg.batchnorm = "train"
   with pytest.raises(DataError, match=r"eval\.batchnorm = 'train' must be one of"):
     config_blocks.check_config(c)
+
+
+def test_the_trainer_refuses_per_image_before_training():
+  """train.py checks eval.batchnorm on the initial state, before any step."""
+  import types
+  from jaxseg import train
+  variables = _variables(_NoBN())
+  method = types.SimpleNamespace(
+      predict=lambda state, inputs: {"m": _NoBN().apply(state, inputs["image"], train=False)})
+  case = Case(case_id="c", image=_image(), label=np.zeros((12, 16), np.uint8), spacing=(1.0, 1.0))
+  dataset = types.SimpleNamespace(labeled=(case,))
+  config = ml_collections.ConfigDict({"eval": _eval_cfg(batchnorm="per_image"),
+                                      "data": config_blocks.data_block()})
+  config.data.patch_size = PATCH
+  with pytest.raises(DataError, match="eval.batchnorm = 'per_image'"):
+    train._check_eval_batchnorm(method, variables, config, dataset)
+  config.eval.batchnorm = "running"
+  train._check_eval_batchnorm(method, variables, config, dataset)
+  bn_method = types.SimpleNamespace(
+      predict=lambda state, inputs: {"m": MODEL.apply(state, inputs["image"], train=False)})
+  config.eval.batchnorm = "per_image"
+  train._check_eval_batchnorm(bn_method, VARIABLES, config, dataset)

@@ -30,6 +30,7 @@ from typing import Optional, Sequence
 import ml_collections
 import numpy as np
 
+from jaxseg import config_blocks
 from jaxseg.data import intensity, la, sources
 from jaxseg.data.base import Case, DataError
 from jaxseg.writers import write_table_csv
@@ -106,7 +107,6 @@ def read_stored_cases(data: ml_collections.ConfigDict, ids: Sequence[str]) -> di
   """The cases `ids` as stored (no normalisation): LA reads only these files (any list), the
   other sources read every case and keep these."""
   if data.source == "la":
-    from jaxseg import config_blocks
     root = config_blocks.data_root(data)
     return {c.case_id: c for c in la.load_la(root, list_name=None, ids=list(ids))}
   wanted = set(ids)

@@ -6,7 +6,6 @@ analysis of its workdir."""
 import json
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -56,6 +55,22 @@ def test_normalised_applies_the_key_alike_everywhere():
   d.zscore = True
   with pytest.raises(DataError, match="config data.percentile_scale = .* and data.zscore = True"):
     preprocess.normalised([case(x)], d)
+
+
+def test_predict_inputs_are_scaled_like_the_training_cases(tmp_path):
+  """--mode predict reads its files through the same preprocessing (data/readers.py)."""
+  import h5py
+  from jaxseg.data import readers
+  x = np.random.default_rng(1).gamma(2.0, 1.0, (8, 7, 6)).astype(np.float32)
+  with h5py.File(tmp_path / "scan.h5", "w") as f:
+    f["image"] = x
+  d = config_blocks.data_block()
+  d.percentile_scale = (1.0, 99.0)
+  got = readers.read_input(tmp_path / "scan.h5", d).case.image
+  np.testing.assert_array_equal(got, intensity.percentile_scaled(case(x[..., None]), 1.0,
+                                                                 99.0).image)
+  lo, med, hi = np.percentile(x.astype(np.float64), [1.0, 50.0, 99.0])
+  np.testing.assert_allclose(got[..., 0], (x - med) / (hi - lo), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("changes, message", [

@@ -132,7 +132,7 @@ for spec in $runs; do
   train_and_analyse "$spec" && trained+=("$spec")
 done
 # 2. The label-free rescale on the run's own validation cases; then the old validation block (the
-#    last 8 of train.list, which holds three of the four volumes stored with the most compressed
+#    last 8 of train.list, which holds three of the six volumes stored with the most compressed
 #    intensities) as stored and rescaled: the supervised V-Net never saw those cases; for the
 #    semi-supervised methods they were unlabeled training cases (their labels never read).
 for spec in "${trained[@]}"; do

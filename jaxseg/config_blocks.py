@@ -160,7 +160,7 @@ DATA_PROTOCOLS: dict[str, dict[str, Any]] = {
                     "num_labeled": 10, "num_validation": 20, "patch_size": (96, 96)},
     # LA 2018: labeled = first 8 of train.list, validation = 8 drawn from the other 72 (seed 0),
     # 112x112x80 crops, 2 + 2 per batch; the data root is given with --config.data.root. Not the
-    # last 8: train.list is in ID order, and its last 8 hold 3 of the 4 volumes stored with the
+    # last 8: train.list is in ID order, and its last 8 hold 3 of the 6 volumes stored with the
     # most compressed intensities (docs/la_protocol.md).
     "la": {"source": "la", "num_labeled": 8, "num_validation": 8, "validation": "random",
            "patch_size": (112, 112, 80)},

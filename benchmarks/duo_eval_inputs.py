@@ -25,6 +25,9 @@ from jaxseg import config_blocks, evaluate, parallel, train  # noqa: E402
 from jaxseg.data import preprocess, sources  # noqa: E402
 from jaxseg.data.batches import BatchSpec  # noqa: E402
 
+# The trainer's own state building and checkpoint restore.
+# pylint: disable=protected-access
+
 
 def load_config(spec: str, overrides: list[str]):
   file, _, preset = spec.partition(":")
@@ -47,9 +50,9 @@ def main() -> None:
   dataset = sources.load_dataset(config.data)
   config = train.with_run_length(config, method, sources.make_batches(dataset, config.data))
   spec = BatchSpec.of_case(dataset.labeled[0], config.data.patch_size)
-  state, _ = train._initial_state(method, config, spec, parallel.make_mesh())  # pylint: disable=protected-access
-  ckpt = train._checkpointer(config, pathlib.Path(args.workdir), create=False)  # pylint: disable=protected-access
-  state, record = train._restore_latest(ckpt, state, pathlib.Path(args.workdir), required=True)  # pylint: disable=protected-access
+  state, _ = train._initial_state(method, config, spec, parallel.make_mesh())
+  ckpt = train._checkpointer(config, pathlib.Path(args.workdir), create=False)
+  state, record = train._restore_latest(ckpt, state, pathlib.Path(args.workdir), required=True)
   ckpt.close()
   versions = {"as configured": dataset.validation}
   if config.data.input == preprocess.RGB_IMAGENET:
@@ -61,9 +64,9 @@ def main() -> None:
     for mode in ("running", "per_image"):
       eval_cfg = config.eval.copy_and_resolve_references()
       eval_cfg.batchnorm = mode
-      summary = evaluate.evaluate(train._predict_fn(method, state), cases, eval_cfg,  # pylint: disable=protected-access
-                                  dataset.num_classes, None,
-                                  patch_size=tuple(config.eval.patch_size or config.data.patch_size))
+      patch = tuple(config.eval.patch_size or config.data.patch_size)
+      summary = evaluate.evaluate(train._predict_fn(method, state), cases, eval_cfg,
+                                  dataset.num_classes, None, patch_size=patch)
       s = evaluate.headline(summary)
       print(f"  validation images {name}, eval.batchnorm {mode}: Dice {100 * s['f1/dice']:.2f} / "
             f"{100 * s['f2/dice']:.2f} / {100 * s['views_mean/dice']:.2f}, F1 "

@@ -7,8 +7,8 @@
   python -m jaxseg.main --config configs/duo.py:nuclei --config.data.root /path/to/nuclei
   (also :heart, :spleen: 2D slices in images/ + masks/ folders; add --config.method.preset released
    for the released code's effective losses only)
-  python -m jaxseg.main --config configs/duo.py:released        # the released protocol, synthetic 2D
-  python -m jaxseg.main --config configs/duo.py:paper           # = :synthetic2d, for comparison
+  python -m jaxseg.main --config configs/duo.py:released    # the released protocol, synthetic 2D
+  python -m jaxseg.main --config configs/duo.py:paper       # = :synthetic2d, for comparison
   python -m jaxseg.main --config configs/duo.py:nuclei_released --config.data.root /path/to/nuclei
   (also :heart_released, :spleen_released)
 
@@ -30,9 +30,10 @@ from jaxseg import config_blocks
 from jaxseg.methods import duo
 
 # 2D slices resized to 256x256, 1 sample per stream, labeled = the first 20 % of the training list,
-# halved into X^1 and X^2; the validation carve-out is the last 20 % (docs/methods/duo.md, data protocol). The
-# reference normalises with ImageNet statistics; we z-score each image (its test images were left
-# unnormalised, a bug we do not copy).
+# halved into X^1 and X^2; the validation carve-out is the last 20 % (docs/methods/duo.md, data
+# protocol). The reference normalises its training images with ImageNet statistics and leaves its
+# test images unnormalised; these presets z-score every image (the *_released presets copy the
+# reference, RELEASED_PROTOCOL).
 _FOLDERS2D = {
     "data.source": "folders2d",
     "data.image_size": (256, 256),

@@ -29,6 +29,10 @@ from flax.linen import normalization as flax_norm
 
 from jaxseg.data.base import DataError
 
+# Flax's own BatchNorm statistics and normalisation, so that per-image evaluation computes exactly
+# what a train-mode BatchNorm layer does.
+# pylint: disable=protected-access
+
 RUNNING, PER_IMAGE = "running", "per_image"
 MODES = (RUNNING, PER_IMAGE)  # eval.batchnorm
 
@@ -46,14 +50,14 @@ def per_image_batch_norm(module: nn.BatchNorm, x: jax.Array) -> jax.Array:
   """`module` (a bound nn.BatchNorm) applied to `x` (B, *spatial, C) with each sample's own
   statistics over its non-feature axes except the batch axis: sample b gets what `module` in train
   mode computes for the batch x[b:b+1]. The running statistics are not touched."""
-  feature_axes = flax_norm._canonicalize_axes(x.ndim, module.axis)  # pylint: disable=protected-access
+  feature_axes = flax_norm._canonicalize_axes(x.ndim, module.axis)
   if 0 in feature_axes:
     raise ValueError("per-image BatchNorm needs the batch on axis 0, not a feature axis")
   per_sample_axes = tuple(i for i in range(1, x.ndim) if i not in feature_axes)
-  mean, var = flax_norm._compute_stats(  # pylint: disable=protected-access
+  mean, var = flax_norm._compute_stats(
       x, per_sample_axes, dtype=module.dtype, use_fast_variance=module.use_fast_variance,
       force_float32_reductions=module.force_float32_reductions)
-  return flax_norm._normalize(  # pylint: disable=protected-access
+  return flax_norm._normalize(
       module, x, mean, var, per_sample_axes, feature_axes, module.dtype, module.param_dtype,
       module.epsilon, module.use_bias, module.use_scale, module.bias_init, module.scale_init,
       module.force_float32_reductions)

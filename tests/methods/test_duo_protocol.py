@@ -1,7 +1,8 @@
-"""The released Duo-SegNet protocol switches (docs/methods/duo.md, presets), each against a hand-built
-case: separate BatchNorm calls (method.separate_bn_calls), soft masks (data.soft_masks), the epoch
-length (train.num_epochs), the RGB / ImageNet input (data.input); and the configs/duo.py presets
-that turn them on. Per-image BatchNorm at evaluation is tests/test_eval_batchnorm.py."""
+"""The released Duo-SegNet protocol switches (docs/methods/duo.md, presets), each against a
+hand-built case: separate BatchNorm calls (method.separate_bn_calls), soft masks
+(data.soft_masks), the epoch length (train.num_epochs), the RGB / ImageNet input (data.input); and
+the configs/duo.py presets that turn them on. Per-image BatchNorm at evaluation is
+tests/test_eval_batchnorm.py."""
 
 from __future__ import annotations
 

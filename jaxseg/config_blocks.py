@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import math
+import os
 import pathlib
 from collections.abc import Mapping
 from types import ModuleType
@@ -204,10 +205,33 @@ def train_block() -> ml_collections.ConfigDict:
     keep_checkpoints: checkpoints kept on disk, the newest (>= 1).
     distributed: several processes (hosts), `distributed_block()`; by default the environment
       decides.
+    compilation_cache: folder of JAX's persistent compilation cache for `python -m jaxseg.main`
+      (compiled programs are reused by the next run of the same shapes; `~` is expanded); "" = off.
+      With the default, $JAX_COMPILATION_CACHE_DIR, when set, names the folder instead.
   """
   return ml_collections.ConfigDict(dict(
       num_steps=1000, num_epochs=0, log_every=50, checkpoint_every=200, eval_every=0, keep_checkpoints=2,
-      distributed=distributed_block()))
+      distributed=distributed_block(), compilation_cache=DEFAULT_COMPILATION_CACHE))
+
+
+# train.compilation_cache by default.
+DEFAULT_COMPILATION_CACHE = "~/.cache/jaxseg/xla"
+
+
+def compilation_cache_dir(config: ml_collections.ConfigDict, environ: Mapping[str, str]
+                          ) -> Optional[str]:
+  """The folder of JAX's persistent compilation cache for a command run with `config`, or None
+  (off): `train.compilation_cache` with `~` expanded ("" = off); with the default value,
+  $JAX_COMPILATION_CACHE_DIR from `environ` when set (so that a cache chosen through JAX's own
+  variable, e.g. the tests', stays in use). A config without the key gets the default."""
+  train = config.get("train")
+  value = train.get("compilation_cache", DEFAULT_COMPILATION_CACHE) if train is not None else (
+      DEFAULT_COMPILATION_CACHE)
+  if not value:
+    return None
+  if value == DEFAULT_COMPILATION_CACHE and environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return environ["JAX_COMPILATION_CACHE_DIR"]
+  return os.path.expanduser(value)
 
 
 def eval_block() -> ml_collections.ConfigDict:
@@ -457,6 +481,7 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.checkpoint_every": _count(1),
     "train.eval_every": _count(0),
     "train.keep_checkpoints": _count(1),
+    "train.compilation_cache": _STRING,
     "train.distributed.mode": _choice(DISTRIBUTED_MODES),
     "train.distributed.coordinator_address": _STRING,
     "train.distributed.num_processes": _count(0),

@@ -228,7 +228,8 @@ def test_unknown_override_key_names_the_block_and_the_closest_key():
   config = base_config()
   message = config_blocks.unknown_key_message(config, "train.stepz")
   assert message.startswith("unknown key train.stepz (did you mean train.num_steps?); the keys of "
-                            "train are checkpoint_every, distributed, eval_every")
+                            "train are checkpoint_every, compilation_cache, distributed, "
+                            "eval_every")
   assert config_blocks.unknown_key_message(config, "train.num_steps") is None
   assert "the top-level keys are data, eval" in config_blocks.unknown_key_message(config, "dat.x")
   assert "data.seed is a value (0)" in config_blocks.unknown_key_message(config, "data.seed.x")
@@ -335,7 +336,8 @@ def run_main(*args, cwd=REPO):
      "1)\n"),
     (["--config", "configs/duo.py", "--config.train.stepz=3"],
      "error: bad config override --config.train.stepz=3: unknown key train.stepz (did you mean "
-     "train.num_steps?); the keys of train are checkpoint_every, distributed, eval_every, "
+     "train.num_steps?); the keys of train are checkpoint_every, compilation_cache, distributed, "
+     "eval_every, "
      "keep_checkpoints, log_every, num_epochs, num_steps\n"),
     (["--config", "configs/supervised.py", "--mode", "eval", "--config.eval.threshold=1.5"],
      "error: config eval.threshold = 1.5 must be a number in (0, 1)\n"),

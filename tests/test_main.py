@@ -37,7 +37,8 @@ def test_demo_writes_config_split_and_metrics(tmp_path):
      "unknown key data.sed (did you mean data.seed?); the keys of data are augment, batch_labeled"),
     (["--config", "configs/supervised.py", "--config.train.stepz", "3"],
      "unknown key train.stepz (did you mean train.num_steps?); the keys of train are "
-     "checkpoint_every, distributed, eval_every, keep_checkpoints, log_every, num_epochs, "
+     "checkpoint_every, compilation_cache, distributed, eval_every, keep_checkpoints, log_every, "
+     "num_epochs, "
      "num_steps\n"),
     (["--config", "configs/data_demo.py", "--config.train.num_steps=3"],
      "unknown key train.num_steps; the top-level keys are data, empty_policy, job, name"),

@@ -44,6 +44,8 @@ def _tiny_config(method, patch: tuple) -> ml_collections.ConfigDict:
   for value in c.method.values():
     if isinstance(value, ml_collections.ConfigDict) and "name" in value:
       _narrow(value)
+    if isinstance(value, ml_collections.ConfigDict) and value.get("total_steps") == 0:
+      value.total_steps = 10  # A schedule that needs the run length (maml's poly).
   return c
 
 

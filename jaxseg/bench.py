@@ -21,12 +21,17 @@ does not depend on the values), the evaluation on one random volume of --eval_vo
   untimed pass; with --eval_sweep N, a sweep over N volumes of random LA-like sizes (scaled to the
   eval patch), compilations included, as the evaluation of a test split runs (eval.shape_bucket
   decides how many compilations it needs);
-- with --torch (needs the `bench` extra and torch): the reference V-Net's supervised train step
-  (`bench_torch.TorchVNet`, 0.5 (CE + Dice), SGD) in PyTorch on the same device with the same global
-  batch, patch and width, and the PyTorch / JAX step-time ratio (JAX then preallocates half of a
-  GPU's memory instead of 75 %, leaving PyTorch the rest). Like for like with
-  configs/supervised_vnet.py; for other V-Net methods the JAX step does more (e.g. DTC's level-set
-  head and signed distance maps);
+- with --torch (needs the `bench` extra and torch): the reference iteration in PyTorch on the same
+  device with the same global batch, patch and width, its steps alternated one for one with ours
+  (the order swapped every pair), so that a change of the machine's load falls on both alike; the
+  PyTorch / JAX ratio of each pair, reported as the median with its range, and the load average
+  before and after. The reference iteration: for DTC (`method.name = "dtc"`) the whole iteration
+  of `train_la_dtc.py` (`bench_torch.make_dtc_train_step`: V-Net-SDF forward, the losses with
+  `compute_sdf` of the labeled crops on the host, SciPy and scikit-image, every step; backward; SGD),
+  on labels that are LA-like blobs (the host SDF's cost depends on them; ours, an exact EDT in the
+  step, does not); for the other V-Net configs the supervised V-Net step (`TorchVNet`,
+  0.5 (CE + Dice), SGD), like for like with configs/supervised_vnet.py only (JAX then preallocates
+  half of a GPU's memory instead of 75 %, leaving PyTorch the rest);
 - with --medpy (needs the `bench` extra): the per-case metrics of the LA evaluation (Dice, Jaccard,
   95HD, ASD) of an LA-sized synthetic prediction, `jaxseg.metrics.case_metrics` against medpy
   0.5.2's dc + jc + hd95 + asd, as a time ratio, with the largest relative difference of the values.
@@ -40,10 +45,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import statistics
 import sys
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from absl import app, flags, logging
 import jax
@@ -67,9 +73,9 @@ _EVAL_VOLUME = flags.DEFINE_string(
 _JSON = flags.DEFINE_string("json", "", "Also write the results to this JSON file.")
 _MEDPY = flags.DEFINE_bool("medpy", False, "Also time the evaluation metrics against medpy.")
 _TORCH = flags.DEFINE_bool(
-    "torch", False, "Also time the reference V-Net's supervised train step in PyTorch (the `bench` "
-    "extra) on the same device, batch and patch, and report the ratio.")
-_TORCH_STEPS = flags.DEFINE_integer("torch_steps", 0, "Timed PyTorch steps (0: --steps).")
+    "torch", False, "Also time the reference iteration in PyTorch (the `bench` extra; DTC's whole "
+    "iteration for method dtc, else the supervised V-Net step) on the same device, batch and patch, "
+    "its steps alternated with ours, and report the median ratio with its range.")
 _EVAL_SWEEP = flags.DEFINE_integer(
     "eval_sweep", 0, "Also time a sweep over this many volumes of LA-like random sizes (compilations "
     "included), as an evaluation of a test split would run.")
@@ -116,7 +122,15 @@ class BenchResult:
   eval_s: Optional[float] = None
   eval_windows_per_s: Optional[float] = None
   torch_device: Optional[str] = None
+  torch_iteration: Optional[str] = None
   torch_step_median_s: Optional[float] = None
+  torch_step_min_s: Optional[float] = None
+  torch_step_max_s: Optional[float] = None
+  # PyTorch / JAX time of each alternated pair of steps: median, smallest, largest.
+  ratio_median: Optional[float] = None
+  ratio_min: Optional[float] = None
+  ratio_max: Optional[float] = None
+  load_average: Optional[tuple] = None  # 1-minute load average before and after the timed steps.
   sweep_volumes: Optional[int] = None
   sweep_s: Optional[float] = None
   sweep_compilations: Optional[int] = None
@@ -184,9 +198,66 @@ def sweep_shapes(num_volumes: int, patch: Sequence[int], seed: int = 0) -> list[
   return shapes
 
 
+@dataclasses.dataclass
+class TorchPartner:
+  """The PyTorch iteration timed against ours: `step()` runs one and waits for the device."""
+  step: Callable[[], None]
+  device: str
+  iteration: str
+
+
+def torch_partner(config: ml_collections.ConfigDict, channels: int) -> TorchPartner:
+  """The reference iteration of `config` in PyTorch (needs torch), on the device JAX runs on (CUDA
+  for a GPU, else the CPU): DTC's whole iteration for method dtc, else the supervised V-Net step.
+
+  Raises:
+    ValueError: the config's network is not a V-Net.
+  """
+  model = config.method.get("model")
+  if model is None or not str(model.get("name", "")).startswith("vnet"):
+    raise ValueError("--torch times a V-Net; config method.model.name is "
+                     f"{None if model is None else model.get('name')!r}")
+  from jaxseg import bench_torch  # pylint: disable=import-outside-toplevel  # The `bench` extra.
+  device = "cuda" if jax.devices()[0].platform == "gpu" else "cpu"
+  patch = tuple(int(p) for p in config.data.patch_size)
+  description = f"torch {bench_torch.torch_version()} on {bench_torch.device_description(device)}"
+  if config.method.name == "dtc":
+    from jaxseg.methods import dtc  # pylint: disable=import-outside-toplevel
+    beta = dtc.apply_preset(config.method).beta
+    labels = np.stack([np.roll(la_like_label(patch, seed=i), 3 * i, axis=0)
+                       for i in range(int(config.data.batch_labeled))])
+    step = bench_torch.make_dtc_train_step(
+        labels=labels, batch_unlabeled=int(config.data.batch_unlabeled), channels=channels,
+        n_filters=int(model.n_filters), device=device, beta=beta)
+    return TorchPartner(step, description, f"DTC iteration with the host SDF, beta {beta}")
+  step = bench_torch.make_vnet_train_step(
+      batch=int(config.data.batch_labeled + config.data.batch_unlabeled), patch=patch,
+      channels=channels, num_classes=int(config.data.num_classes), n_filters=int(model.n_filters),
+      device=device)
+  return TorchPartner(step, description, "supervised V-Net step")
+
+
+def _alternated(ours: Callable[[], Any], theirs: Callable[[], None], steps: int
+                ) -> tuple[list[float], list[float]]:
+  """Times `steps` steps of each, one for one, ours first in even pairs and theirs first in odd
+  ones; (our times, their times), pair by pair."""
+  ours_times, theirs_times = [], []
+  for i in range(steps):
+    for first in ((True, False) if i % 2 == 0 else (False, True)):
+      if first:
+        ours_times += _timed(ours, 1)
+      else:
+        start = time.perf_counter()
+        theirs()
+        theirs_times.append(time.perf_counter() - start)
+  return ours_times, theirs_times
+
+
 def run(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int = 3, channels: int = 1,
-        eval_volume: str = "", name: str = "", eval_sweep: int = 0) -> BenchResult:
-  """Compiles and times `config`'s train step and one sliding-window evaluation."""
+        eval_volume: str = "", name: str = "", eval_sweep: int = 0,
+        partner: Optional[TorchPartner] = None) -> BenchResult:
+  """Compiles and times `config`'s train step and one sliding-window evaluation; with `partner`,
+  its steps alternate with ours (`warmup` untimed ones each first)."""
   if steps < 1 or warmup < 0:
     raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
   eval_patch, strides = evaluate.window_geometry(config.eval, config.data.patch_size)
@@ -210,7 +281,14 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int = 3, 
     return metrics
 
   _timed(one_step, warmup)
-  times = _timed(one_step, steps)
+  if partner is None:
+    times = _timed(one_step, steps)
+  else:
+    for _ in range(warmup):
+      partner.step()
+    load_before = os.getloadavg()[0]
+    times, torch_times = _alternated(one_step, partner.step, steps)
+    load_after = os.getloadavg()[0]
   median = statistics.median(times)
   global_batch = int(config.data.batch_labeled + config.data.batch_unlabeled)
   patch = tuple(int(p) for p in config.data.patch_size)
@@ -223,6 +301,14 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int = 3, 
       voxels_per_s=global_batch * math.prod(patch) / median, step_flops=flops,
       achieved_flops=flops / median if flops else None,
       peak_flops=peak * mesh.size if peak else None)
+  if partner is not None:
+    ratios = [t / j for t, j in zip(torch_times, times)]
+    result.torch_device, result.torch_iteration = partner.device, partner.iteration
+    result.torch_step_median_s = statistics.median(torch_times)
+    result.torch_step_min_s, result.torch_step_max_s = min(torch_times), max(torch_times)
+    result.ratio_median = statistics.median(ratios)
+    result.ratio_min, result.ratio_max = min(ratios), max(ratios)
+    result.load_average = (load_before, load_after)
 
   predict_fn = train._predict_fn(method, holder["state"])
   window_batch = evaluate.window_batch_size(config.eval, mesh)
@@ -253,25 +339,6 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int = 3, 
     result.sweep_volumes, result.sweep_s = eval_sweep, time.perf_counter() - start
     result.sweep_compilations = inference._sliding_window_predict._cache_size() - compiled_before
   return result
-
-
-def compare_with_torch(config: ml_collections.ConfigDict, result: BenchResult, *, steps: int,
-                       warmup: int, channels: int) -> None:
-  """Times the reference V-Net's supervised step in PyTorch with the config's global batch, patch,
-  classes and V-Net width, on the device JAX runs on (CUDA for a GPU, else the CPU)."""
-  model = config.method.get("model")
-  if model is None or not str(model.get("name", "")).startswith("vnet"):
-    raise ValueError("--torch times a V-Net; config method.model.name is "
-                     f"{None if model is None else model.get('name')!r}")
-  from jaxseg import bench_torch  # The `bench` extra (torch).
-  device = "cuda" if jax.devices()[0].platform == "gpu" else "cpu"
-  times = bench_torch.vnet_train_step_seconds(
-      batch=result.global_batch, patch=result.patch, channels=channels,
-      num_classes=int(config.data.num_classes), n_filters=int(model.n_filters), device=device,
-      steps=steps, warmup=warmup)
-  result.torch_device = (f"torch {bench_torch.torch_version()} on "
-                         f"{bench_torch.device_description(device)}")
-  result.torch_step_median_s = statistics.median(times)
 
 
 def la_like_label(shape: Sequence[int] = LA_SHAPE, foreground: float = 0.09,
@@ -335,9 +402,12 @@ def format_result(r: BenchResult) -> str:
     lines.append(f"  evaluation         {r.eval_s:8.3f} s per {'x'.join(map(str, r.eval_volume))} "
                  f"volume, {r.eval_windows} windows, {r.eval_windows_per_s:.1f} windows/s")
   if r.torch_step_median_s is not None:
-    lines.append(f"  PyTorch V-Net step {1e3 * r.torch_step_median_s:8.2f} ms median ({r.torch_device}; "
-                 f"supervised V-Net step, float32): PyTorch / JAX step time = "
-                 f"{r.torch_step_median_s / r.step_median_s:.2f}")
+    lines.append(f"  PyTorch step       {1e3 * r.torch_step_median_s:8.2f} ms median "
+                 f"(min {1e3 * r.torch_step_min_s:.2f}, max {1e3 * r.torch_step_max_s:.2f}; "
+                 f"{r.torch_iteration}, float32, {r.torch_device})")
+    lines.append(f"  PyTorch / JAX      {r.ratio_median:8.2f} median of the alternated pairs "
+                 f"(range {r.ratio_min:.2f}-{r.ratio_max:.2f}); load average "
+                 f"{r.load_average[0]:.2f} before, {r.load_average[1]:.2f} after")
   if r.sweep_s is not None:
     lines.append(f"  evaluation sweep   {r.sweep_s:8.2f} s for {r.sweep_volumes} volumes of LA-like "
                  f"sizes, {r.sweep_compilations} new compilation(s)")
@@ -373,19 +443,13 @@ def main(argv):
     print("error: --config is required, e.g. --config configs/dtc.py:la8", file=sys.stderr)
     sys.exit(2)
   try:
+    partner = torch_partner(config, _CHANNELS.value) if _TORCH.value else None
     result = run(config, steps=_STEPS.value, warmup=_WARMUP.value, channels=_CHANNELS.value,
                  eval_volume=_EVAL_VOLUME.value, eval_sweep=_EVAL_SWEEP.value,
-                 name=flags.FLAGS["config"].serialize().split("=", 1)[-1])
+                 name=flags.FLAGS["config"].serialize().split("=", 1)[-1], partner=partner)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  if _TORCH.value:
-    try:
-      compare_with_torch(config, result, steps=_TORCH_STEPS.value or _STEPS.value,
-                         warmup=_WARMUP.value, channels=_CHANNELS.value)
-    except ValueError as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
   if _MEDPY.value:
     compare_metrics_with_medpy(result)
   print(format_result(result))

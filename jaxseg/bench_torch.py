@@ -1,4 +1,4 @@
-"""The PyTorch side of the benchmark: the reference V-Net's train step, timed in PyTorch.
+"""The PyTorch side of the benchmark: the reference V-Net's and DTC's train steps, timed in PyTorch.
 
 `python -m jaxseg.bench` reports our JAX train step against "the same V-Net forward/backward in
 PyTorch on the same device in the same run, as a ratio". This module is that PyTorch run. torch is an
@@ -12,7 +12,12 @@ module lazily, only when torch is installed:
 `TorchVNet` is the V-Net of UA-MT `code/networks/vnet.py` (DTC and SASSNet use the same blocks),
 with its module names, so reference state dicts load into it; `tests/test_bench_torch.py` proves that it
 is our `jaxseg.models.vnet.VNet` by porting the Flax variables and comparing outputs and gradients.
-Porting a Flax VNet (channels-last kernels) to it:
+`TorchVNetSDF` is DTC's two-head `code/networks/vnet_sdf.py` (out_conv → tanh: the level set, our head
+"sdf"; out_conv2: the segmentation logit, our head "seg"), and `dtc_train_step` the iteration of DTC
+`code/train_la_dtc.py`, with its `compute_sdf` of the labeled crops on the host (SciPy and
+scikit-image) at every step; `tests/test_bench_torch_dtc.py` proves that step equal to our
+`jaxseg.methods.dtc.train_step`. `bench.py` alternates these steps with ours (`make_*` return one step
+as a function). Porting a Flax VNet (channels-last kernels) to it:
 
     Conv          kernel (kx, ky, kz, C_in, C_out)  -> weight kernel.permute(4, 3, 0, 1, 2)
     ConvTranspose kernel (kx, ky, kz, C_in, C_out)  -> weight flip(kernel, (0, 1, 2)).permute(3, 4, 0, 1, 2)
@@ -27,8 +32,9 @@ from __future__ import annotations
 
 import platform
 import time
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -36,7 +42,13 @@ import torch.nn.functional as F
 __all__ = [
     "NORMALIZATIONS",
     "TorchVNet",
+    "TorchVNetSDF",
+    "compute_sdf",
     "device_description",
+    "dtc_loss",
+    "make_dtc_train_step",
+    "make_vnet_train_step",
+    "sigmoid_rampup",
     "torch_version",
     "vnet_train_step_seconds",
 ]
@@ -156,6 +168,10 @@ class TorchVNet(nn.Module):
 
     `turnoff_drop=True` skips the dropouts (the reference's argument; our `dropout=False`).
     """
+    return self.out_conv(self.features(x, turnoff_drop))
+
+  def features(self, x: torch.Tensor, turnoff_drop: bool = False) -> torch.Tensor:
+    """Block nine's output (after its dropout in train mode), what the heads read."""
     use_dropout = self.has_dropout and not turnoff_drop
     x1 = self.block_one(x)
     x2 = self.block_two(self.block_one_dw(x1))
@@ -170,7 +186,26 @@ class TorchVNet(nn.Module):
     x9 = self.block_nine(self.block_eight_up(x8) + x1)
     if use_dropout:
       x9 = self.dropout(x9)
-    return self.out_conv(x9)
+    return x9
+
+
+class TorchVNetSDF(TorchVNet):
+  """DTC's `networks/vnet_sdf.py`: the V-Net with two 1³ heads on block nine, `out_conv` followed by
+  tanh (the level set z; our head "sdf") and `out_conv2` (the segmentation logit s; our "seg").
+
+  `forward` returns (z, s), each (N, n_classes, X, Y, Z), as the reference does.
+  """
+
+  def __init__(self, n_channels: int = 1, n_classes: int = 1, n_filters: int = 16,
+               normalization: str = "batchnorm", has_dropout: bool = True):
+    super().__init__(n_channels, n_classes, n_filters, normalization, has_dropout)
+    self.out_conv2 = nn.Conv3d(n_filters, n_classes, 1, padding=0)
+    self.tanh = nn.Tanh()
+
+  def forward(self, x: torch.Tensor, turnoff_drop: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    x9 = self.features(x, turnoff_drop)
+    return self.tanh(self.out_conv(x9)), self.out_conv2(x9)
 
 
 def dice_loss(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -185,6 +220,70 @@ def supervised_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
   """0.5 · (CE + Dice of the class-1 softmax), UA-MT `train_LA.py` and our supervised "ce_dice"."""
   probs = F.softmax(logits, dim=1)
   return 0.5 * (F.cross_entropy(logits, labels) + dice_loss(probs[:, 1], labels == 1))
+
+
+def compute_sdf(labels: np.ndarray, out_shape: Sequence[int]) -> np.ndarray:
+  """DTC / SASSNet `utils/util.py compute_sdf`, on the host: per sample, neg/max(neg) − pos/max(pos)
+  of the Euclidean distance transforms of the background (neg) and of the foreground (pos), 0 on the
+  inner boundary of the foreground (skimage `find_boundaries(mode="inner")`), 0 for an empty mask.
+
+  Args:
+    labels: (B, X, Y, Z) {0, 1} labels of the labeled crops.
+    out_shape: (B, X, Y, Z), the shape of the result (float64, as the reference's np.zeros).
+  """
+  from scipy.ndimage import distance_transform_edt  # pylint: disable=import-outside-toplevel
+  from skimage import segmentation  # pylint: disable=import-outside-toplevel
+  labels = labels.astype(np.uint8)
+  normalized_sdf = np.zeros(out_shape)
+  for b in range(out_shape[0]):
+    posmask = labels[b].astype(bool)
+    if posmask.any():
+      negmask = ~posmask
+      posdis = distance_transform_edt(posmask)
+      negdis = distance_transform_edt(negmask)
+      boundary = segmentation.find_boundaries(posmask, mode="inner").astype(np.uint8)
+      sdf = ((negdis - np.min(negdis)) / (np.max(negdis) - np.min(negdis))
+             - (posdis - np.min(posdis)) / (np.max(posdis) - np.min(posdis)))
+      sdf[boundary == 1] = 0
+      normalized_sdf[b] = sdf
+  return normalized_sdf
+
+
+def sigmoid_rampup(current: float, rampup_length: float) -> float:
+  """The reference's `ramps.sigmoid_rampup`: exp(−5 (1 − clip(current, 0, L) / L)²), 1 if L = 0."""
+  if rampup_length == 0:
+    return 1.0
+  phase = 1.0 - float(np.clip(current, 0.0, rampup_length)) / rampup_length
+  return float(np.exp(-5.0 * phase * phase))
+
+
+def dtc_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, iter_num: int, *,
+             beta: float = 0.3, k: float = 1500.0, consistency: float = 1.0,
+             consistency_rampup: float = 40.0, rampup_block: int = 150,
+             turnoff_drop: bool = False) -> tuple[torch.Tensor, dict]:
+  """The loss of one DTC `train_la_dtc.py` iteration at step `iter_num`: the first len(labels)
+  images are the labeled ones. The SDF of their labels is computed on the host (`compute_sdf`), as
+  the reference does every step; its unused BCE term is computed too, as there.
+
+  Returns:
+    (loss, {"loss_dice", "loss_lsf", "loss_consistency", "consistency_weight"}).
+  """
+  labeled = labels.shape[0]
+  outputs_tanh, outputs = model(images, turnoff_drop=turnoff_drop)
+  outputs_soft = torch.sigmoid(outputs)
+  with torch.no_grad():
+    gt_dis = compute_sdf(labels.cpu().numpy(), outputs[:labeled, 0, ...].shape)
+    gt_dis = torch.from_numpy(gt_dis).to(device=outputs.device, dtype=outputs.dtype)
+  target = (labels == 1).to(outputs.dtype)
+  F.binary_cross_entropy_with_logits(outputs[:labeled, 0], target)  # Logged, never added.
+  loss_sdf = F.mse_loss(outputs_tanh[:labeled, 0, ...], gt_dis)
+  loss_seg_dice = dice_loss(outputs_soft[:labeled, 0, :, :, :], labels == 1)
+  dis_to_mask = torch.sigmoid(-k * outputs_tanh)
+  consistency_loss = torch.mean((dis_to_mask - outputs_soft) ** 2)
+  weight = consistency * sigmoid_rampup(iter_num // rampup_block, consistency_rampup)
+  loss = loss_seg_dice + beta * loss_sdf + weight * consistency_loss
+  return loss, dict(loss_dice=loss_seg_dice, loss_lsf=loss_sdf, loss_consistency=consistency_loss,
+                    consistency_weight=weight)
 
 
 def torch_version() -> str:
@@ -218,6 +317,82 @@ def _synchronize(device: torch.device) -> None:
     torch.cuda.synchronize(device)
 
 
+def _check_patch(patch: Sequence[int]) -> tuple[int, ...]:
+  patch = tuple(int(s) for s in patch)
+  if len(patch) != 3 or any(s <= 0 or s % 16 for s in patch):
+    raise ValueError(f"patch {patch} must be three positive sizes divisible by 16.")
+  return patch
+
+
+def make_vnet_train_step(*, batch: int, patch: Sequence[int], channels: int, num_classes: int,
+                         n_filters: int, device: Union[str, torch.device] = "cpu",
+                         seed: int = 0) -> Callable[[], None]:
+  """The reference V-Net's supervised train step in PyTorch, as a function of no arguments that
+  runs one step and waits for the device (see `vnet_train_step_seconds` for what a step is)."""
+  patch = _check_patch(patch)
+  if num_classes < 2:
+    raise ValueError(f"num_classes must be at least 2 (Dice on class 1), got {num_classes}.")
+  device = torch.device(device)
+  if device.type == "cuda":
+    # Picks the fastest convolution algorithms for these fixed shapes, during the warm-up.
+    torch.backends.cudnn.benchmark = True
+  torch.manual_seed(seed)
+  model = TorchVNet(channels, num_classes, n_filters, normalization="batchnorm",
+                    has_dropout=True).to(device)
+  model.train()
+  optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+  images = torch.randn((batch, channels) + patch, dtype=torch.float32, device=device)
+  labels = torch.randint(0, num_classes, (batch,) + patch, dtype=torch.long, device=device)
+
+  def train_step() -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss = supervised_loss(model(images), labels)
+    loss.backward()
+    optimizer.step()
+    _synchronize(device)
+
+  return train_step
+
+
+def make_dtc_train_step(*, labels: np.ndarray, batch_unlabeled: int, channels: int, n_filters: int,
+                        device: Union[str, torch.device] = "cpu", beta: float = 0.3,
+                        seed: int = 0) -> Callable[[], None]:
+  """One iteration of DTC `train_la_dtc.py` in PyTorch per call, waiting for the device.
+
+  `TorchVNetSDF(channels, 1, n_filters)` with BN and dropout (PyTorch default init), SGD(lr 0.01,
+  momentum 0.9, weight decay 1e-4), on random float32 images of len(labels) + batch_unlabeled
+  samples; a step is: forward of the whole batch in train mode, `dtc_loss` (the SDF of `labels`
+  on the host, every step), backward, optimiser step; the step counter advances like iter_num.
+
+  Args:
+    labels: (B_l, X, Y, Z) {0, 1} labels of the labeled crops (sizes divisible by 16).
+  """
+  labels = np.asarray(labels)
+  patch = _check_patch(labels.shape[1:])
+  device = torch.device(device)
+  if device.type == "cuda":
+    torch.backends.cudnn.benchmark = True
+  torch.manual_seed(seed)
+  model = TorchVNetSDF(channels, 1, n_filters, normalization="batchnorm", has_dropout=True)
+  model = model.to(device).train()
+  optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+  images = torch.randn((labels.shape[0] + batch_unlabeled, channels) + patch, dtype=torch.float32,
+                       device=device)
+  # The reference's labels are on the device; `compute_sdf` copies them back every step.
+  label_tensor = torch.from_numpy(labels.astype(np.int64)).to(device)
+  counter = {"iter_num": 0}
+
+  def train_step() -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss, _ = dtc_loss(model, images, label_tensor, counter["iter_num"], beta=beta)
+    loss.backward()
+    optimizer.step()
+    counter["iter_num"] += 1
+    _synchronize(device)
+
+  return train_step
+
+
 def vnet_train_step_seconds(*,
                             batch: int,
                             patch: Sequence[int],
@@ -238,7 +413,7 @@ def vnet_train_step_seconds(*,
   cuDNN's autotuning, `cudnn.benchmark = True`) precede `steps` timed ones; each is timed from its
   start to a device synchronisation after the optimiser step. Float32 throughout, with PyTorch's default
   math modes (cuDNN may use TF32 for convolutions on Ampere and later, as XLA's default precision
-  does).
+  does). `python -m jaxseg.bench --torch` alternates `make_vnet_train_step`'s steps with ours instead.
 
   Args:
     batch: samples per step.
@@ -255,44 +430,22 @@ def vnet_train_step_seconds(*,
   Returns:
     The `steps` per-step wall times in seconds.
   """
-  patch = tuple(int(s) for s in patch)
-  if len(patch) != 3 or any(s <= 0 or s % 16 for s in patch):
-    raise ValueError(f"patch {patch} must be three positive sizes divisible by 16.")
-  if num_classes < 2:
-    raise ValueError(f"num_classes must be at least 2 (Dice on class 1), got {num_classes}.")
   if steps < 1 or warmup < 0:
     raise ValueError(f"Need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}.")
-  device = torch.device(device)
   previous_threads = torch.get_num_threads()
   previous_benchmark = torch.backends.cudnn.benchmark
   try:
     if threads is not None:
       torch.set_num_threads(threads)
-    if device.type == "cuda":
-      # Picks the fastest convolution algorithms for these fixed shapes, during the warm-up.
-      torch.backends.cudnn.benchmark = True
-    torch.manual_seed(seed)
-    model = TorchVNet(channels, num_classes, n_filters, normalization="batchnorm",
-                      has_dropout=True).to(device)
-    model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    images = torch.randn((batch, channels) + patch, dtype=torch.float32, device=device)
-    labels = torch.randint(0, num_classes, (batch,) + patch, dtype=torch.long, device=device)
-
-    def train_step() -> None:
-      optimizer.zero_grad(set_to_none=True)
-      loss = supervised_loss(model(images), labels)
-      loss.backward()
-      optimizer.step()
-
+    train_step = make_vnet_train_step(batch=batch, patch=patch, channels=channels,
+                                      num_classes=num_classes, n_filters=n_filters, device=device,
+                                      seed=seed)
     for _ in range(warmup):
       train_step()
-    _synchronize(device)
     times = []
     for _ in range(steps):
       start = time.perf_counter()
       train_step()
-      _synchronize(device)
       times.append(time.perf_counter() - start)
     return times
   finally:

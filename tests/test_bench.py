@@ -84,13 +84,47 @@ def test_metrics_agree_with_medpy_and_are_timed():
   assert "metrics vs medpy" in bench.format_result(result)
 
 
-def test_torch_comparison_times_the_same_vnet_step():
+def test_torch_comparison_alternates_the_same_vnet_step():
   pytest.importorskip("torch")
   config = _tiny_config()
-  result = bench.run(config, steps=1, warmup=0, eval_volume="none", name="tiny")
-  bench.compare_with_torch(config, result, steps=2, warmup=1, channels=1)
-  assert result.torch_step_median_s > 0 and result.torch_device.startswith("torch ")
-  assert "PyTorch / JAX step time" in bench.format_result(result)
+  partner = bench.torch_partner(config, channels=1)
+  assert partner.iteration == "supervised V-Net step" and partner.device.startswith("torch ")
+  result = bench.run(config, steps=3, warmup=1, eval_volume="none", name="tiny", partner=partner)
+  assert result.torch_step_min_s <= result.torch_step_median_s <= result.torch_step_max_s
+  assert result.ratio_min <= result.ratio_median <= result.ratio_max and result.ratio_min > 0
+  assert len(result.load_average) == 2
+  report = bench.format_result(result)
+  assert "PyTorch / JAX" in report and "median of the alternated pairs" in report
   config.method.model.name = "unet"
   with pytest.raises(ValueError, match="method.model.name is 'unet'"):
-    bench.compare_with_torch(config, result, steps=1, warmup=0, channels=1)
+    bench.torch_partner(config, channels=1)
+
+
+def test_dtc_partner_is_the_whole_dtc_iteration():
+  pytest.importorskip("torch")
+  pytest.importorskip("skimage")
+  config = load_config_file(CONFIGS_DIR / "dtc.py").get_config("")
+  config.method.model.n_filters = 4
+  config.data.patch_size = (16, 16, 16)
+  partner = bench.torch_partner(config, channels=1)
+  assert partner.iteration == "DTC iteration with the host SDF, beta 1.0"
+  partner.step()
+  partner.step()
+
+
+def test_alternation_swaps_the_order_every_pair():
+  calls = []
+  ours, theirs = _alternated_pair(calls)
+  ours_times, theirs_times = bench._alternated(ours, theirs, 3)
+  assert calls == ["ours", "theirs", "theirs", "ours", "ours", "theirs"]
+  assert len(ours_times) == len(theirs_times) == 3
+  assert all(t >= 0 for t in ours_times + theirs_times)
+
+
+def _alternated_pair(calls: list):
+  def ours():
+    calls.append("ours")
+    return 0
+  def theirs():
+    calls.append("theirs")
+  return ours, theirs

@@ -5,6 +5,7 @@
   BatchNorm statistics, and the step. The contrastive terms are on from the first step (their
   anchors come from the step's key, so resume must reproduce them).
 - One train step sharded over 2 forced host devices equals the step on 1 device (subprocess).
+- dkux-v1 steps on a fixed batch and key, λ_c held at its full value, lower the loss.
 
 Tiny networks and volumes (configs/dkuxnet.py's default shrunk: UX-Net feature size 2, kMaX with
 4 centres in groups 2 + 2 and widths 8 / 4 / 8, 16^3 crops, 16 anchors), no validation cases (the
@@ -21,11 +22,14 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import numpy as np
 import pytest
 
-from conftest import _CACHE, CONFIGS_DIR, REPO, load_config_file
+from conftest import _CACHE, CONFIGS_DIR, REPO, jit_init, load_config_file
 from jaxseg import train
+from jaxseg.data import sources
+from jaxseg.methods import dkuxnet
 from test_asdnet_trainer import checkpoint  # Every leaf of a saved state.
 from test_asdnet_trainer import one_trace_per_step  # noqa: F401  (autouse, module scope)
 
@@ -76,6 +80,30 @@ def test_resuming_a_killed_run_reproduces_the_uninterrupted_run(tmp_path, capsys
   for net in ("A", "B"):
     assert any(not np.array_equal(before[k], want[k]) for k in want
                if f"'{net}'" in k and "params" in k), net
+
+
+def test_dkux_v1_steps_lower_the_loss():
+  """Six AdamW steps of both networks on one batch with one key (the same anchors every step), the
+  contrastive weight at its full λ from the first step (a ramp of length 0): the objective is then
+  one fixed function of the parameters and the steps lower it; every term is finite and both
+  networks move."""
+  config = tiny_config(6)
+  config.method.rampup_length = 0
+  batch = sources.make_batches(sources.load_dataset(config.data), config.data).batch_at(0)
+  state = first = jit_init(dkuxnet, config, batch)
+  step = jax.jit(dkuxnet.train_step)
+  history = []
+  for _ in range(6):
+    state, metrics = step(state, batch, jax.random.key(7))
+    history.append({k: float(v) for k, v in metrics.items()})
+  assert all(np.isfinite(v) for m in history for v in m.values()), history
+  assert history[0]["contrast_weight"] == pytest.approx(config.method.contrast_weight)
+  assert {"segc_A", "segc_B", "qdc_A", "qdc_B", "qd_A", "dice_ce_B"} <= set(history[0])
+  assert history[-1]["loss"] < history[0]["loss"], [m["loss"] for m in history]
+  for net in ("A", "B"):
+    assert int(state.nets[net].step) == 6
+    assert any(not np.array_equal(a, b) for a, b in zip(
+        jax.tree.leaves(first.nets[net].params), jax.tree.leaves(state.nets[net].params)))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ a narrower kMaX nothing measurable). Result not measured. :supervised is the sam
 network and dice+CE only (the baseline with the same labels, batches and steps; 0.45 s per step).
 
 :la4 / :la8 / :la16: LA 2018 with 4 / 8 / 16 of the 80 train.list volumes labeled (5 / 10 / 20 %,
-the poster's table), validation = the last 8 of train.list, unlabeled = the rest, 112x112x80 crops,
+the poster's table), validation = 8 of the other train.list volumes drawn with seed 0 (the LA
+protocol's data.validation = random), unlabeled = the rest, 112x112x80 crops,
 2 + 2 per batch, the full networks (UX-Net feature size 48, 53.0 M parameters at 2 classes; kMaX
 with N = 32 centres in groups 16 + 16, widths 256 / 128 / 256, 8 heads, FFN 2048), 15000 steps,
 λ_c = 0.1 · sigmoid_rampup(⌊t/150⌋, 40), sliding window 112x112x80 with strides (18, 18, 4).

@@ -16,9 +16,7 @@ import sys
 import warnings
 from typing import Optional
 
-import jax
 from absl import app, flags, logging
-from jax.experimental.compilation_cache import compilation_cache
 from ml_collections import config_flags
 
 from jaxseg import config_blocks, demo, train
@@ -109,16 +107,6 @@ def parse_flags(argv: list[str]) -> list[str]:
     _fail(f"bad config override {' '.join(overrides)}: {message}")
 
 
-def use_compilation_cache(folder: Optional[str]) -> None:
-  """Turns JAX's persistent compilation cache on in `folder`, or off (None); before anything
-  compiles. JAX's default thresholds decide what is stored (programs that took >= 1 s to compile)."""
-  jax.config.update("jax_enable_compilation_cache", folder is not None)
-  if folder is not None:
-    jax.config.update("jax_compilation_cache_dir", folder)
-  # JAX decides once whether (and where) it caches: make it decide again with these settings.
-  compilation_cache.reset_cache()
-
-
 def main(argv):
   # orbax logs every checkpoint step at INFO; the progress line is what a user wants to see.
   if not flags.FLAGS["verbosity"].present:
@@ -136,7 +124,7 @@ def main(argv):
   if config.job not in _JOBS:
     _fail(f"config.job = {config.job!r} is not one of {sorted(_JOBS)}")
   workdir = _WORKDIR.value or f"runs/{config.name}"
-  use_compilation_cache(config_blocks.compilation_cache_dir(config, os.environ))
+  train.use_compilation_cache(config_blocks.compilation_cache_dir(config, os.environ))
   try:
     _JOBS[config.job](config, workdir)
   except DataError as e:

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental.compilation_cache import compilation_cache
 
 from jaxseg import checkpoint, config_blocks, curves, eval_batchnorm, evaluate, optim, parallel
 from jaxseg import prng_lowering
@@ -319,6 +320,17 @@ def example_batch(config: ml_collections.ConfigDict, spec: Union[int, BatchSpec]
   to build the networks."""
   return zero_batch(batch_spec(config, spec), config.data.batch_labeled,
                     config.data.batch_unlabeled)
+
+
+def use_compilation_cache(folder: Optional[str]) -> None:
+  """Turns JAX's persistent compilation cache on in `folder`, or off (None); `python -m jaxseg.main`
+  calls it with `config_blocks.compilation_cache_dir` before anything compiles. JAX's default
+  thresholds decide what is stored (programs that took >= 1 s to compile)."""
+  jax.config.update("jax_enable_compilation_cache", folder is not None)
+  if folder is not None:
+    jax.config.update("jax_compilation_cache_dir", folder)
+  # JAX decides once whether (and where) it caches: make it decide again with these settings.
+  compilation_cache.reset_cache()
 
 
 def _initial_state(method: ModuleType, config: ml_collections.ConfigDict,

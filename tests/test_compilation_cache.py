@@ -1,5 +1,5 @@
 """train.compilation_cache: the folder of JAX's persistent cache that `python -m jaxseg.main` uses
-(config_blocks.compilation_cache_dir, main.use_compilation_cache)."""
+(config_blocks.compilation_cache_dir, train.use_compilation_cache)."""
 
 import os
 import pathlib
@@ -10,7 +10,7 @@ import ml_collections
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
-from jaxseg import config_blocks, main
+from jaxseg import config_blocks, train
 from jaxseg.data.base import DataError
 
 
@@ -66,10 +66,10 @@ def _compile_something(scale: float) -> None:
 def test_programs_are_written_to_the_folder_and_not_when_off(tmp_path, restore_cache_settings):
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   on = tmp_path / "on"
-  main.use_compilation_cache(str(on))
+  train.use_compilation_cache(str(on))
   _compile_something(2.5)
   assert on.is_dir() and any(on.iterdir())
-  main.use_compilation_cache(None)
+  train.use_compilation_cache(None)
   assert not jax.config.jax_enable_compilation_cache
   entries = set(pathlib.Path(on).iterdir())
   _compile_something(3.5)

@@ -13,11 +13,13 @@ labeled = the first 4, validation = the last 4, unlabeled = the 16 between), 32^
 decoder of N = 8 centres (groups 4 + 4) and narrow widths (centres 32, keys 16, values 32, 2
 heads, FFN 64), AdamW 1e-4 (weight decay 0.01), 200 steps, λ_c ramped over 13 blocks of 10 steps
 (the LA ramp of 40 blocks of 150 steps squeezed into the first two thirds of the run). Sliding
-window 32^3, strides 16. Time on the shared 2-core CPU (load 2-4): init compile ≈50 s, step compile
-60-95 s, 2.9-3.7 s per step (two networks on 4 crops; 4-5 s in `jaxseg.main` at load 3.5, 3 steps
-measured), validation ≈40 s, so ≈15-20 min in all; 200 steps rather than 300 for that reason (narrower networks barely help: UX-Net feature size 4 gave 3.2 s against 3.7 s,
-a narrower kMaX nothing measurable). Result not measured. :supervised is the same with one
-network and dice+CE only (the baseline with the same labels, batches and steps; 0.45 s per step).
+window 32^3, strides 16. Time on the 2-core CPU: 13 min in all when quiet (801 s), 33 min at
+load 4-7 (init compile ≈50 s, step compile 60-200 s, 2.9-3.7 s per step when quiet, validation
+≈40 s); 200 steps rather than 300 for that reason (UX-Net feature size 4 gave 3.2 s per step
+against 3.7 s, a narrower kMaX nothing measurable). Result (last iteration, validation Dice of the
+A/B average, seeds 0 / 1): 41.4 / 42.0 %. :supervised is the same with one network and dice+CE
+only (the baseline with the same labels, batches and steps; 0.45 s per step, 3-6 min in all):
+41.5 / 41.9 %.
 
 :la4 / :la8 / :la16: LA 2018 with 4 / 8 / 16 of the 80 train.list volumes labeled (5 / 10 / 20 %,
 the poster's table), validation = 8 of the other train.list volumes drawn with seed 0 (the LA

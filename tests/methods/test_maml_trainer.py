@@ -86,9 +86,9 @@ SHARDED_SCRIPT = textwrap.dedent("""
     import sys
     sys.path[:0] = ["tests", "tests/methods"]
     import jax, jax.numpy as jnp, numpy as np
-    from jaxseg import parallel
     from jaxseg.data import sources
     from jaxseg.methods import maml
+    from sharded_step import assert_sharded_equals_one_device
     from test_maml_trainer import tiny_config
 
     assert len(jax.devices()) == 2
@@ -101,29 +101,8 @@ SHARDED_SCRIPT = textwrap.dedent("""
       initial = jax.jit(lambda k: maml.init(k, config, batch))(jax.random.PRNGKey(0))
       assert initial.hparams.augment and initial.hparams.batch_dice
       step = jax.jit(maml.train_step)
-
-      def one_step(devices):
-        mesh = parallel.make_mesh(devices)
-        state = jax.device_put(initial, parallel.replicated(mesh))
-        sharded = jax.device_put(batch, parallel.data_sharding(mesh))
-        assert len(sharded.labeled["image"].sharding.device_set) == len(devices)
-        new_state, metrics = step(state, sharded, jax.random.PRNGKey(3))
-        leaves = jax.tree_util.tree_leaves_with_path(new_state)
-        assert all(leaf.sharding.is_fully_replicated for _, leaf in leaves)
-        return ({jax.tree_util.keystr(p): np.asarray(leaf) for p, leaf in leaves},
-                {k: float(v) for k, v in metrics.items()})
-
-      (single, m1), (sharded, m2) = one_step(jax.devices()[:1]), one_step(jax.devices())
-      assert sorted(single) == sorted(sharded)
-      for part in ("params", "opt_state"):
-        assert sum(k.startswith(f".net.{part}") for k in single) > 4, part
-      worst = 0.0
-      for key in single:
-        np.testing.assert_allclose(sharded[key], single[key], rtol=2e-5, atol=1e-6, err_msg=key)
-        worst = max(worst, float(np.max(np.abs(sharded[key] - single[key]), initial=0.0)))
-      assert sorted(m1) == sorted(m2)
-      for key in m1:
-        np.testing.assert_allclose(m2[key], m1[key], rtol=2e-5, atol=1e-6, err_msg=key)
+      _, m1, m2, worst = assert_sharded_equals_one_device(
+          step, initial, batch, jax.random.PRNGKey(3), parts=(".net.params", ".net.opt_state"))
       print("OK", fusion, m1["loss"], m2["loss"], worst)
 """)
 

@@ -27,32 +27,13 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy import ndimage
-from skimage import segmentation
 
 from jaxseg import geometry
-from jaxseg.bench import la_like_label
+from jaxseg.bench import la_like_label, reference_compute_sdf
 from timing import median_seconds  # benchmarks/timing.py, beside this script
 
 AGREEMENT_ATOL = 1e-5
 
-
-
-def reference_compute_sdf(mask: np.ndarray) -> np.ndarray:
-  """DTC `compute_sdf(mask, mask.shape)`, transcribed (float64)."""
-  out = np.zeros(mask.shape)
-  for b in range(mask.shape[0]):
-    posmask = mask[b].astype(bool)
-    if posmask.any():
-      negmask = ~posmask
-      posdis = ndimage.distance_transform_edt(posmask)
-      negdis = ndimage.distance_transform_edt(negmask)
-      boundary = segmentation.find_boundaries(posmask, mode="inner").astype(np.uint8)
-      sdf = ((negdis - np.min(negdis)) / (np.max(negdis) - np.min(negdis))
-             - (posdis - np.min(posdis)) / (np.max(posdis) - np.min(posdis)))
-      sdf[boundary == 1] = 0
-      out[b] = sdf
-  return out
 
 
 def memory_estimate_bytes(compiled) -> Optional[int]:

@@ -223,30 +223,15 @@ def supervised_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def compute_sdf(labels: np.ndarray, out_shape: Sequence[int]) -> np.ndarray:
-  """DTC / SASSNet `utils/util.py compute_sdf`, on the host: per sample, neg/max(neg) − pos/max(pos)
-  of the Euclidean distance transforms of the background (neg) and of the foreground (pos), 0 on the
-  inner boundary of the foreground (skimage `find_boundaries(mode="inner")`), 0 for an empty mask.
+  """DTC / SASSNet `utils/util.py compute_sdf(labels, out_shape)` on the host, as their training
+  scripts call it on the labeled crops every iteration (`jaxseg.bench.reference_compute_sdf`).
 
   Args:
     labels: (B, X, Y, Z) {0, 1} labels of the labeled crops.
     out_shape: (B, X, Y, Z), the shape of the result (float64, as the reference's np.zeros).
   """
-  from scipy.ndimage import distance_transform_edt  # pylint: disable=import-outside-toplevel
-  from skimage import segmentation  # pylint: disable=import-outside-toplevel
-  labels = labels.astype(np.uint8)
-  normalized_sdf = np.zeros(out_shape)
-  for b in range(out_shape[0]):
-    posmask = labels[b].astype(bool)
-    if posmask.any():
-      negmask = ~posmask
-      posdis = distance_transform_edt(posmask)
-      negdis = distance_transform_edt(negmask)
-      boundary = segmentation.find_boundaries(posmask, mode="inner").astype(np.uint8)
-      sdf = ((negdis - np.min(negdis)) / (np.max(negdis) - np.min(negdis))
-             - (posdis - np.min(posdis)) / (np.max(posdis) - np.min(posdis)))
-      sdf[boundary == 1] = 0
-      normalized_sdf[b] = sdf
-  return normalized_sdf
+  from jaxseg import bench  # pylint: disable=import-outside-toplevel  # bench imports this module
+  return bench.reference_compute_sdf(labels.astype(np.uint8).reshape(out_shape))
 
 
 def sigmoid_rampup(current: float, rampup_length: float) -> float:

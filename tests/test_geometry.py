@@ -15,6 +15,7 @@ from skimage import segmentation
 
 from conftest import load_golden
 from jaxseg import geometry
+from jaxseg.bench import reference_compute_sdf
 
 # ---------------------------------------------------------------------------------------------------
 # Signed distance map (docs/methods/dtc.md): exact EDT in JAX.
@@ -45,23 +46,6 @@ def scipy_squared_distances(target: np.ndarray) -> np.ndarray:
   grid = np.indices(target.shape)
   return np.sum((indices - grid).astype(np.int64) ** 2, axis=0)
 
-
-def reference_compute_sdf(mask: np.ndarray) -> np.ndarray:
-  """NumPy transcription of DTC / SASSNet `compute_sdf` (float64; NaN for an all-foreground sample)."""
-  out = np.zeros(mask.shape)
-  for b in range(mask.shape[0]):
-    posmask = mask[b].astype(bool)
-    if posmask.any():
-      negmask = ~posmask
-      posdis = ndimage.distance_transform_edt(posmask)
-      negdis = ndimage.distance_transform_edt(negmask)
-      boundary = segmentation.find_boundaries(posmask, mode="inner").astype(np.uint8)
-      with np.errstate(invalid="ignore"):
-        sdf = ((negdis - np.min(negdis)) / (np.max(negdis) - np.min(negdis))
-               - (posdis - np.min(posdis)) / (np.max(posdis) - np.min(posdis)))
-      sdf[boundary == 1] = 0
-      out[b] = sdf
-  return out
 
 
 def random_masks(shape, seed: int) -> np.ndarray:

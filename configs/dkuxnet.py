@@ -17,9 +17,9 @@ window 32^3, strides 16. Time on the 2-core CPU: 13 min in all when quiet (801 s
 load 4-7 (init compile ≈50 s, step compile 60-200 s, 2.9-3.7 s per step when quiet, validation
 ≈40 s); 200 steps rather than 300 for that reason (UX-Net feature size 4 gave 3.2 s per step
 against 3.7 s, a narrower kMaX nothing measurable). Result (last iteration, validation Dice of the
-A/B average, seeds 0 / 1): 41.4 / 42.0 %. :supervised is the same with one network and dice+CE
-only (the baseline with the same labels, batches and steps; 0.45 s per step, 3-6 min in all):
-41.5 / 41.9 %.
+A/B average, seeds 0 / 1 / 2): 41.4 / 42.0 / 42.5 %. :supervised is the same with one network and dice+CE
+only (the baseline with the same labels, batches and steps; 0.45 s per step, 2-6 min in all):
+41.5 / 41.9 / 42.7 %.
 
 :la4 / :la8 / :la16: LA 2018 with 4 / 8 / 16 of the 80 train.list volumes labeled (5 / 10 / 20 %,
 the poster's table), validation = 8 of the other train.list volumes drawn with seed 0 (the LA

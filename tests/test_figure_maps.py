@@ -22,6 +22,7 @@ from PIL import Image
 
 from jaxseg import evaluate as ev
 from jaxseg import inference, train, writers
+from jaxseg.data import splits
 from jaxseg.config_blocks import eval_block
 from jaxseg.data.base import Case
 
@@ -287,7 +288,9 @@ def test_trainer_passes_maps_only_with_reports(monkeypatch, tmp_path):
   monkeypatch.setattr(train.evaluate, "evaluate", lambda *a, **k: seen.append(k) or {"ok": 1})
   config = ml_collections.ConfigDict({"eval": {"case_list": "", "patch_size": ()},
                                       "data": {"patch_size": PATCH}})
-  dataset = types.SimpleNamespace(validation=tuple(make_cases(n=1)), num_classes=2)
+  cases = tuple(make_cases(n=1))
+  dataset = types.SimpleNamespace(validation=cases, num_classes=2, split=splits.Split(
+      labeled=(), unlabeled=(), validation=tuple(c.case_id for c in cases)))
   state = {"w": jnp.ones(())}
   with_maps = types.SimpleNamespace(predict=lambda s, x: predict(x),
                                     maps=lambda s, x: pointwise_maps(x))
@@ -302,3 +305,4 @@ def test_trainer_passes_maps_only_with_reports(monkeypatch, tmp_path):
   assert isinstance(seen[1]["maps_fn"], jax.tree_util.Partial)
   assert seen[1]["maps_fn"].func is with_maps.maps
   assert seen[2]["maps_fn"] is None
+  assert seen[0]["split_record"] == {"validation_rule": "last"}  # How validation was chosen.

@@ -209,8 +209,16 @@ def _threshold_splitting(state, batch) -> float:
   return 1.0 - float(np.median(np.asarray(asdnet.confidence_map(d))))
 
 
-@pytest.mark.parametrize("fix", [False, True])
-@pytest.mark.parametrize("sequence", ["ULU", "LLU", "UUL"])
+# Every sequence and both settings of the fix in the default tier (one case each, 4-5 minutes of
+# cold compilation together); the other three pairs in the slow tier (`pytest -m slow`), for CI's
+# time budget.
+_SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("sequence, fix", [
+    ("ULU", False), ("LLU", True), ("UUL", True),
+    pytest.param("ULU", True, marks=_SLOW), pytest.param("LLU", False, marks=_SLOW),
+    pytest.param("UUL", False, marks=_SLOW)])
 def test_iteration_gradient_equals_the_written_out_sum(released_states, sequence, fix, x64):
   batch = _as_float64(_batch())
   state = _as_float64(released_states[fix])

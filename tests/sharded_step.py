@@ -4,9 +4,25 @@ method trainer tests' sharded-step scripts (run in a subprocess with 2 forced ho
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxseg import parallel
+
+
+def as_float64(tree):
+  """`tree` with every floating leaf cast to float64 (jax_enable_x64 must be on)."""
+  return jax.tree.map(lambda a: jnp.asarray(a, jnp.float64)
+                      if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating) else a, tree)
+
+
+def traced_once(train_step, state, batch, key):
+  """`train_step` traced once on these inputs, its jaxpr jitted: the same program for each
+  placement of the inputs (1 or 2 devices), without tracing a large step twice."""
+  traced, out_shape = jax.make_jaxpr(train_step, return_shape=True)(state, batch, key)
+  return jax.jit(lambda *args: jax.tree.unflatten(
+      jax.tree.structure(out_shape),
+      jax.core.eval_jaxpr(traced.jaxpr, traced.consts, *jax.tree.leaves(args))))
 
 
 def step_on(devices, step, initial, batch, key) -> tuple[dict, dict]:

@@ -112,16 +112,12 @@ def test_dkux_v1_steps_lower_the_loss():
 SHARDED_SCRIPT = textwrap.dedent("""
     import sys
     sys.path[:0] = ["tests", "tests/methods"]
-    import jax, jax.numpy as jnp, numpy as np
+    import jax, numpy as np
     jax.config.update("jax_enable_x64", True)
     from jaxseg.data import sources
     from jaxseg.methods import dkuxnet
-    from sharded_step import assert_sharded_equals_one_device
+    from sharded_step import as_float64, assert_sharded_equals_one_device, traced_once
     from test_dkuxnet_trainer import tiny_config
-
-    def as_float64(tree):
-      return jax.tree.map(lambda a: jnp.asarray(a, jnp.float64)
-                          if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating) else a, tree)
 
     assert len(jax.devices()) == 2
     config = tiny_config(1, num_unlabeled=2, batch=2)  # a global batch of 2 + 2
@@ -130,11 +126,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
     initial = jax.jit(lambda k: as_float64(dkuxnet.init(k, config, batch)))(jax.random.PRNGKey(0))
     # The step traced once, its jaxpr jitted for each placement of the inputs: the same program
     # on 1 and on 2 devices.
-    traced, out_shape = jax.make_jaxpr(dkuxnet.train_step, return_shape=True)(
-        initial, batch, jax.random.PRNGKey(3))
-    step = jax.jit(lambda *args: jax.tree.unflatten(
-        jax.tree.structure(out_shape),
-        jax.core.eval_jaxpr(traced.jaxpr, traced.consts, *jax.tree.leaves(args))))
+    step = traced_once(dkuxnet.train_step, initial, batch, jax.random.PRNGKey(3))
 
     single, m1, m2, _ = assert_sharded_equals_one_device(
         step, initial, batch, jax.random.PRNGKey(3),

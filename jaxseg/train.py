@@ -91,6 +91,7 @@ def with_run_length(config: ml_collections.ConfigDict, method: ModuleType, batch
 # Keys that may change between a run and its resumption (everything else must match).
 _RESUMABLE_CHANGES = ("train.num_steps", "train.log_every", "train.eval_every", "eval.",
                       "data.on_device",  # Same batches either way.
+                      "train.compilation_cache",  # Where compiled programs are kept.
                       "train.distributed.")  # Same global batch on any number of processes.
 
 
@@ -111,17 +112,16 @@ def _same_value(a, b) -> bool:
 
 
 def _added_default(key: str, current: dict) -> bool:
-  """Whether `key`, absent from a saved config, is a data-block key, a key of the method's own
-  block or an optimiser field added since that run was started, at the default that reproduces
-  the old behaviour (runs of older versions resume)."""
+  """Whether `key`, absent from a saved config, is a data- or train-block key, a key of the
+  method's own block or an optimiser field added since that run was started, at the default that
+  reproduces the old behaviour (runs of older versions resume)."""
   block, _, field = key.rpartition(".")
-  if key == "train.num_epochs":
-    return _same_value(current[key], config_blocks.train_block().num_epochs)
   if block.startswith("data."):  # A key of a data sub-block, e.g. data.intensity_augment.p_gamma.
     block, field = "data", key[len("data."):]
-  if block in ("data", "method"):
-    if block == "data":
-      defaults = _flatten(config_blocks.data_block().to_dict())
+  if block in ("data", "train", "method"):
+    if block in ("data", "train"):
+      shared = config_blocks.data_block() if block == "data" else config_blocks.train_block()
+      defaults = _flatten(shared.to_dict())
     else:  # A key of the method's own block, e.g. MAML's method.fusion.
       try:
         defaults = load_method(ml_collections.ConfigDict(
@@ -648,8 +648,8 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
   parallel.initialize_distributed(config.train.distributed)
   dataset = sources.load_dataset(config.data)
   spec = BatchSpec.of_case(dataset.labeled[0], config.data.patch_size)
-  config = with_run_length(config, method, sources.make_batches(dataset, config.data))
-  state, _ = _initial_state(method, config, spec, parallel.make_mesh())
+  # The optimiser's schedule length does not matter to evaluation: no batches are built here.
+  state, _ = _initial_state(method, _steps_known(config), spec, parallel.make_mesh())
   ckpt = _checkpointer(config, workdir, create=False)
   state, record = _restore_latest(ckpt, state, workdir, required=True)
   ckpt.close()

@@ -201,6 +201,21 @@ def test_a_run_started_before_a_data_key_existed_resumes(tmp_path):
     train.check_same_run(config, tmp_path)
 
 
+def test_a_run_started_before_a_train_key_existed_resumes(tmp_path):
+  """The same for the train block (train.num_epochs, train.compilation_cache, added later); the
+  compilation cache's folder may also change between a run and its resumption."""
+  config = load_config_file(CONFIGS_DIR / "supervised.py").get_config()
+  saved = json.loads(config.to_json_best_effort())
+  del saved["train"]["num_epochs"], saved["train"]["compilation_cache"]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  train.check_same_run(config, tmp_path)
+  config.train.compilation_cache = ""
+  train.check_same_run(config, tmp_path)
+  config.train.update(num_steps=0, num_epochs=3)
+  with pytest.raises(DataError, match=r"train.num_epochs"):
+    train.check_same_run(config, tmp_path)
+
+
 def test_a_run_started_before_a_method_key_existed_resumes(tmp_path):
   """The same for a key of the method's own block (MAML's method.fusion, added later)."""
   config = load_config_file(CONFIGS_DIR / "maml.py").get_config()

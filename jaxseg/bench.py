@@ -58,7 +58,7 @@ from ml_collections import config_flags
 import numpy as np
 from scipy import ndimage
 
-from jaxseg import evaluate, inference, metrics, parallel, train
+from jaxseg import compiler_options, evaluate, inference, metrics, parallel, train
 from jaxseg.data.batches import Batch
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -268,7 +268,8 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int = 3, 
   state, key = train._initial_state(method, config, channels, mesh)
   batch = jax.device_put(random_batch(config, channels), parallel.data_sharding(mesh))
 
-  jitted = jax.jit(method.train_step, donate_argnums=(0,))
+  jitted = jax.jit(method.train_step, donate_argnums=(0,),
+                   compiler_options=compiler_options.jit_options(len(config.data.patch_size)))
   start = time.perf_counter()
   compiled = jitted.lower(state, batch, key).compile()
   compile_s = time.perf_counter() - start
@@ -332,12 +333,12 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int = 3, 
     rng = np.random.default_rng(2)
     volumes = [rng.standard_normal((*shape, channels)).astype(np.float32)
                for shape in sweep_shapes(eval_sweep, eval_patch)]
-    compiled_before = inference._sliding_window_predict._cache_size()
+    compiled_before = inference.sliding_window_jit(len(eval_patch))._cache_size()
     start = time.perf_counter()
     for volume in volumes:
       one_pass(volume)
     result.sweep_volumes, result.sweep_s = eval_sweep, time.perf_counter() - start
-    result.sweep_compilations = inference._sliding_window_predict._cache_size() - compiled_before
+    result.sweep_compilations = inference.sliding_window_jit(len(eval_patch))._cache_size() - compiled_before
   return result
 
 

@@ -34,11 +34,14 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxseg import compiler_options
+
 __all__ = [
     "gaussian_importance_map",
     "bucket_shape",
     "check_mirror_axes",
     "mirror_combinations",
+    "sliding_window_jit",
     "sliding_window_predict",
     "window_starts",
 ]
@@ -270,11 +273,10 @@ def sliding_window_predict(
     return (np if isinstance(x, np.ndarray) else jnp).pad(x, (*buffer_pad, *[(0, 0)] * (x.ndim - ndim)))
 
   buffers = jax.tree_util.tree_map(pad, voxel_inputs)
-  averaged = _sliding_window_predict(predict_fn, buffers, case_inputs, jnp.asarray(table),
-                                     jnp.int32(len(starts)), patch_size=patch_size,
-                                     batch_size=int(batch_size), gaussian=bool(gaussian),
-                                     sigma_scale=float(sigma_scale), mirror_axes=mirror_axes,
-                                     mesh=mesh)
+  averaged = sliding_window_jit(len(patch_size))(predict_fn, buffers, case_inputs, jnp.asarray(table),
+                                  jnp.int32(len(starts)), patch_size=patch_size,
+                                  batch_size=int(batch_size), gaussian=bool(gaussian),
+                                  sigma_scale=float(sigma_scale), mirror_axes=mirror_axes, mesh=mesh)
   crop = tuple(slice(left, left + size) for (left, _), size in zip(pad_width, spatial_shape))
   return averaged[crop]
 
@@ -297,8 +299,17 @@ def mirror_combinations(mirror_axes: Sequence[int]) -> list[tuple[int, ...]]:
   return [c for r in range(1, len(mirror_axes) + 1) for c in itertools.combinations(mirror_axes, r)]
 
 
-@functools.partial(jax.jit, static_argnames=("patch_size", "batch_size", "gaussian", "sigma_scale",
-                                             "mirror_axes", "mesh"))
+@functools.cache
+def sliding_window_jit(spatial_dims: int):
+  """The jitted body of `sliding_window_predict` for images of `spatial_dims` dimensions (built on
+  first use, when the backend is known, with `compiler_options.jit_options`); its `_cache_size()`
+  counts compilations."""
+  return jax.jit(_sliding_window_predict,
+                 static_argnames=("patch_size", "batch_size", "gaussian", "sigma_scale", "mirror_axes",
+                                  "mesh"),
+                 compiler_options=compiler_options.jit_options(spatial_dims))
+
+
 def _sliding_window_predict(
     predict_fn: jax.tree_util.Partial,
     padded: Inputs,

@@ -28,7 +28,7 @@ import numpy as np
 from jax.experimental.compilation_cache import compilation_cache
 
 from jaxseg import checkpoint, config_blocks, curves, eval_batchnorm, evaluate, optim, parallel
-from jaxseg import prng_lowering
+from jaxseg import compiler_options, prng_lowering
 from jaxseg.data import device_crops, intensity, intensity_augment, sources
 from jaxseg.data.base import DataError
 from jaxseg.data.batches import Batch, BatchSpec, zero_batch
@@ -532,6 +532,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   batch_sharding = parallel.data_sharding(mesh)
   # The method's step, after the on-device intensity augmentation when data.intensity_augment is on.
   train_step = intensity_augment.with_intensity_augment(method.train_step, config.data)
+  jit_options = compiler_options.jit_options(len(config.data.patch_size))
   if config.data.on_device:
     device_data = device_crops.DeviceData(batches, parallel.replicated(mesh))
     _print(f"training volumes on the device(s): {device_data.nbytes / 2**20:.0f} MiB")
@@ -542,10 +543,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
       return train_step(state, batch, key)
 
-    jitted = jax.jit(_with_finite_flag(step_on_device), donate_argnums=(0,))
+    jitted = jax.jit(_with_finite_flag(step_on_device), donate_argnums=(0,),
+                     compiler_options=jit_options)
     step_fn = lambda state, key: jitted(state, device_data.arrays, device_data.next_plan(), key)
   else:
-    jitted = jax.jit(_with_finite_flag(train_step), donate_argnums=(0,))
+    jitted = jax.jit(_with_finite_flag(train_step), donate_argnums=(0,),
+                     compiler_options=jit_options)
     next_batch = _host_batches(batches, batch_sharding)
     step_fn = lambda state, key: jitted(state, next_batch(), key)
   writer = _writer(workdir, start)

@@ -226,13 +226,13 @@ def test_one_compilation_per_shape_and_weights_are_traced():
   rng = np.random.default_rng(3)
   volumes = [rng.normal(size=(9, 10, 7, 1)).astype(np.float32) for _ in range(3)]
   params = [{"scale": jnp.float32(s), "bias": jnp.float32(-0.1 * s)} for s in (1.0, 2.0, 3.0)]
-  compiled_before = inference._sliding_window_predict._cache_size()
+  compiled_before = inference.sliding_window_jit(3)._cache_size()
   for volume, p in zip(volumes, params):
     scores = inference.sliding_window_predict(jax.tree_util.Partial(apply_probs, p), volume, (6, 6, 4),
                                               (3, 3, 2), batch_size=4)
     expected = _naive_sliding_window(lambda w: apply_probs(p, w), volume, (6, 6, 4), (3, 3, 2))
     np.testing.assert_allclose(np.asarray(scores), expected, atol=1e-6)
-  assert inference._sliding_window_predict._cache_size() == compiled_before + 1
+  assert inference.sliding_window_jit(3)._cache_size() == compiled_before + 1
 
 
 def test_shape_buckets_share_one_compilation_and_change_nothing():
@@ -247,7 +247,7 @@ def test_shape_buckets_share_one_compilation_and_change_nothing():
   rng = np.random.default_rng(4)
   shapes = [(13, 11, 9), (16, 12, 10), (14, 15, 12), (5, 16, 9)]  # x = 5 < patch 6: padded to 6.
   volumes = [rng.normal(size=(*shape, 1)).astype(np.float32) for shape in shapes]
-  compiled_before = inference._sliding_window_predict._cache_size()
+  compiled_before = inference.sliding_window_jit(3)._cache_size()
   for volume in volumes:
     bucketed = inference.sliding_window_predict(fn, volume, (6, 6, 4), (3, 4, 2), batch_size=4,
                                                 shape_bucket=16)
@@ -257,7 +257,7 @@ def test_shape_buckets_share_one_compilation_and_change_nothing():
     exact = inference.sliding_window_predict(fn, volume, (6, 6, 4), (3, 4, 2), batch_size=4)
     np.testing.assert_array_equal(np.asarray(bucketed), np.asarray(exact))
   # 1 bucketed (16, 16, 16) + 4 exact shapes.
-  assert inference._sliding_window_predict._cache_size() == compiled_before + 5
+  assert inference.sliding_window_jit(3)._cache_size() == compiled_before + 5
   assert inference.bucket_shape((13, 16, 17), 16) == (16, 16, 32)
   assert inference.bucket_shape((13, 16, 17), 0) == (13, 16, 17)
 

@@ -284,6 +284,41 @@ def test_conv3d_as_stacked2d_equals_the_native_convolution(kernel_size, padding)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("shape, kernel_size", [((2, 7, 6, 5, 3), 2), ((1, 6, 9, 4, 3), 3),
+                                                ((2, 5, 4, 3, 3), 1), ((2, 9, 7, 3), 2)],
+                         ids=["3d-k2-odd", "3d-k3", "3d-k1", "2d-k2-odd"])
+def test_conv_as_patch_dot_equals_the_strided_convolution(shape, kernel_size):
+  # Stride = kernel, no padding: odd sizes drop their trailing voxels as the convolution does.
+  rng = np.random.default_rng(kernel_size)
+  d = len(shape) - 2
+  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(kernel_size,) * d + (shape[-1], 4)), jnp.float32)
+
+  def native(x, kernel):
+    return jax.lax.conv_general_dilated(x, kernel, (kernel_size,) * d, ((0, 0),) * d,
+                                        dimension_numbers=layers.conv_dimension_numbers(d + 2))
+
+  want = native(x, kernel)
+  got = layers.conv_as_patch_dot(x, kernel)
+  assert got.shape == want.shape == (shape[0], *(s // kernel_size for s in shape[1:-1]), 4)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  grads = [jax.grad(lambda x, k: jnp.sum(jnp.sin(f(x, k))), argnums=(0, 1))(x, kernel)
+           for f in (native, layers.conv_as_patch_dot)]
+  for want, got in zip(*grads):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_impl_patches_inside_a_layer_and_where_it_does_not_apply():
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 6, 6, 4, 2)), jnp.float32)
+  native = layers.Conv(features=3, kernel_size=2, strides=2, impl="native")
+  variables = native.init(jax.random.PRNGKey(0), x)
+  patches = layers.Conv(features=3, kernel_size=2, strides=2, impl="patches")
+  np.testing.assert_allclose(patches.apply(variables, x), native.apply(variables, x),
+                             rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="kernel_size == strides and no padding"):
+    layers.Conv(features=3, kernel_size=3, padding=1, impl="patches").init(jax.random.PRNGKey(0), x)
+
+
 def test_conv_impls_agree_inside_a_layer():
   x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 6, 6, 4, 2)), jnp.float32)
   native = layers.Conv(features=3, kernel_size=3, padding=1, impl="native")

@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxseg import geometry
-from jaxseg.bench import la_like_label, reference_compute_sdf
+from jaxseg.bench import la_like_label
+from jaxseg.geometry import reference_compute_sdf
 from timing import median_seconds  # benchmarks/timing.py, beside this script
 
 AGREEMENT_ATOL = 1e-5

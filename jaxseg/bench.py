@@ -342,33 +342,6 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int = 3, 
   return result
 
 
-def reference_compute_sdf(mask: np.ndarray) -> np.ndarray:
-  """DTC / SASSNet `utils/util.py compute_sdf(mask, mask.shape)` transcribed, on the host (what
-  their training scripts compute for the labeled crops every iteration): per sample,
-  (neg − min)/(max − min) − (pos − min)/(max − min) of the Euclidean distance transforms of the
-  background (neg) and the foreground (pos), 0 on the inner boundary of the foreground (skimage
-  `find_boundaries(mode="inner")`), 0 for an empty mask, NaN for an all-foreground one; float64.
-  The reference that jaxseg.geometry.signed_distance_map is tested and timed against.
-
-  Args:
-    mask: (B, *spatial) {0, 1}.
-  """
-  from skimage import segmentation  # pylint: disable=import-outside-toplevel  # test/bench extras
-  out = np.zeros(mask.shape)
-  for b in range(mask.shape[0]):
-    posmask = mask[b].astype(bool)
-    if posmask.any():
-      posdis = ndimage.distance_transform_edt(posmask)
-      negdis = ndimage.distance_transform_edt(~posmask)
-      boundary = segmentation.find_boundaries(posmask, mode="inner").astype(np.uint8)
-      with np.errstate(invalid="ignore"):
-        sdf = ((negdis - np.min(negdis)) / (np.max(negdis) - np.min(negdis))
-               - (posdis - np.min(posdis)) / (np.max(posdis) - np.min(posdis)))
-      sdf[boundary == 1] = 0
-      out[b] = sdf
-  return out
-
-
 def la_like_label(shape: Sequence[int] = LA_SHAPE, foreground: float = 0.09,
                   seed: int = 0) -> np.ndarray:
   """An LA-like atrium: a bumpy ellipsoid of `foreground` volume fraction, away from the edges.

@@ -224,14 +224,16 @@ def supervised_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def compute_sdf(labels: np.ndarray, out_shape: Sequence[int]) -> np.ndarray:
   """DTC / SASSNet `utils/util.py compute_sdf(labels, out_shape)` on the host, as their training
-  scripts call it on the labeled crops every iteration (`jaxseg.bench.reference_compute_sdf`).
+  scripts call it on the labeled crops every iteration (`jaxseg.geometry.reference_compute_sdf`).
 
   Args:
     labels: (B, X, Y, Z) {0, 1} labels of the labeled crops.
     out_shape: (B, X, Y, Z), the shape of the result (float64, as the reference's np.zeros).
   """
-  from jaxseg import bench  # pylint: disable=import-outside-toplevel  # bench imports this module
-  return bench.reference_compute_sdf(labels.astype(np.uint8).reshape(out_shape))
+  # Not from jaxseg.bench: under `python -m jaxseg.bench` that module is __main__, and importing it
+  # again would define its flags twice.
+  from jaxseg import geometry  # pylint: disable=import-outside-toplevel
+  return geometry.reference_compute_sdf(labels.astype(np.uint8).reshape(out_shape))
 
 
 def sigmoid_rampup(current: float, rampup_length: float) -> float:

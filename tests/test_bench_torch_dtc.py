@@ -102,3 +102,18 @@ def test_one_dtc_iteration_equals_ours_in_float64(x64):
     # gradient, and the updates agree to ~2e-9 of their size; a wrong term or weight moves them by
     # percents.
     np.testing.assert_allclose(tensor.detach().numpy(), ours, rtol=0, atol=1e-7 * step_size)
+
+
+def test_the_bench_command_runs_the_pytorch_dtc_iteration():
+  # Under `python -m jaxseg.bench` the bench module is __main__: the PyTorch DTC iteration's host
+  # SDF must not import jaxseg.bench again (its flags would be defined twice, and the command died).
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  from conftest import REPO, SUBPROCESS_ENV  # pylint: disable=import-outside-toplevel
+  command = [sys.executable, "-m", "jaxseg.bench", "--config", "configs/dtc.py",
+             "--config.data.patch_size=(16,16,16)", "--config.method.model.n_filters=4",
+             "--eval_volume", "none", "--torch", "--steps", "1", "--warmup", "0"]
+  done = subprocess.run(command, cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True,
+                        timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert "DTC iteration with the host SDF" in done.stdout

@@ -15,7 +15,7 @@ from skimage import segmentation
 
 from conftest import load_golden
 from jaxseg import geometry
-from jaxseg.bench import reference_compute_sdf
+from jaxseg.geometry import reference_compute_sdf
 
 # ---------------------------------------------------------------------------------------------------
 # Signed distance map (docs/methods/dtc.md): exact EDT in JAX.

@@ -22,6 +22,12 @@ PyTorch conventions reproduced here:
 * **Transposed convolution k2 s2 p0** (`ConvTranspose2x`) is a per-voxel dense layer
   C_in → 2^d·C_out followed by depth-to-space, not XLA's input-dilated convolution, whose backward pass
   is ≈30× slower (jax-ml/jax#31662, openxla/xla#34273). It is numerically `nn.ConvTranspose(strides=2, padding="VALID")`.
+* **CPU forms of convolutions** (`Conv.impl="auto"`, the default; GPU and TPU keep XLA's
+  convolution): a stride-1 3D convolution runs as one 2D convolution over z-stacked channels
+  (`conv3d_as_stacked2d`); a convolution whose stride equals its kernel size, without padding (the
+  V-Net's and UX-Net's k2 s2 down-sampling, every 1x1 convolution), as space-to-depth + one matmul
+  (`conv_as_patch_dot`), whose gradients are matmuls too. Both equal the convolution up to float
+  summation order.
 * **Linear interpolation** (`resize_linear`, `upsample_linear`) by per-axis interpolation matrices,
   with both `align_corners` conventions of `torch.nn.functional.interpolate`.
 """
@@ -54,6 +60,8 @@ __all__ = [
     "WEIGHT_INITS",
     "activation_fn",
     "channel_dropout",
+    "conv3d_as_stacked2d",
+    "conv_as_patch_dot",
     "conv_dimension_numbers",
     "depth_to_space",
     "initializers",

@@ -5,22 +5,26 @@
 
 Prints, median of 3 after one untimed call, in one run:
 - the whole V-Net (eval-mode forward, train-mode forward, train-mode forward + backward of a mean
-  square loss) in JAX with each 3x3x3 convolution as XLA's native 3D convolution and as the z-stacked
-  2D form (`layers.conv3d_as_stacked2d`, the CPU default), and in PyTorch;
+  square loss) in JAX as the trainer runs it on CPU (`auto`: z-stacked 3x3x3 convolutions,
+  down-sampling and 1x1 convolutions as matmuls, compiled with `compiler_options.jit_options(3)`),
+  the same convolutions with XLA's default options (`stacked2d`: YNNPACK convolutions), and the
+  3x3x3 convolutions as XLA's native 3D convolution (`native`, default options); and in PyTorch;
 - one 3x3x3 convolution per V-Net level (batch x patch / 2^level, C -> C channels): JAX stacked
-  forward, input gradient and kernel gradient, and PyTorch forward and forward + backward.
+  forward, input gradient and kernel gradient (with jaxseg's options), and PyTorch forward and
+  forward + backward.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 
-from jaxseg import bench_torch
+from jaxseg import bench_torch, compiler_options
 from jaxseg.models import get_model
 from jaxseg.models.layers import conv3d_as_stacked2d
 from timing import median_seconds  # benchmarks/timing.py, beside this script
@@ -34,6 +38,8 @@ def median_ms(fn, repeats: int = 3) -> float:
 
 def jax_vnet(impl: str, x: np.ndarray, n_filters: int) -> tuple[float, float, float]:
   model = get_model("vnet", num_classes=2, n_filters=n_filters, conv_impl=impl)
+  jit = functools.partial(jax.jit, compiler_options=compiler_options.jit_options(3)
+                          if impl == "auto" else None)
   x = jnp.asarray(x)
   variables = jax.jit(lambda k: model.init({"params": k, "dropout": k}, x, train=False))(
       jax.random.PRNGKey(0))
@@ -43,8 +49,8 @@ def jax_vnet(impl: str, x: np.ndarray, n_filters: int) -> tuple[float, float, fl
                          mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(1)})
     return jnp.mean(out ** 2)
 
-  forward_eval = jax.jit(lambda v, x: model.apply(v, x, train=False))
-  forward_train, grad = jax.jit(loss), jax.jit(jax.grad(loss))
+  forward_eval = jit(lambda v, x: model.apply(v, x, train=False))
+  forward_train, grad = jit(loss), jit(jax.grad(loss))
   return (median_ms(lambda: forward_eval(variables, x)),
           median_ms(lambda: forward_train(variables["params"], x)),
           median_ms(lambda: grad(variables["params"], x)))
@@ -72,9 +78,10 @@ def conv_level(shape: tuple[int, ...], channels: int, rng) -> str:
   kernel = jnp.asarray(rng.normal(size=(3, 3, 3, channels, channels)), jnp.float32)
   conv = lambda x, k: conv3d_as_stacked2d(x, k, ((1, 1),) * 3)
   g = jnp.ones_like(conv(x, kernel))
-  forward = jax.jit(conv)
-  dx = jax.jit(lambda x, k, g: jax.vjp(lambda x: conv(x, k), x)[1](g))
-  dk = jax.jit(lambda x, k, g: jax.vjp(lambda k: conv(x, k), k)[1](g))
+  jit = functools.partial(jax.jit, compiler_options=compiler_options.jit_options(3))
+  forward = jit(conv)
+  dx = jit(lambda x, k, g: jax.vjp(lambda x: conv(x, k), x)[1](g))
+  dk = jit(lambda x, k, g: jax.vjp(lambda k: conv(x, k), k)[1](g))
   tx = torch.from_numpy(np.ascontiguousarray(np.moveaxis(np.asarray(x), -1, 1))).requires_grad_()
   tconv = torch.nn.Conv3d(channels, channels, 3, padding=1)
   tg = torch.ones_like(tconv(tx))
@@ -104,7 +111,7 @@ def main() -> None:
   print(f"V-Net width {args.n_filters}, batch {args.batch} of {'x'.join(map(str, patch))}; "
         f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads); "
         "ms: eval forward / train forward / train forward+backward")
-  for impl in ("stacked2d", "native"):
+  for impl in ("auto", "stacked2d", "native"):
     print(f"  JAX {impl:9s} " + " / ".join(f"{t:.0f}" for t in jax_vnet(impl, x, args.n_filters)))
   print("  PyTorch       " + " / ".join(f"{t:.0f}" for t in torch_vnet(x, args.n_filters)))
   print("one 3x3x3 convolution per level:")

@@ -24,6 +24,7 @@ def test_3d_on_cpu_gets_ynnpack_without_convolutions_and_the_rest_nothing(monkey
   assert compiler_options.jit_options(3) == {
       "xla_cpu_experimental_ynn_fusion_type": compiler_options.YNN_FUSION_TYPES}
   assert compiler_options.jit_options(2) is None
+  assert compiler_options.ynnpack_without_convolutions() == compiler_options.jit_options(3)
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   assert compiler_options.jit_options(3) is None
 
@@ -32,6 +33,7 @@ def test_an_option_this_jaxlib_refuses_is_left_out(monkeypatch):
   assert not compiler_options._accepted("xla_cpu_experimental_ynn_fusion_type",
                                         "LIBRARY_FUSION_TYPE_NO_SUCH_TYPE")
   monkeypatch.setattr(compiler_options, "YNN_FUSION_TYPES", "LIBRARY_FUSION_TYPE_NO_SUCH_TYPE")
+  assert compiler_options.ynnpack_without_convolutions() is None
   assert compiler_options.jit_options(3) is None
 
 

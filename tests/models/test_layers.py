@@ -308,21 +308,18 @@ def test_conv_as_patch_dot_equals_the_strided_convolution(shape, kernel_size):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_conv_impl_patches_inside_a_layer_and_where_it_does_not_apply():
+@pytest.mark.parametrize("impl, kernel_size, strides, padding",
+                         [("stacked2d", 3, 1, 1), ("patches", 2, 2, 0)])
+def test_conv_impls_agree_inside_a_layer(impl, kernel_size, strides, padding):
   x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 6, 6, 4, 2)), jnp.float32)
-  native = layers.Conv(features=3, kernel_size=2, strides=2, impl="native")
+  shape = dict(features=3, kernel_size=kernel_size, strides=strides, padding=padding)
+  native = layers.Conv(**shape, impl="native")
   variables = native.init(jax.random.PRNGKey(0), x)
-  patches = layers.Conv(features=3, kernel_size=2, strides=2, impl="patches")
-  np.testing.assert_allclose(patches.apply(variables, x), native.apply(variables, x),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(layers.Conv(**shape, impl=impl).apply(variables, x),
+                             native.apply(variables, x), rtol=1e-5, atol=1e-5)
+
+
+def test_conv_impl_patches_where_it_does_not_apply():
+  x = jnp.zeros((1, 6, 6, 4, 2), jnp.float32)
   with pytest.raises(ValueError, match="kernel_size == strides and no padding"):
     layers.Conv(features=3, kernel_size=3, padding=1, impl="patches").init(jax.random.PRNGKey(0), x)
-
-
-def test_conv_impls_agree_inside_a_layer():
-  x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 6, 6, 4, 2)), jnp.float32)
-  native = layers.Conv(features=3, kernel_size=3, padding=1, impl="native")
-  variables = native.init(jax.random.PRNGKey(0), x)
-  stacked = layers.Conv(features=3, kernel_size=3, padding=1, impl="stacked2d")
-  np.testing.assert_allclose(stacked.apply(variables, x), native.apply(variables, x),
-                             rtol=1e-5, atol=1e-5)

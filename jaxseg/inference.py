@@ -273,10 +273,17 @@ def sliding_window_predict(
     return (np if isinstance(x, np.ndarray) else jnp).pad(x, (*buffer_pad, *[(0, 0)] * (x.ndim - ndim)))
 
   buffers = jax.tree_util.tree_map(pad, voxel_inputs)
-  averaged = sliding_window_jit(len(patch_size))(predict_fn, buffers, case_inputs, jnp.asarray(table),
-                                  jnp.int32(len(starts)), patch_size=patch_size,
-                                  batch_size=int(batch_size), gaussian=bool(gaussian),
-                                  sigma_scale=float(sigma_scale), mirror_axes=mirror_axes, mesh=mesh)
+  arguments = (predict_fn, buffers, case_inputs, jnp.asarray(table), jnp.int32(len(starts)))
+  static = dict(patch_size=patch_size, batch_size=int(batch_size), gaussian=bool(gaussian),
+                sigma_scale=float(sigma_scale), mirror_axes=mirror_axes, mesh=mesh)
+  try:
+    averaged = sliding_window_jit(len(patch_size))(*arguments, **static)
+  except ValueError as e:
+    # Called inside the caller's own jit, which JAX does not let a nested jit give options to: the
+    # caller's compilation decides them.
+    if "top-level" not in str(e):
+      raise
+    averaged = sliding_window_jit(None)(*arguments, **static)
   crop = tuple(slice(left, left + size) for (left, _), size in zip(pad_width, spatial_shape))
   return averaged[crop]
 
@@ -300,14 +307,15 @@ def mirror_combinations(mirror_axes: Sequence[int]) -> list[tuple[int, ...]]:
 
 
 @functools.cache
-def sliding_window_jit(spatial_dims: int):
+def sliding_window_jit(spatial_dims: Optional[int]):
   """The jitted body of `sliding_window_predict` for images of `spatial_dims` dimensions (built on
-  first use, when the backend is known, with `compiler_options.jit_options`); its `_cache_size()`
-  counts compilations."""
+  first use, when the backend is known, with `compiler_options.jit_options`; None: without options,
+  for a call inside another jit); its `_cache_size()` counts compilations."""
   return jax.jit(_sliding_window_predict,
                  static_argnames=("patch_size", "batch_size", "gaussian", "sigma_scale", "mirror_axes",
                                   "mesh"),
-                 compiler_options=compiler_options.jit_options(spatial_dims))
+                 compiler_options=None if spatial_dims is None
+                 else compiler_options.jit_options(spatial_dims))
 
 
 def _sliding_window_predict(

@@ -65,3 +65,14 @@ def test_sliding_window_inference_compiles_with_the_options():
   probs = inference.sliding_window_predict(lambda w: jax.nn.sigmoid(w[..., :1]), image, (4, 4, 4),
                                            (2, 2, 2), batch_size=2)
   np.testing.assert_allclose(probs, jax.nn.sigmoid(image[..., :1]), rtol=1e-6)
+
+
+def test_sliding_window_inference_inside_a_callers_jit():
+  # JAX refuses options on a nested jit: there the caller's compilation decides them.
+  image = np.random.default_rng(0).normal(size=(6, 5, 4, 1)).astype(np.float32)
+
+  def predict(scale):
+    return inference.sliding_window_predict(lambda w: jax.nn.sigmoid(scale * w[..., :1]), image,
+                                            (4, 4, 4), (2, 2, 2), batch_size=2)
+
+  np.testing.assert_allclose(jax.jit(predict)(2.0), jax.nn.sigmoid(2.0 * image[..., :1]), rtol=1e-6)

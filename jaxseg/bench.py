@@ -333,12 +333,13 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int = 3, 
     rng = np.random.default_rng(2)
     volumes = [rng.standard_normal((*shape, channels)).astype(np.float32)
                for shape in sweep_shapes(eval_sweep, eval_patch)]
-    compiled_before = inference.sliding_window_jit(len(eval_patch))._cache_size()
+    sliding_window = inference.sliding_window_jit(len(eval_patch))
+    compiled_before = sliding_window._cache_size()
     start = time.perf_counter()
     for volume in volumes:
       one_pass(volume)
     result.sweep_volumes, result.sweep_s = eval_sweep, time.perf_counter() - start
-    result.sweep_compilations = inference.sliding_window_jit(len(eval_patch))._cache_size() - compiled_before
+    result.sweep_compilations = sliding_window._cache_size() - compiled_before
   return result
 
 

@@ -51,12 +51,7 @@ def main(argv) -> None:  # pylint: disable=protected-access
     for _ in range(bench._WARMUP.value):
       steps[name]()
   load_before = os.getloadavg()[0]
-  times = {name: [] for name in names}
-  for i in range(bench._STEPS.value):
-    for name in (names if i % 2 == 0 else names[::-1]):
-      start = time.perf_counter()
-      steps[name]()
-      times[name].append(time.perf_counter() - start)
+  times = dict(zip(names, bench._alternated(*steps.values(), bench._STEPS.value)))
   load_after = os.getloadavg()[0]
   patch = "x".join(map(str, config.data.patch_size))
   print(f"{method.__name__.split('.')[-1]} train step, global batch "

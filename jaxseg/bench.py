@@ -241,16 +241,11 @@ def _alternated(ours: Callable[[], Any], theirs: Callable[[], None], steps: int
                 ) -> tuple[list[float], list[float]]:
   """Times `steps` steps of each, one for one, ours first in even pairs and theirs first in odd
   ones; (our times, their times), pair by pair."""
-  ours_times, theirs_times = [], []
+  times = ([], [])
   for i in range(steps):
-    for first in ((True, False) if i % 2 == 0 else (False, True)):
-      if first:
-        ours_times += _timed(ours, 1)
-      else:
-        start = time.perf_counter()
-        theirs()
-        theirs_times.append(time.perf_counter() - start)
-  return ours_times, theirs_times
+    for side in ((0, 1) if i % 2 == 0 else (1, 0)):
+      times[side].extend(_timed((ours, theirs)[side], 1))
+  return times
 
 
 def run(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int = 3, channels: int = 1,

@@ -39,6 +39,11 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from jaxseg import geometry
+# The reference's `ramps.sigmoid_rampup` (exp(−5 (1 − clip(current, 0, L) / L)²), 1 if L = 0) is
+# ours, float64 on host scalars; exported here for the PyTorch DTC iteration's callers.
+from jaxseg.schedules import sigmoid_rampup
+
 __all__ = [
     "NORMALIZATIONS",
     "TorchVNet",
@@ -230,18 +235,7 @@ def compute_sdf(labels: np.ndarray, out_shape: Sequence[int]) -> np.ndarray:
     labels: (B, X, Y, Z) {0, 1} labels of the labeled crops.
     out_shape: (B, X, Y, Z), the shape of the result (float64, as the reference's np.zeros).
   """
-  # Not from jaxseg.bench: under `python -m jaxseg.bench` that module is __main__, and importing it
-  # again would define its flags twice.
-  from jaxseg import geometry  # pylint: disable=import-outside-toplevel
   return geometry.reference_compute_sdf(labels.astype(np.uint8).reshape(out_shape))
-
-
-def sigmoid_rampup(current: float, rampup_length: float) -> float:
-  """The reference's `ramps.sigmoid_rampup`: exp(−5 (1 − clip(current, 0, L) / L)²), 1 if L = 0."""
-  if rampup_length == 0:
-    return 1.0
-  phase = 1.0 - float(np.clip(current, 0.0, rampup_length)) / rampup_length
-  return float(np.exp(-5.0 * phase * phase))
 
 
 def dtc_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, iter_num: int, *,
